@@ -1,0 +1,84 @@
+"""The public Python API: `qianwen.load()` returns a Model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .chat.template import ChatTemplate
+from .config import ModelConfig
+from .generation import SamplingParams, TokenStep, defaults_from_generation_config, make_params, stream_tokens
+from .models.layers import Transformer
+
+# control tokens that end a chat turn in ChatML-style models (qwen-facts.md §3)
+CHAT_STOP_STRINGS = ("<|im_end|>", "<|im_start|>", "<|endoftext|>")
+
+
+class Model:
+    def __init__(self, name: str, path: Path, config: ModelConfig, net: Transformer, tokenizer,
+                 chat_template: ChatTemplate, generation_config: dict[str, Any]) -> None:
+        self.name, self.path, self.config, self.net = name, path, config, net
+        self.tokenizer, self.chat_template, self.generation_config = tokenizer, chat_template, generation_config
+        self.sampling_defaults = defaults_from_generation_config(generation_config)
+        self.stop_token_ids = self._stop_ids()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.net.model.embed_tokens.weight.dtype
+
+    @property
+    def context_length(self) -> int:
+        return self.config.max_position_embeddings
+
+    def _stop_ids(self) -> set[int]:
+        ids = set(self.config.eos_token_id)
+        gen_eos = self.generation_config.get("eos_token_id")
+        ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+        if self.tokenizer.eos_id is not None:
+            ids.add(self.tokenizer.eos_id)
+        for s in CHAT_STOP_STRINGS:
+            if (i := self.tokenizer.token_to_id(s)) is not None:
+                ids.add(i)
+        return ids
+
+    @torch.inference_mode()
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        """[len(ids), vocab] float32 from one full forward without cache."""
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        return self.net(x)[0].float()
+
+    def params(self, **options: Any) -> SamplingParams:
+        return make_params(self.sampling_defaults, self.stop_token_ids, **options)
+
+    def stream_tokens(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Iterator[TokenStep]:
+        return stream_tokens(self.net, self.tokenizer, prompt_ids, params or self.params(), self.context_length)
+
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                    add_generation_prompt: bool = True) -> list[int]:
+        return self.chat_template.encode(self.tokenizer, messages, add_generation_prompt, tools)
+
+    def generate(self, prompt: str | list[str], stream: bool = False, **options: Any) -> Any:
+        """Complete `prompt` (raw text, no template). A list of prompts gives a list of completions."""
+        if isinstance(prompt, list):
+            if stream:
+                raise ValueError("stream=True takes a single prompt")
+            return [self.generate(p, **options) for p in prompt]
+        ids = self.tokenizer.encode(prompt)
+        return self._run(ids, stream, options)
+
+    def chat(self, messages: list[dict[str, Any]], stream: bool = False, **options: Any) -> Any:
+        """Answer an OpenAI-style conversation through the model's chat template."""
+        return self._run(self.encode_chat(messages), stream, options)
+
+    def _run(self, ids: list[int], stream: bool, options: dict[str, Any]) -> Any:
+        steps = self.stream_tokens(ids, self.params(**options))
+        if stream:
+            return (s.text for s in steps if s.text)
+        return "".join(s.text for s in steps)

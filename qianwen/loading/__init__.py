@@ -1,0 +1,105 @@
+"""From a model argument (folder, .gguf file, name or None) to a ready Model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..chat.template import QWEN_DEFAULT_SYSTEM, ChatTemplate
+from ..config import ModelConfig
+from ..errors import ModelLoadError
+from .hub import resolve
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """conventions.md: bfloat16 on GPUs and on CPUs with native bf16, float32 elsewhere."""
+    if env := os.environ.get("QIANWEN_DTYPE"):
+        return parse_dtype(env)
+    if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()):
+        return torch.bfloat16
+    return torch.float32
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+    if dtype not in names:
+        raise ModelLoadError(f"unknown dtype '{dtype}'; use float32, bfloat16 or float16")
+    return names[dtype]
+
+
+def load(model: str | Path | None = None, dtype: str | torch.dtype | None = None,
+         device: str | torch.device | None = None):  # -> qianwen.api.Model
+    from ..api import Model
+
+    path = resolve(model)
+    dev = torch.device(device) if device is not None else default_device()
+    dt = parse_dtype(dtype) if dtype is not None else default_dtype(dev)
+    if path.is_dir():
+        parts = _load_folder(path, dt, dev)
+    elif path.suffix == ".gguf" or _is_gguf(path):
+        parts = _load_gguf(path, dt, dev)
+    else:
+        raise ModelLoadError(f"{path} is neither a model folder nor a .gguf file")
+    return Model(name=str(model) if model else path.name, path=path, **parts)
+
+
+def _is_gguf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def _load_folder(path: Path, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+    from ..tokenizer import load_tokenizer
+    from .hf import load_hf_weights, read_chat_template, read_generation_config, read_json
+
+    if not (path / "config.json").exists():
+        raise ModelLoadError(f"{path} has no config.json")
+    raw = read_json(path / "config.json")
+    config = ModelConfig.from_dict(raw)
+    tokenizer = load_tokenizer(path)
+    net = load_hf_weights(path, config, dtype, device)
+    template = read_chat_template(path)
+    default_system = QWEN_DEFAULT_SYSTEM if config.model_type == "qwen" and template is None else None
+    return dict(config=config, net=net, tokenizer=tokenizer, generation_config=read_generation_config(path),
+                chat_template=ChatTemplate(template, default_system, _special_strings(tokenizer)))
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+    from ..tokenizer.gguf_vocab import tokenizer_from_gguf
+    from .gguf import config_from_metadata, load_gguf_weights, metadata, open_reader
+
+    reader = open_reader(path)
+    meta = metadata(reader)
+    config = config_from_metadata(meta, {t.name for t in reader.tensors})
+    tokenizer = tokenizer_from_gguf(reader)
+    net = load_gguf_weights(reader, config, dtype, device)
+    template = meta.get("tokenizer.chat_template")
+    return dict(config=config, net=net, tokenizer=tokenizer, generation_config={},
+                chat_template=ChatTemplate(template, None, _special_strings(tokenizer)))
+
+
+def _special_strings(tokenizer) -> dict[str, str]:
+    """bos_token / eos_token strings for templates that print them."""
+    out = {}
+    for key, tid in (("bos_token", tokenizer.bos_id), ("eos_token", tokenizer.eos_id), ("pad_token", tokenizer.pad_id)):
+        if tid is not None:
+            out[key] = tokenizer.id_to_token_bytes(tid).decode("utf-8", errors="replace")
+    return out

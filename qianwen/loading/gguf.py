@@ -1,0 +1,141 @@
+"""Load a GGUF file: hyperparameters, tokenizer and chat template from its metadata, tensors
+dequantized into the model (F32, F16, BF16, Q4_0, Q4_1, Q8_0 and what else `gguf` can dequantize)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..config import ModelConfig
+from ..errors import ModelLoadError
+from ..models import Transformer
+from .weights import materialize
+
+GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+_NAMES = [
+    (r"token_embd\.weight", "model.embed_tokens.weight"),
+    (r"output_norm\.weight", "model.norm.weight"),
+    (r"output\.weight", "lm_head.weight"),
+    (r"blk\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
+    (r"blk\.(\d+)\.ffn_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
+    (r"blk\.(\d+)\.attn_(q|k|v)\.(weight|bias)", r"model.layers.\1.self_attn.\2_proj.\3"),
+    (r"blk\.(\d+)\.attn_output\.(weight|bias)", r"model.layers.\1.self_attn.o_proj.\2"),
+    (r"blk\.(\d+)\.attn_(q|k)_norm\.weight", r"model.layers.\1.self_attn.\2_norm.weight"),
+    (r"blk\.(\d+)\.ffn_(gate|up|down)\.(weight|bias)", r"model.layers.\1.mlp.\2_proj.\3"),
+]
+
+
+def hf_name(gguf_name: str) -> str | None:
+    for pat, rep in _NAMES:
+        if re.fullmatch(pat, gguf_name):
+            return re.sub(pat, rep, gguf_name)
+    return None
+
+
+def open_reader(path: Path):  # -> gguf.GGUFReader
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(str(path))
+    except Exception as e:  # the reader raises many kinds on a bad file
+        raise ModelLoadError(f"{path} is truncated or not a valid GGUF file ({type(e).__name__}: {e})") from None
+
+
+def metadata(reader) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
+            continue
+        try:
+            out[key] = field.contents()
+        except Exception:  # unreadable optional field: skip rather than fail the load
+            continue
+    if (tokens := reader.fields.get("tokenizer.ggml.tokens")) is not None:
+        out["_n_tokens"] = len(tokens.data)
+    return out
+
+
+def config_from_metadata(meta: dict[str, Any], tensor_names: set[str]) -> ModelConfig:
+    arch = meta.get("general.architecture")
+    if arch not in GGUF_ARCHS:
+        raise ModelLoadError(f"unsupported GGUF architecture '{arch}'; supported: {', '.join(GGUF_ARCHS)}")
+
+    def get(key: str, default: Any = ...) -> Any:
+        v = meta.get(f"{arch}.{key}")
+        if v is None:
+            if default is ...:
+                raise ModelLoadError(f"GGUF metadata is missing '{arch}.{key}'")
+            return default
+        return v
+
+    heads = int(get("attention.head_count"))
+    hidden = int(get("embedding_length"))
+    vocab = int(get("vocab_size", 0)) or int(meta.get("_n_tokens", 0))
+    if not vocab:
+        raise ModelLoadError("GGUF metadata has neither a vocab_size nor a token list")
+    scaling = None
+    if (stype := get("rope.scaling.type", None)) and stype != "none":
+        scaling = {"rope_type": stype, "factor": float(get("rope.scaling.factor", 1.0))}
+        if (orig := get("rope.scaling.original_context_length", None)) is not None:
+            scaling["original_max_position_embeddings"] = int(orig)
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    return ModelConfig(
+        model_type=GGUF_ARCHS[arch],
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=int(get("feed_forward_length")),
+        num_hidden_layers=int(get("block_count")),
+        num_attention_heads=heads,
+        num_key_value_heads=int(get("attention.head_count_kv", heads)),
+        head_dim=int(get("attention.key_length", hidden // heads)),
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        rope_scaling=scaling,
+        max_position_embeddings=int(get("context_length", 4096)),
+        tie_word_embeddings="output.weight" not in tensor_names,
+        attention_bias="blk.0.attn_q.bias" in tensor_names,
+        qk_norm=arch == "qwen3",
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=[int(eos)] if eos is not None else [],
+        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
+    )
+
+
+def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's rotary permutation of Llama q/k rows (its converter interleaves the halves)."""
+    dim = w.shape[0] // n_head // 2
+    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
+
+
+def dequantize(t) -> np.ndarray:
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize as gg_dequantize
+
+    if t.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+        return np.asarray(t.data)
+    return gg_dequantize(t.data, t.tensor_type)
+
+
+def load_gguf_weights(reader, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> Transformer:
+    weights: dict[str, torch.Tensor] = {}
+    for t in tqdm(reader.tensors, desc="Loading GGUF", unit="tensor", disable=None, leave=False):
+        name = hf_name(t.name)
+        if name is None:
+            if t.name.startswith("rope_freqs"):
+                continue
+            raise ModelLoadError(f"GGUF tensor '{t.name}' has no place in a {config.model_type} model")
+        try:
+            w = dequantize(t)
+        except Exception as e:
+            raise ModelLoadError(f"cannot read GGUF tensor '{t.name}' ({t.tensor_type.name}): {e}") from None
+        w = w.reshape([int(d) for d in reversed(t.shape)]) if w.ndim != len(t.shape) else w
+        if config.model_type == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            w = unpermute(w, config.num_attention_heads if "q_proj" in name else config.num_key_value_heads)
+        weights[name] = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).to(dtype)
+    return materialize(config, weights, dtype, device)

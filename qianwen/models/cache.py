@@ -1,0 +1,90 @@
+"""KV caches. The model hands attention to its cache, so any cache layout plugs in unchanged.
+
+Interface: `attend(layer, q, k, v) -> out` with q [B, Hq, T, D] and k, v [B, Hkv, T, D] (rotary applied),
+`length` (tokens already cached, for default positions) and `extra` (per-sequence model state).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+class Cache(Protocol):
+    extra: dict[str, Any]
+
+    @property
+    def length(self) -> int: ...
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: int = 0) -> torch.Tensor:
+    """SDPA where query i (absolute position past + i) sees keys 0..past + i; GQA by head groups."""
+    tq, tk = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if tq == 1:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    if past == 0 and tq == tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    mask = torch.arange(tk, device=q.device)[None, :] <= (torch.arange(tq, device=q.device)[:, None] + past)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+class NoCache:
+    """Full causal attention over the tokens of one forward, keeping nothing."""
+
+    def __init__(self) -> None:
+        self.extra: dict[str, Any] = {}
+
+    @property
+    def length(self) -> int:
+        return 0
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return causal_attention(q, k, v)
+
+
+class KVCache:
+    """A simple per-request cache: contiguous buffers per layer that grow by doubling."""
+
+    def __init__(self, num_layers: int, capacity: int = 256) -> None:
+        self.extra: dict[str, Any] = {}
+        self._k: list[torch.Tensor | None] = [None] * num_layers
+        self._v: list[torch.Tensor | None] = [None] * num_layers
+        self._len = [0] * num_layers
+        self._capacity = capacity
+
+    @property
+    def length(self) -> int:
+        return self._len[0]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        past, t = self._len[layer], k.shape[2]
+        kb, vb = self._k[layer], self._v[layer]
+        if kb is None or past + t > kb.shape[2]:
+            cap = max(self._capacity, 2 * (past + t))
+            nk = k.new_empty(k.shape[0], k.shape[1], cap, k.shape[3])
+            nv = v.new_empty(v.shape[0], v.shape[1], cap, v.shape[3])
+            if kb is not None and vb is not None:
+                nk[:, :, :past] = kb[:, :, :past]
+                nv[:, :, :past] = vb[:, :, :past]
+            kb, vb = self._k[layer], self._v[layer] = nk, nv
+        kb[:, :, past:past + t] = k
+        vb[:, :, past:past + t] = v
+        self._len[layer] = past + t
+        return causal_attention(q, kb[:, :, :past + t], vb[:, :, :past + t], past)
+
+    def truncate(self, length: int) -> None:
+        """Forget everything after `length` tokens (to reuse a shared prefix)."""
+        self._len = [min(n, length) for n in self._len]
+
+    def clone(self) -> KVCache:
+        other = KVCache(len(self._k), self._capacity)
+        other._k = [None if t is None else t.clone() for t in self._k]
+        other._v = [None if t is None else t.clone() for t in self._v]
+        other._len = list(self._len)
+        other.extra = dict(self.extra)
+        return other

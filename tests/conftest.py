@@ -1,0 +1,93 @@
+"""Shared fixtures: tiny random checkpoints saved by transformers in the real on-disk formats."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. Hello world! 你好，世界。",
+    "def add(a, b):\n    return a + b\n",
+    "Qwen is a large language model. 通义千问是一个大语言模型。 1234567890",
+] * 20
+
+
+def make_tokenizer(folder: Path, vocab_size: int = 384, chat_template: str | None = CHATML_TEMPLATE) -> int:
+    """A small byte-level BPE with ChatML specials, saved as tokenizer.json + tokenizer_config.json.
+    Returns the number of tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    cfg = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None,
+           "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 512}
+    if chat_template:
+        cfg["chat_template"] = chat_template
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return tok.get_vocab_size()
+
+
+def tiny_hf_config(model_type: str, vocab_size: int, **overrides):
+    import transformers
+
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=None, eos_token_id=2, pad_token_id=0)
+    common.update(overrides)
+    cls = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+           "llama": transformers.LlamaConfig}[model_type]
+    if model_type == "qwen3":
+        common.setdefault("head_dim", 16)
+    return cls(**common)
+
+
+def save_tiny(folder: Path, model_type: str = "qwen2", seed: int = 0, dtype=torch.float32, **overrides) -> Path:
+    """A tiny random transformers checkpoint (config.json + model.safetensors + tokenizer) in `folder`."""
+    import transformers
+
+    n = make_tokenizer(folder)
+    cfg = tiny_hf_config(model_type, n, **overrides)
+    torch.manual_seed(seed)
+    cls = {"qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM,
+           "llama": transformers.LlamaForCausalLM}[model_type]
+    model = cls(cfg).to(dtype)
+    with torch.no_grad():  # random init has zero biases and unit norms: make every parameter matter
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory) -> Path:
+    """A tiny Qwen2 chat checkpoint with a ChatML template (for server, engine, eval and train tests)."""
+    return save_tiny(tmp_path_factory.mktemp("tiny_qwen2"), "qwen2")
+
+
+@pytest.fixture(scope="session")
+def default_gguf() -> Path:
+    from qianwen.artifacts import DEFAULT_GGUF, fetch
+
+    return fetch(DEFAULT_GGUF)
+
+
+@pytest.fixture(scope="session")
+def qwen_tiktoken() -> Path:
+    from qianwen.artifacts import QWEN_TIKTOKEN, fetch
+
+    return fetch(QWEN_TIKTOKEN)
