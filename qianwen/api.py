@@ -71,6 +71,8 @@ class Model:
                 raise ValueError("stream=True takes a single prompt")
             return [self.generate(p, **options) for p in prompt]
         ids = self.tokenizer.encode(prompt)
+        if getattr(self.tokenizer, "add_bos", False) and self.tokenizer.bos_id is not None:
+            ids = [self.tokenizer.bos_id, *ids]
         return self._run(ids, stream, options)
 
     def chat(self, messages: list[dict[str, Any]], stream: bool = False, **options: Any) -> Any:

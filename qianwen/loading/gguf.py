@@ -137,5 +137,6 @@ def load_gguf_weights(reader, config: ModelConfig, dtype: torch.dtype, device: t
         w = w.reshape([int(d) for d in reversed(t.shape)]) if w.ndim != len(t.shape) else w
         if config.model_type == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             w = unpermute(w, config.num_attention_heads if "q_proj" in name else config.num_key_value_heads)
-        weights[name] = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32)).to(dtype)
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        weights[name] = torch.from_numpy(w if w.flags.writeable else w.copy()).to(dtype)
     return materialize(config, weights, dtype, device)
