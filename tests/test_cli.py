@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -72,3 +73,23 @@ def test_batch_of_prompts_and_seed(tiny_qwen2_dir):
     outs = m.generate(["one", "two"], max_tokens=5, seed=3, temperature=1.0)
     assert isinstance(outs, list) and len(outs) == 2
     assert outs[0] == m.generate("one", max_tokens=5, seed=3, temperature=1.0)
+
+
+
+def test_pull_without_hub_says_so(tmp_path):
+    home = tmp_path / "home"
+    env = {**os.environ, "QIANWEN_HOME": str(home), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    r = subprocess.run([sys.executable, "-m", "qianwen.cli.main", "pull", "Qwen/Qwen2.5-0.5B-Instruct"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 1
+    assert "could not download 'Qwen/Qwen2.5-0.5B-Instruct'" in r.stderr and "local folder" in r.stderr
+    assert not (home / "models" / "Qwen--Qwen2.5-0.5B-Instruct").exists()
+
+
+def test_list_shows_cached_models(tmp_path):
+    home = tmp_path / "home"
+    (home / "models" / "Org--tiny").mkdir(parents=True)
+    (home / "models" / "Org--tiny" / "config.json").write_text("{}")
+    r = subprocess.run([sys.executable, "-m", "qianwen.cli.main", "list"], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "QIANWEN_HOME": str(home)})
+    assert r.returncode == 0 and "Org/tiny" in r.stdout
