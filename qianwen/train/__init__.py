@@ -1,0 +1,1 @@
+"""Training: token shards, data preparation, tokenizer training, pretraining, SFT, LoRA, FSDP."""
