@@ -31,7 +31,7 @@ class Model:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.net.model.embed_tokens.weight.dtype
+        return self.net.model.norm.weight.dtype  # embed_tokens may be quantized
 
     @property
     def context_length(self) -> int:

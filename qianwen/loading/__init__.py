@@ -46,7 +46,9 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def load(model: str | Path | None = None, dtype: str | torch.dtype | None = None,
-         device: str | torch.device | None = None):  # -> qianwen.api.Model
+         device: str | torch.device | None = None, quantized: bool | None = None):  # -> qianwen.api.Model
+    """`quantized`: keep GGUF Q4_0/Q4_1/Q8_0/Q4_K weights quantized (qianwen.quant); by default on
+    when running bfloat16 on the CPU (the int4 kernels' own dtype), off otherwise (float reference)."""
     from ..api import Model
 
     path = resolve(model)
@@ -55,7 +57,8 @@ def load(model: str | Path | None = None, dtype: str | torch.dtype | None = None
     if path.is_dir():
         parts = _load_folder(path, dt, dev)
     elif path.suffix == ".gguf" or _is_gguf(path):
-        parts = _load_gguf(path, dt, dev)
+        keep = quantized if quantized is not None else (dev.type == "cpu" and dt == torch.bfloat16)
+        parts = _load_gguf(path, dt, dev, keep)
     else:
         raise ModelLoadError(f"{path} is neither a model folder nor a .gguf file")
     return Model(name=str(model) if model else path.name, path=path, **parts)
@@ -75,14 +78,19 @@ def _load_folder(path: Path, dtype: torch.dtype, device: torch.device) -> dict[s
     raw = read_json(path / "config.json")
     config = ModelConfig.from_dict(raw)
     tokenizer = load_tokenizer(path)
-    net = load_hf_weights(path, config, dtype, device)
+    from ..quant.quantize import is_quantized_config, load_quantized_hf
+
+    if is_quantized_config(raw):  # written by `qianwen quantize`
+        net = load_quantized_hf(path, config, dtype, device)
+    else:
+        net = load_hf_weights(path, config, dtype, device)
     template = read_chat_template(path)
     default_system = QWEN_DEFAULT_SYSTEM if config.model_type == "qwen" and template is None else None
     return dict(config=config, net=net, tokenizer=tokenizer, generation_config=read_generation_config(path),
                 chat_template=ChatTemplate(template, default_system, _special_strings(tokenizer)))
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, quantized: bool = False) -> dict[str, Any]:
     from ..tokenizer.gguf_vocab import tokenizer_from_gguf
     from .gguf import config_from_metadata, load_gguf_weights, metadata, open_reader
 
@@ -90,7 +98,12 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device) -> dict[str
     meta = metadata(reader)
     config = config_from_metadata(meta, {t.name for t in reader.tensors})
     tokenizer = tokenizer_from_gguf(reader)
-    net = load_gguf_weights(reader, config, dtype, device)
+    if quantized:
+        from ..quant.gguf import load_gguf_quantized
+
+        net = load_gguf_quantized(reader, config, dtype, device)
+    else:
+        net = load_gguf_weights(reader, config, dtype, device)
     template = meta.get("tokenizer.chat_template")
     return dict(config=config, net=net, tokenizer=tokenizer, generation_config={},
                 chat_template=ChatTemplate(template, None, _special_strings(tokenizer)))

@@ -1,0 +1,137 @@
+"""GGUF block formats repacked, without going through float, into `Int4Linear` planes.
+
+Every supported format has 32-weight groups with one scale and offset each, so it maps exactly onto the
+int4 kernel's `(q - 8) * scale + zero` (scales then held in bf16, the kernel's dtype):
+- Q4_0: w = d * (q - 8)                      -> scale d, zero 0
+- Q4_1: w = d * q + m                        -> scale d, zero m + 8d
+- Q4_K: w = d*sc * q - dmin*m (8 groups/256) -> scale d*sc, zero 8*d*sc - dmin*m
+- Q8_0: w = d * q8, q8 in -128..127          -> two planes, q8 + 128 = 16 * hi + lo:
+        hi plane scale 16d zero 0, lo plane scale d zero 8d
+Other types (F32, F16, Q6_K, ...) are left to the float loader.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .linear import Int4Linear
+
+Plane = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # q uint8 [N, K], scale, zero float32 [N, K/32]
+
+
+def _f16(b: np.ndarray) -> torch.Tensor:
+    """[..., 2] uint8 -> float32 [...] read as little-endian fp16."""
+    return torch.from_numpy(np.ascontiguousarray(b).view(np.float16)[..., 0].astype(np.float32))
+
+
+def _nibbles(qs: np.ndarray) -> torch.Tensor:
+    """[..., 16] bytes -> [..., 32] values: low nibbles are weights 0..15, high nibbles 16..31."""
+    t = torch.from_numpy(np.ascontiguousarray(qs))
+    return torch.cat([t & 15, t >> 4], -1)
+
+
+def _q4_0(blocks: np.ndarray) -> list[Plane]:
+    n, nb, _ = blocks.shape
+    d = _f16(blocks[..., 0:2])
+    return [(_nibbles(blocks[..., 2:18]).view(n, nb * 32), d, torch.zeros_like(d))]
+
+
+def _q4_1(blocks: np.ndarray) -> list[Plane]:
+    n, nb, _ = blocks.shape
+    d, m = _f16(blocks[..., 0:2]), _f16(blocks[..., 2:4])
+    return [(_nibbles(blocks[..., 4:20]).view(n, nb * 32), d, m + 8 * d)]
+
+
+def _q8_0(blocks: np.ndarray) -> list[Plane]:
+    n, nb, _ = blocks.shape
+    d = _f16(blocks[..., 0:2])
+    u = (torch.from_numpy(np.ascontiguousarray(blocks[..., 2:34]).view(np.int8)).to(torch.int16) + 128).to(torch.uint8)
+    hi, lo = (u >> 4).view(n, nb * 32), (u & 15).view(n, nb * 32)
+    return [(hi, 16 * d, torch.zeros_like(d)), (lo, d, 8 * d)]
+
+
+def _q4_k(blocks: np.ndarray) -> list[Plane]:
+    n, nb, _ = blocks.shape
+    d, dmin = _f16(blocks[..., 0:2]), _f16(blocks[..., 2:4])
+    s = torch.from_numpy(np.ascontiguousarray(blocks[..., 4:16])).to(torch.int32)  # [N, nb, 12]
+    # 6-bit scales and mins of the 8 sub-blocks (ggml's get_scale_min_k4)
+    sc = torch.cat([s[..., 0:4] & 63, (s[..., 8:12] & 15) | ((s[..., 0:4] >> 6) << 4)], -1)
+    mn = torch.cat([s[..., 4:8] & 63, (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)], -1)
+    qs = torch.from_numpy(np.ascontiguousarray(blocks[..., 16:144])).view(n, nb, 4, 32)
+    q = torch.stack([qs & 15, qs >> 4], 3).view(n, nb * 256)  # chunk c: 32 low nibbles, then 32 high
+    scale = (d[..., None] * sc).view(n, nb * 8)
+    zero = (8 * d[..., None] * sc - dmin[..., None] * mn).view(n, nb * 8)
+    return [(q, scale, zero)]
+
+
+_DECODERS = {"Q4_0": (_q4_0, 32, 18), "Q4_1": (_q4_1, 32, 20), "Q8_0": (_q8_0, 32, 34), "Q4_K": (_q4_k, 256, 144)}
+SUPPORTED_TYPES = tuple(_DECODERS)
+
+
+def supports(tensor) -> bool:
+    """Whether a GGUF reader tensor is a 2-D weight in a format we keep quantized."""
+    return tensor.tensor_type.name in _DECODERS and len(tensor.shape) == 2
+
+
+def planes_from_gguf(tensor, row_order: np.ndarray | None = None) -> list[Plane]:
+    """Decode a reader tensor's blocks into int4 planes; `row_order` permutes output rows first."""
+    fn, block, nbytes = _DECODERS[tensor.tensor_type.name]
+    k, n = (int(x) for x in tensor.shape)  # GGUF lists the contiguous (input) dimension first
+    raw = np.asarray(tensor.data).reshape(n, (k // block) * nbytes)
+    if row_order is not None:
+        raw = raw[row_order]
+    return fn(raw.reshape(n, k // block, nbytes))
+
+
+def quantized_linear_from_gguf(tensor, row_order: np.ndarray | None = None,
+                               bias: torch.Tensor | None = None) -> Int4Linear:
+    return Int4Linear.from_planes(planes_from_gguf(tensor, row_order), 32, bias)
+
+
+def _is_linear_weight(name: str) -> bool:
+    return name.endswith("_proj.weight") or name in ("lm_head.weight", "model.embed_tokens.weight")
+
+
+def load_gguf_quantized(reader, config, dtype: torch.dtype, device: torch.device, fast: bool = True):
+    """Like `loading.gguf.load_gguf_weights`, but projections, lm_head and the embedding in a supported
+    block format stay quantized (`Int4Linear` / `QuantEmbedding`) instead of being dequantized;
+    `fast` also applies `qianwen.fast.optimize` (fused projections)."""
+    from tqdm import tqdm
+
+    from ..errors import ModelLoadError
+    from ..fast import optimize
+    from ..loading.gguf import dequantize, hf_name, unpermute
+    from ..loading.weights import materialize
+    from .install import install, placeholder
+
+    if device.type != "cpu":
+        raise ModelLoadError("quantized GGUF weights run on the CPU kernels only; load with quantized=False")
+    weights: dict[str, torch.Tensor] = {}
+    kept: dict[str, Int4Linear] = {}
+    for t in tqdm(reader.tensors, desc="Loading GGUF", unit="tensor", disable=None, leave=False):
+        name = hf_name(t.name)
+        if name is None:
+            if t.name.startswith("rope_freqs"):
+                continue
+            raise ModelLoadError(f"GGUF tensor '{t.name}' has no place in a {config.model_type} model")
+        shape = [int(d) for d in reversed(t.shape)]
+        permute = config.model_type == "llama" and name.endswith(("q_proj.weight", "k_proj.weight"))
+        if _is_linear_weight(name) and supports(t):
+            order = None
+            if permute:
+                heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
+                order = unpermute(np.arange(shape[0]), heads)
+            kept[name] = quantized_linear_from_gguf(t, order)
+            weights[name] = placeholder(shape, dtype)
+            continue
+        try:
+            w = dequantize(t)
+        except Exception as e:
+            raise ModelLoadError(f"cannot read GGUF tensor '{t.name}' ({t.tensor_type.name}): {e}") from None
+        w = w.reshape(shape) if w.ndim != len(shape) else w
+        if permute:
+            w = unpermute(w, config.num_attention_heads if "q_proj" in name else config.num_key_value_heads)
+        weights[name] = torch.from_numpy(np.array(w, dtype=np.float32)).to(dtype)  # a copy: w may be a read-only map
+    net = install(materialize(config, weights, dtype, device), kept, config, dtype)
+    return optimize(net) if fast else net

@@ -1,0 +1,172 @@
+"""Linear layers whose weights stay quantized in memory and feed torch's CPU weight-only kernels.
+
+- `Int4Linear`: group-wise int4 (`_weight_int4pack_mm_for_cpu`, groups 32/64/128/256). It may hold
+  several planes that are summed: an 8-bit block format (GGUF Q8_0) is held exactly as two 4-bit planes,
+  q = 16 * hi + lo, since the int8 kernel only takes one scale per output row.
+- `Int8Linear`: per-output-channel int8 (`_weight_int8pack_mm`).
+- `QuantEmbedding`: row lookup that dequantizes only the rows asked for, sharing an `Int4Linear`'s
+  storage (a tied lm_head and embedding are held once).
+
+Activations go through the kernels in bf16 (their fast path); outputs come back in the input's dtype.
+Every output row is computed on its own, so a row's result does not depend on the batch size.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .int4 import BLOCK_N, pack_int4, pad_rows, quantize_int4, unpack_int4_rows
+
+
+def _sz(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """[N, G] scale and zero -> the kernel's [G, N, 2] bf16 tensor (rows padded to the packed size)."""
+    return pad_rows(torch.stack([scale, zero], -1).to(torch.bfloat16)).transpose(0, 1).contiguous()
+
+
+class Int4Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, group_size: int,
+                 packed: torch.Tensor, scales_zeros: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.register_buffer("packed", packed, persistent=False)  # [P, Npad, K/2] uint8
+        self.register_buffer("scales_zeros", scales_zeros, persistent=False)  # [P, K/g, Npad, 2] bf16
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_planes(cls, planes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], group_size: int,
+                    bias: torch.Tensor | None = None) -> Int4Linear:
+        """planes: (q uint8 [N, K] in 0..15, scale [N, K/g], zero [N, K/g]); the weight is their sum."""
+        n, k = planes[0][0].shape
+        packed = torch.stack([pack_int4(pad_rows(q)) for q, _, _ in planes])
+        sz = torch.stack([_sz(s, z) for _, s, z in planes])
+        return cls(k, n, group_size, packed, sz, bias)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, group_size: int) -> Int4Linear:
+        q, scale, zero = quantize_int4(linear.weight.detach(), group_size)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls.from_planes([(q, scale, zero)], group_size, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+        y = mm(x2, self.packed[0], self.group_size, self.scales_zeros[0])
+        for p in range(1, self.packed.shape[0]):  # extra planes are summed in fp32
+            y = y.float() + mm(x2, self.packed[p], self.group_size, self.scales_zeros[p]).float()
+        if y.shape[-1] != self.out_features:
+            y = y[:, : self.out_features]
+        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Dequantized weight rows [len(idx), K] in float32, by the kernel's formula."""
+        out = None
+        g_of_k = torch.arange(self.in_features, device=idx.device) // self.group_size
+        for p in range(self.packed.shape[0]):
+            q = unpack_int4_rows(self.packed[p], idx, self.in_features).float()
+            sz = self.scales_zeros[p][:, idx].float()  # [G, R, 2]
+            scale, zero = sz[g_of_k, :, 0].T, sz[g_of_k, :, 1].T
+            w = (q - 8) * scale + zero
+            out = w if out is None else out + w
+        return out
+
+    def dequantize(self) -> torch.Tensor:
+        return self.rows(torch.arange(self.out_features))
+
+    def weight_bytes(self) -> int:
+        return self.packed.nbytes + self.scales_zeros.nbytes
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"group_size={self.group_size}, planes={self.packed.shape[0]}, bias={self.bias is not None}")
+
+
+class Int8Linear(nn.Module):
+    """Symmetric per-output-channel int8: w[n, k] = q[n, k] * scale[n]."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = qweight.shape
+        # a fresh (aligned) copy: tensors read from safetensors may sit at any offset, and the kernel crashes
+        self.register_buffer("qweight", qweight.to(torch.int8).clone(memory_format=torch.contiguous_format), persistent=False)
+        self.register_buffer("scales", scales.to(torch.bfloat16).contiguous(), persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @staticmethod
+    def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w = w.float()
+        scales = (w.abs().amax(1) / 127).clamp(min=1e-8).bfloat16().float()
+        q = (w / scales[:, None]).round().clamp(-128, 127).to(torch.int8)
+        return q, scales
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear) -> Int8Linear:
+        q, scales = cls.quantize(linear.weight.detach())
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(q, scales, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
+        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.qweight[idx].float() * self.scales[idx].float()[:, None]
+
+    def dequantize(self) -> torch.Tensor:
+        return self.rows(torch.arange(self.out_features))
+
+    def weight_bytes(self) -> int:
+        return self.qweight.nbytes + self.scales.nbytes
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class QuantEmbedding(nn.Module):
+    """An embedding read from a quantized linear's rows (dequantized per lookup)."""
+
+    def __init__(self, source: Int4Linear | Int8Linear, dtype: torch.dtype):
+        super().__init__()
+        self.source = source
+        self.num_embeddings, self.embedding_dim = source.out_features, source.in_features
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        return self.source.rows(flat).to(self.dtype).view(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, dtype={self.dtype}"
+
+
+def fuse_linears(mods: list[nn.Module]) -> nn.Module | None:
+    """One layer computing the concatenated outputs of `mods` (same input), or None if they can't fuse."""
+    if all(type(m) is nn.Linear for m in mods):
+        fused = nn.Linear(mods[0].in_features, sum(m.out_features for m in mods),
+                          bias=mods[0].bias is not None, device=mods[0].weight.device, dtype=mods[0].weight.dtype)
+        if any((m.bias is None) != (fused.bias is None) for m in mods):
+            return None
+        with torch.no_grad():
+            fused.weight.copy_(torch.cat([m.weight for m in mods]))
+            if fused.bias is not None:
+                fused.bias.copy_(torch.cat([m.bias for m in mods]))
+        fused.weight.requires_grad_(False)
+        return fused
+    if all(isinstance(m, Int4Linear) for m in mods):
+        a = mods[0]
+        if any(m.group_size != a.group_size or m.packed.shape[0] != a.packed.shape[0]
+               or m.out_features % BLOCK_N or (m.bias is None) != (a.bias is None) for m in mods):
+            return None
+        bias = None if a.bias is None else torch.cat([m.bias.data for m in mods])
+        return Int4Linear(a.in_features, sum(m.out_features for m in mods), a.group_size,
+                          torch.cat([m.packed for m in mods], 1), torch.cat([m.scales_zeros for m in mods], 2), bias)
+    if all(isinstance(m, Int8Linear) for m in mods):
+        if any((m.bias is None) != (mods[0].bias is None) for m in mods):
+            return None
+        bias = None if mods[0].bias is None else torch.cat([m.bias.data for m in mods])
+        return Int8Linear(torch.cat([m.qweight for m in mods]), torch.cat([m.scales for m in mods]), bias)
+    return None
+

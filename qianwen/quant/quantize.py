@@ -1,0 +1,101 @@
+"""Weight-only quantization of a Hugging Face folder, and loading such a folder back.
+
+On disk (safetensors, HF names): each quantized projection `P` is stored as
+- bits 4: `P.qweight` uint8 [N, K/2] (low nibble = even column), `P.scales` and `P.zeros` bf16 [N, K/g],
+  with w = (q - 8) * scale + zero; g is the group size, per layer (K / scales columns);
+- bits 8: `P.qweight` int8 [N, K], `P.scales` bf16 [N] (per output channel), w = q * scale;
+and config.json carries `"quantization_config": {"quant_method": "qianwen", "bits": B, "group_size": G}`.
+Embeddings, norms and a tied lm_head stay in floating point.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from ..errors import ModelLoadError, QianwenError
+from .int4 import pick_group_size, quantize_int4
+from .linear import Int4Linear, Int8Linear
+
+QUANT_METHOD = "qianwen"
+
+
+def _quantizable(name: str, tied: bool) -> bool:
+    return name.endswith("_proj.weight") or (name == "lm_head.weight" and not tied)
+
+
+def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, bits: int, group_size: int | None = None) -> Path:
+    """Quantize `src` (any model qianwen loads) into the HF folder `out`; returns it."""
+    import qianwen
+
+    from ..train.checkpoint import export_hf
+
+    if bits not in (4, 8):
+        raise QianwenError(f"--bits must be 4 or 8, got {bits}")
+    if bits == 8 and group_size is not None:
+        raise QianwenError("8-bit quantization is per output channel; --group-size applies to 4 bits only")
+    m = qianwen.load(src, dtype="float32", device="cpu", quantized=False)
+    tied = m.config.tie_word_embeddings
+    state = m.net.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    chosen: dict[int, int] = {}
+    for name, w in tqdm(state.items(), desc=f"Quantizing to {bits} bits", unit="tensor", disable=None):
+        if not _quantizable(name, tied):
+            tensors[name] = w
+            continue
+        mod = name.removesuffix(".weight")
+        if bits == 8:
+            q, s = Int8Linear.quantize(w)
+            tensors[mod + ".qweight"], tensors[mod + ".scales"] = q, s.bfloat16()
+            continue
+        g = pick_group_size(w.shape[1], group_size or 128)
+        chosen[g] = chosen.get(g, 0) + 1
+        q, s, z = quantize_int4(w, g)
+        tensors[mod + ".qweight"] = q[:, 0::2] | (q[:, 1::2] << 4)
+        tensors[mod + ".scales"], tensors[mod + ".zeros"] = s.bfloat16(), z.bfloat16()
+    if bits == 4 and group_size and set(chosen) != {group_size}:
+        print(f"note: group size {group_size} does not divide every layer's input size; used "
+              + ", ".join(f"{g} for {n} layers" for g, n in sorted(chosen.items())), file=sys.stderr)
+    cfg = m.config.to_hf_dict()
+    cfg["quantization_config"] = {"quant_method": QUANT_METHOD, "bits": bits,
+                                  "group_size": (group_size or 128) if bits == 4 else None}
+    src_dir = Path(src) if src is not None and Path(src).is_dir() else None
+    return export_hf(out, cfg, tensors, m.tokenizer, dtype=torch.bfloat16, generation_config=m.generation_config,
+                     copy_from=src_dir)
+
+
+def is_quantized_config(raw: dict[str, Any]) -> bool:
+    return (raw.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
+
+
+def load_quantized_hf(folder: Path, config, dtype: torch.dtype, device: torch.device, fast: bool = True):
+    """Build the model of a folder written by `quantize_folder` with its projections kept quantized."""
+    from ..fast import optimize
+    from ..loading.hf import read_safetensors, weight_files
+    from ..loading.weights import materialize
+    from .install import install, placeholder
+
+    if device.type != "cpu":
+        raise ModelLoadError("qianwen-quantized folders run on the CPU kernels only")
+    raw = read_safetensors(weight_files(folder), None)
+    weights, kept = {}, {}
+    for name in [k for k in raw if k.endswith(".qweight")]:
+        mod = name.removesuffix(".qweight")
+        q, scales = raw.pop(name), raw.pop(mod + ".scales")
+        if q.dtype == torch.int8:
+            lin: Int4Linear | Int8Linear = Int8Linear(q, scales)
+        else:
+            zeros = raw.pop(mod + ".zeros")
+            n, k = q.shape[0], q.shape[1] * 2
+            full = torch.stack([q & 15, q >> 4], -1).view(n, k)
+            lin = Int4Linear.from_planes([(full, scales.float(), zeros.float())], k // scales.shape[1])
+        kept[mod + ".weight"] = lin
+        weights[mod + ".weight"] = placeholder([lin.out_features, lin.in_features], dtype)
+    weights.update({k: v.to(dtype) if v.is_floating_point() else v for k, v in raw.items()})
+    net = install(materialize(config, weights, dtype, device), kept, config, dtype)
+    return optimize(net) if fast else net

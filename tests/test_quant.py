@@ -1,0 +1,140 @@
+"""Quantized linear layers and GGUF block repacking (qianwen.quant)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from qianwen.quant.gguf import _DECODERS, SUPPORTED_TYPES, planes_from_gguf, quantized_linear_from_gguf
+from qianwen.quant.int4 import pack_int4, pick_group_size, unpack_int4_rows
+from qianwen.quant.linear import Int4Linear, Int8Linear, QuantEmbedding, fuse_linears
+
+
+def _linear(n: int, k: int, seed: int = 0, bias: bool = False) -> nn.Linear:
+    torch.manual_seed(seed)
+    lin = nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.05)
+        if bias:
+            lin.bias.normal_(0, 0.1)
+    return lin
+
+
+def test_pack_matches_torch_converter_and_unpacks():
+    q = torch.randint(0, 16, (192, 96), dtype=torch.int32)
+    ours = pack_int4(q)
+    assert torch.equal(ours, torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+    rows = torch.tensor([0, 31, 32, 63, 64, 191, 100])
+    assert torch.equal(unpack_int4_rows(ours, rows, 96), q[rows].to(torch.uint8))
+
+
+def test_group_size_choice():
+    assert pick_group_size(576, 128) == 64  # SmolLM2: 128 does not divide 576
+    assert pick_group_size(576, 32) == 32
+    assert pick_group_size(896) == 128
+    with pytest.raises(ValueError):
+        pick_group_size(576, 48)
+    with pytest.raises(ValueError):
+        pick_group_size(100)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128, 256])
+def test_int4_linear_matches_its_dequantized_weight(group):
+    lin = _linear(320, 512, bias=True)  # 320 rows: padded to 384 inside
+    q = Int4Linear.from_float(lin, group)
+    w = q.dequantize()
+    step = (lin.weight.abs().max() * 2 / 15).item()
+    assert (w - lin.weight).abs().max().item() <= step * 0.75  # rounding to the nearest of 16 levels
+    x = torch.randn(5, 512)
+    ref = x.bfloat16().float() @ w.T + lin.bias
+    got = q(x)
+    assert got.dtype == torch.float32 and got.shape == (5, 320)
+    assert (got - ref).abs().max().item() <= 2e-2 * ref.abs().max().item()
+
+
+def test_int8_linear_matches_its_dequantized_weight():
+    lin = _linear(200, 256, bias=True)
+    q = Int8Linear.from_float(lin)
+    w = q.dequantize()
+    assert (w - lin.weight).abs().max().item() <= lin.weight.abs().max().item() / 127
+    x = torch.randn(3, 256)
+    ref = x.bfloat16().float() @ w.T + lin.bias
+    assert (q(x) - ref).abs().max().item() <= 2e-2 * ref.abs().max().item()
+
+
+def _blocks(name: str, n: int, k: int, seed: int = 0) -> np.ndarray:
+    """Random GGUF blocks with sane fp16 scale fields."""
+    _, block, nbytes = _DECODERS[name]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (n, k // block, nbytes), dtype=np.uint8)
+    n_scales = 2 if name in ("Q4_1", "Q4_K") else 1
+    for i in range(n_scales):
+        d = (rng.random((n, k // block)) * 0.01 + 0.001).astype(np.float16)
+        raw[..., 2 * i:2 * i + 2] = d.view(np.uint8).reshape(n, k // block, 2)
+    return raw.reshape(n, -1)
+
+
+class FakeTensor:
+    """The part of a gguf.ReaderTensor the repacker reads."""
+
+    def __init__(self, name: str, raw: np.ndarray, k: int):
+        from gguf import GGMLQuantizationType
+
+        self.tensor_type = GGMLQuantizationType[name]
+        self.data = raw
+        self.shape = np.array([k, raw.shape[0]])
+
+
+@pytest.mark.parametrize("name", SUPPORTED_TYPES)
+def test_gguf_repack_is_exact(name):
+    from gguf.quants import dequantize
+
+    n, k = 128, 512
+    t = FakeTensor(name, _blocks(name, n, k), k)
+    ref = torch.from_numpy(dequantize(t.data, t.tensor_type).reshape(n, k))
+    planes = planes_from_gguf(t)
+    exact = sum((q.float() - 8) * s.repeat_interleave(32, 1) + z.repeat_interleave(32, 1) for q, s, z in planes)
+    assert torch.equal(exact, ref)  # the repacking itself loses nothing
+    lin = quantized_linear_from_gguf(t)
+    # held with bf16 scales (the kernel's dtype): close to gguf's own dequantization
+    w = lin.dequantize()
+    assert (w - ref).abs().max().item() <= 1e-2 * ref.abs().max().item()
+    x = torch.randn(4, k)
+    assert (lin(x) - x.bfloat16().float() @ w.T).abs().max().item() <= 2e-2 * (x @ ref.T).abs().max().item()
+
+
+def test_gguf_row_order_permutes_rows():
+    n, k = 128, 64
+    t = FakeTensor("Q4_1", _blocks("Q4_1", n, k), k)
+    order = np.random.default_rng(1).permutation(n)
+    assert torch.equal(quantized_linear_from_gguf(t, order).dequantize(), quantized_linear_from_gguf(t).dequantize()[order])
+
+
+@pytest.mark.parametrize("kind", ["int4", "int4x2", "int8"])
+def test_rows_do_not_depend_on_batch(kind):
+    lin = _linear(256, 576)
+    if kind == "int8":
+        q = Int8Linear.from_float(lin)
+    elif kind == "int4":
+        q = Int4Linear.from_float(lin, 64)
+    else:
+        t = FakeTensor("Q8_0", _blocks("Q8_0", 256, 576), 576)
+        q = quantized_linear_from_gguf(t)
+    x = torch.randn(16, 576, dtype=torch.bfloat16)
+    batch = q(x)
+    for i in (0, 7, 15):
+        assert torch.equal(q(x[i:i + 1]), batch[i:i + 1])
+
+
+def test_quant_embedding_reads_rows_and_fusion_is_exact():
+    lin = Int4Linear.from_float(_linear(384, 128), 32)
+    emb = QuantEmbedding(lin, torch.float32)
+    ids = torch.tensor([[3, 200, 383], [0, 1, 2]])
+    assert torch.equal(emb(ids), lin.dequantize()[ids])
+    a, b = Int4Linear.from_float(_linear(128, 128, 1), 32), Int4Linear.from_float(_linear(64, 128, 2), 32)
+    fused = fuse_linears([a, b])
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    assert torch.equal(fused(x), torch.cat([a(x), b(x)], -1))
+    assert fuse_linears([a, Int4Linear.from_float(_linear(64, 128, 2), 64)]) is None  # group sizes differ
