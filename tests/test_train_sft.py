@@ -11,7 +11,7 @@ import torch
 from qianwen.errors import QianwenError
 from qianwen.train.loop import IGNORE
 from qianwen.train.sft import encode_conversation, example_row, make_source, to_messages
-from tests.test_train_fixtures import make_tokenizer
+from tests.test_train_fixtures import make_base
 
 SYSTEM, Q1, A1, Q2, A2 = "Be brief.", "Hi there", "Hello! 你好。", "用中文回答？", "好的，没问题。"
 FORMATS = {
@@ -27,19 +27,7 @@ FORMATS = {
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    """A tiny random qwen2 checkpoint with our small tokenizer, exported like a training run does."""
-    from qianwen.tokenizer import load_tokenizer
-    from qianwen.train.checkpoint import export_hf
-    from qianwen.train.presets import preset_config
-    from qianwen.train.pretrain import build_net
-
-    d = tmp_path_factory.mktemp("sft")
-    tok_dir = make_tokenizer(d)
-    tok = load_tokenizer(tok_dir)
-    config = preset_config("tiny", tok.vocab_size, eos_token_id=tok.eos_id)
-    net = build_net(config, seed=1)
-    export_hf(d / "base", config, net.state_dict(), tok)
-    return d / "base"
+    return make_base(tmp_path_factory.mktemp("sft"))
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))

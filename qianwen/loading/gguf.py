@@ -1,9 +1,10 @@
-"""Load a GGUF file: hyperparameters, tokenizer and chat template from its metadata, tensors
-dequantized into the model (F32, F16, BF16, Q4_0, Q4_1, Q8_0 and what else `gguf` can dequantize)."""
+"""Load a GGUF file (read by `gguf_reader.GGUFFile`): hyperparameters, tokenizer and chat template from
+its metadata, tensors dequantized into the model (F32, F16, BF16, Q4_0, Q4_1, Q8_0 and what else `gguf` can dequantize)."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from tqdm import tqdm
 from ..config import ModelConfig
 from ..errors import ModelLoadError
 from ..models import Transformer
+from .gguf_reader import GGUFFile
 from .weights import materialize
 
 GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
@@ -38,19 +40,24 @@ def hf_name(gguf_name: str) -> str | None:
     return None
 
 
-def open_reader(path: Path):  # -> gguf.GGUFReader
-    from gguf import GGUFReader
+def open_reader(path: Path) -> GGUFFile:
+    """The file's metadata (a mapping, which `tokenizer_from_gguf` also takes) and memory-mapped tensors."""
+    return GGUFFile(path)
 
-    try:
-        return GGUFReader(str(path))
-    except Exception as e:  # the reader raises many kinds on a bad file
-        raise ModelLoadError(f"{path} is truncated or not a valid GGUF file ({type(e).__name__}: {e})") from None
+
+_BIG_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
 
 
 def metadata(reader) -> dict[str, Any]:
+    """Config-level metadata of a `GGUFFile` (or a `gguf.GGUFReader`), without the vocabulary arrays."""
+    if isinstance(reader, Mapping):
+        out = {k: v for k, v in reader.items() if k not in _BIG_ARRAYS}
+        if (tokens := reader.get("tokenizer.ggml.tokens")) is not None:
+            out["_n_tokens"] = len(tokens)
+        return out
     out: dict[str, Any] = {}
     for key, field in reader.fields.items():
-        if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
+        if key in _BIG_ARRAYS:
             continue
         try:
             out[key] = field.contents()

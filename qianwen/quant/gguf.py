@@ -15,7 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .linear import Int4Linear
+from .int4 import BLOCK_N
+from .linear import Int4Linear, _sz
 
 Plane = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # q uint8 [N, K], scale, zero float32 [N, K/32]
 
@@ -84,9 +85,36 @@ def planes_from_gguf(tensor, row_order: np.ndarray | None = None) -> list[Plane]
     return fn(raw.reshape(n, k // block, nbytes))
 
 
+def pack_q4_blocks(qs: np.ndarray) -> np.ndarray:
+    """Q4_0/Q4_1 nibble bytes [N, nb, 16] (N a multiple of 64) straight into the kernel's packed layout
+    [N/64, K, 32] (see int4.py), in numpy passes over the 4-bit data, never widening it to one value
+    per byte. In a block, byte i holds weight i (low nibble) and weight i + 16 (high nibble); a packed
+    byte holds row 64b + j (low) and row 64b + 32 + j (high) of one column."""
+    n, nb, _ = qs.shape
+    a = qs.reshape(n // BLOCK_N, 2, 32, nb, 16)
+    a0, a1 = a[:, 0], a[:, 1]  # rows 64b + j and 64b + 32 + j: [N/64, 32, nb, 16]
+    out = np.empty((n // BLOCK_N, nb, 2, 16, 32), np.uint8)  # column k = 32 * block + 16 * h + i
+    out[:, :, 0] = ((a0 & 15) | (a1 << 4)).transpose(0, 2, 3, 1)
+    out[:, :, 1] = ((a0 >> 4) | (a1 & 0xF0)).transpose(0, 2, 3, 1)
+    return out.reshape(n, nb * 16)
+
+
 def quantized_linear_from_gguf(tensor, row_order: np.ndarray | None = None,
                                bias: torch.Tensor | None = None) -> Int4Linear:
-    return Int4Linear.from_planes(planes_from_gguf(tensor, row_order), 32, bias)
+    kind = tensor.tensor_type.name
+    if kind not in ("Q4_0", "Q4_1"):
+        return Int4Linear.from_planes(planes_from_gguf(tensor, row_order), 32, bias)
+    _, block, nbytes = _DECODERS[kind]
+    k, n = (int(x) for x in tensor.shape)
+    raw = np.asarray(tensor.data).reshape(n, k // block, nbytes)
+    if row_order is not None:
+        raw = raw[row_order]
+    if n % BLOCK_N:  # zero rows (scale 0) up to the packed block size
+        raw = np.concatenate([raw, np.zeros((-n % BLOCK_N, *raw.shape[1:]), np.uint8)])
+    packed = torch.from_numpy(pack_q4_blocks(raw[..., nbytes - 16:]))
+    d = _f16(raw[:n, :, 0:2])
+    zero = _f16(raw[:n, :, 2:4]) + 8 * d if kind == "Q4_1" else torch.zeros_like(d)
+    return Int4Linear(k, n, block, packed[None], _sz(d, zero)[None], bias)
 
 
 def _is_linear_weight(name: str) -> bool:

@@ -68,3 +68,21 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     zero = (lo + 8 * scale).bfloat16().float()
     q = ((g - zero[..., None]) / scale[..., None] + 8).round().clamp(0, 15).to(torch.uint8).view(n, k)
     return q, scale, zero
+
+
+def dequantize_packed_t(packed: torch.Tensor, scales_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The bf16 weight of one packed plane, transposed: [K, Npad] (so `x @ w` is the layer's matmul).
+
+    Made for prefill in few passes (each a parallel op): the nibbles are converted to bf16 while copied
+    into place (the packed [N/64, K, 32] blocks already run along K), then one `q * scale + zero'` with
+    zero' = zero - 8 * scale, computed in fp32 and rounded once."""
+    npad, half = packed.shape
+    k = half * 2
+    blocks = packed.view(npad // BLOCK_N, k, 32).transpose(0, 1)  # [K, N/64, 32]
+    out = torch.empty(k, npad // BLOCK_N, 2, 32, dtype=torch.bfloat16, device=packed.device)
+    out[:, :, 0].copy_(blocks & 15)  # rows 64b + j
+    out[:, :, 1].copy_(blocks >> 4)  # rows 64b + 32 + j
+    scale, zero = scales_zeros.float().unbind(-1)  # [G, Npad]
+    zero = (zero - 8 * scale).to(torch.bfloat16)
+    w = out.view(k // group_size, group_size, npad)
+    return torch.addcmul(zero[:, None], w, scale.to(torch.bfloat16)[:, None], out=w).view(k, npad)

@@ -9,6 +9,12 @@
 
 Activations go through the kernels in bf16 (their fast path); outputs come back in the input's dtype.
 Every output row is computed on its own, so a row's result does not depend on the batch size.
+
+Prefill: the weight-only kernels cost about linearly in rows (they unpack the weights per few rows),
+so a call with many tokens per sequence (`x` [B, T, K] with T >= PREFILL_TOKENS) instead dequantizes
+the weight to bf16 once, on the fly (no second copy is kept), and runs a bf16 matmul per sequence.
+The choice depends on tokens per sequence only, never on the batch size, so a sequence's rows go
+through the same kernels alone or in a batch.
 """
 
 from __future__ import annotations
@@ -16,7 +22,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .int4 import BLOCK_N, pack_int4, pad_rows, quantize_int4, unpack_int4_rows
+from .int4 import BLOCK_N, dequantize_packed_t, pack_int4, pad_rows, quantize_int4, unpack_int4_rows
+
+# Tokens per sequence from which a call dequantizes the weight for a bf16 matmul instead of running
+# the weight-only kernel. Measured crossover on the 2-core dev machine: 48-64 rows (SmolLM2 layers).
+PREFILL_TOKENS = 64
+
+
+def is_prefill(x: torch.Tensor) -> bool:
+    return x.dim() == 3 and x.shape[1] >= PREFILL_TOKENS
+
+
+def prefill_matmul(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [B, T, K] @ wt [K, N] (bf16), one matmul per sequence so rows never mix across the batch."""
+    x2 = x.to(torch.bfloat16)
+    y = torch.stack([x2[b] @ wt for b in range(x2.shape[0])]).to(x.dtype)
+    return y if bias is None else y + bias.to(x.dtype)
 
 
 def _sz(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -49,7 +70,9 @@ class Int4Linear(nn.Module):
         return cls.from_planes([(q, scale, zero)], group_size, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if is_prefill(x):
+            return prefill_matmul(x, self.dequantize_t(), self.bias)
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # the kernels need it
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu
         y = mm(x2, self.packed[0], self.group_size, self.scales_zeros[0])
         for p in range(1, self.packed.shape[0]):  # extra planes are summed in fp32
@@ -73,6 +96,13 @@ class Int4Linear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         return self.rows(torch.arange(self.out_features))
+
+    def dequantize_t(self) -> torch.Tensor:
+        """The transposed weight [K, N] in bf16, made on the fly for prefill (planes summed)."""
+        wt = dequantize_packed_t(self.packed[0], self.scales_zeros[0], self.group_size)
+        for p in range(1, self.packed.shape[0]):
+            wt += dequantize_packed_t(self.packed[p], self.scales_zeros[p], self.group_size)
+        return wt[:, : self.out_features]
 
     def weight_bytes(self) -> int:
         return self.packed.nbytes + self.scales_zeros.nbytes
@@ -107,7 +137,10 @@ class Int8Linear(nn.Module):
         return cls(q, scales, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if is_prefill(x):
+            wt = self.qweight.T.to(torch.bfloat16).mul_(self.scales)  # [K, N]
+            return prefill_matmul(x, wt, self.bias)
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # the kernels need it
         y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
         y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)

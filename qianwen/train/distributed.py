@@ -93,19 +93,36 @@ def _find_layers(net: nn.Module) -> list[nn.Module]:
 
 # -- resumable checkpoints (torch.distributed.checkpoint) ---------------------------------------
 
-def save_checkpoint(folder: Path, net: nn.Module, optim: torch.optim.Optimizer, state: dict[str, Any],
-                    d: Dist) -> None:
-    """Every rank writes its shards into a temporary folder; rank 0 adds trainer_state.json and renames
-    it into place, so a folder named step-N is always complete."""
-    import torch.distributed.checkpoint as dcp
+def _options(trainable_only: bool):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # frozen parameters (a LoRA run's base) are neither saved nor expected back
+    return StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
+
+
+def _model_state(net: nn.Module, optim: torch.optim.Optimizer, trainable_only: bool):
     from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(net, optim, options=_options(trainable_only))
+    if trainable_only:  # a frozen weight tied to another (lm_head = embed_tokens) slips through
+        frozen = {n for n, p in net.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        msd = {k: v for k, v in msd.items() if k not in frozen}
+    return msd, osd
+
+
+def save_checkpoint(folder: Path, net: nn.Module, optim: torch.optim.Optimizer, state: dict[str, Any],
+                    d: Dist, trainable_only: bool = False) -> None:
+    """Every rank writes its shards into a temporary folder; rank 0 adds trainer_state.json and renames
+    it into place, so a folder named step-N is always complete. `trainable_only`: leave out frozen
+    parameters (the optimizer state covers the trainable ones only anyway)."""
+    import torch.distributed.checkpoint as dcp
 
     tmp = folder.with_name(f".tmp-{folder.name}")
     if d.main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     d.barrier()
-    msd, osd = get_state_dict(net, optim)
+    msd, osd = _model_state(net, optim, trainable_only)
     with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
@@ -117,16 +134,18 @@ def save_checkpoint(folder: Path, net: nn.Module, optim: torch.optim.Optimizer, 
     d.barrier()
 
 
-def load_checkpoint(folder: Path, net: nn.Module, optim: torch.optim.Optimizer) -> dict[str, Any]:
+def load_checkpoint(folder: Path, net: nn.Module, optim: torch.optim.Optimizer,
+                    trainable_only: bool = False) -> dict[str, Any]:
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    msd, osd = get_state_dict(net, optim)
+    opts = _options(trainable_only)
+    msd, osd = _model_state(net, optim, trainable_only)
     sd = {"model": msd, "optim": osd}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(sd, checkpoint_id=str(folder))
-    set_state_dict(net, optim, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    set_state_dict(net, optim, model_state_dict=sd["model"], optim_state_dict=sd["optim"], options=opts)
     return json.loads((folder / "trainer_state.json").read_text())
 
 
@@ -142,11 +161,17 @@ def prune_checkpoints(root: Path, keep: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def full_state_dict(net: nn.Module, d: Dist) -> dict[str, torch.Tensor]:
-    """The whole model's tensors on rank 0's CPU (a collective: every rank must call it)."""
+def full_state_dict(net: nn.Module, d: Dist, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """The whole model's tensors (or its trainable parameters only) on rank 0's CPU (a collective:
+    every rank must call it)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     if not d.initialized:
-        return {k: v.detach().cpu() for k, v in net.state_dict().items()}
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(net, options=opts)
+        keep = {n for n, p in net.named_parameters() if p.requires_grad} if trainable_only else None
+        return {k: v.detach().cpu() for k, v in net.state_dict().items() if keep is None or k in keep}
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    sd = get_model_state_dict(net, options=opts)
+    if trainable_only:
+        keep = {n for n, p in net.named_parameters(remove_duplicate=False) if p.requires_grad}
+        sd = {k: v for k, v in sd.items() if k in keep}
+    return sd

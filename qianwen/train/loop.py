@@ -1,8 +1,10 @@
 """The training loop shared by pretraining and SFT.
 
 Exactness by construction: the rows of step s are a pure function of (seed, s); the learning rate is
-a pure function of s; the RNG is reseeded from (seed, s, rank) at every step; so resuming from the
-checkpoint of step s (model + AdamW state) replays the same arithmetic as a run never interrupted.
+a pure function of s; the RNG is reseeded from (seed, s, global micro-batch index) before each
+micro-batch, so dropout draws the same masks however the batch is split across processes; so
+resuming from the checkpoint of step s (model + AdamW state) replays the same arithmetic as a run
+never interrupted.
 
 The loss of a step is the sum of token losses over the whole global batch divided by its number of
 target tokens, whatever the split into processes and micro-batches; each rank backpropagates its
@@ -154,14 +156,18 @@ class Logger:
 
 
 def _loss_of(net: nn.Module, rows: list[Row], micro: int, device: torch.device, dtype: str,
-             scale: float | None, sync: Callable[[bool], None] | None = None) -> float:
-    """Sum of token losses over `rows`, in micro-batches; backpropagates loss * scale if scale is set."""
+             scale: float | None, sync: Callable[[bool], None] | None = None,
+             seed: Callable[[int], int] | None = None) -> float:
+    """Sum of token losses over `rows`, in micro-batches; backpropagates loss * scale if scale is set.
+    `seed(j)` reseeds the RNG before micro-batch j."""
     total = 0.0
     chunks = [rows[i:i + micro] for i in range(0, len(rows), micro)]
     for j, chunk in enumerate(chunks):
         x, y, pos, cache = _collate(chunk, device)
         if sync is not None:
             sync(j == len(chunks) - 1)
+        if seed is not None:
+            torch.manual_seed(seed(j))
         with _autocast(device, dtype):
             logits = net(x, pos, cache)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum")
@@ -207,7 +213,8 @@ def train(net: nn.Module, source: RowSource, c: TrainConfig, d: ddist.Dist,
     start = 0
     resumed = None
     if c.resume and (last := ddist.latest_checkpoint(ckpt_root)) is not None:
-        state = ddist.load_checkpoint(last, net, optim)
+        frozen = any(not p.requires_grad for p in net.parameters())
+        state = ddist.load_checkpoint(last, net, optim, trainable_only=frozen)
         if state.get("global_batch") != c.global_batch or state.get("seed") != c.seed:
             raise QianwenError(f"{last} was trained with --global-batch {state.get('global_batch')} and "
                                f"--seed {state.get('seed')}: resume with the same values")
@@ -231,8 +238,8 @@ def train(net: nn.Module, source: RowSource, c: TrainConfig, d: ddist.Dist,
     net.train()
     t_last = time.perf_counter()
     end = min(c.max_steps, c.stop_at or c.max_steps)
+    first_micro = d.rank * per_rank // c.micro_batch  # global index of this rank's first micro-batch
     for step in range(start, end):
-        torch.manual_seed((c.seed * 1_000_003 + step) * 4099 + d.rank)
         lr = lr_at(step, c)
         for g in optim.param_groups:
             g["lr"] = lr
@@ -242,7 +249,10 @@ def train(net: nn.Module, source: RowSource, c: TrainConfig, d: ddist.Dist,
             raise QianwenError(f"step {step + 1}: the batch has no target tokens")
         mine = rows[d.rank * per_rank:(d.rank + 1) * per_rank]
         optim.zero_grad(set_to_none=True)
-        local = _loss_of(net, mine, c.micro_batch, d.device, c.dtype, d.world / count, sync)
+        def seed(j: int, step: int = step) -> int:
+            return (c.seed * 1_000_003 + step) * 4099 + first_micro + j
+
+        local = _loss_of(net, mine, c.micro_batch, d.device, c.dtype, d.world / count, sync, seed)
         norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip if c.grad_clip > 0 else float("inf"))
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         optim.step()
@@ -271,9 +281,12 @@ def train(net: nn.Module, source: RowSource, c: TrainConfig, d: ddist.Dist,
 
 def _save(net: nn.Module, optim: torch.optim.Optimizer, c: TrainConfig, d: ddist.Dist, step: int, root: Path,
           export: Callable[[dict[str, torch.Tensor], int], None], state_filter: Callable[[str], bool] | None) -> None:
-    state = {"step": step, "global_batch": c.global_batch, "seed": c.seed, "world": d.world}
-    ddist.save_checkpoint(root / f"step-{step:07d}", net, optim, state, d)
-    full = ddist.full_state_dict(net, d)
+    # with a frozen base (LoRA) only the trainable tensors are saved: the base comes from its own files
+    frozen = any(not p.requires_grad for p in net.parameters())
+    state = {"step": step, "global_batch": c.global_batch, "seed": c.seed, "world": d.world,
+             "trainable_only": frozen}
+    ddist.save_checkpoint(root / f"step-{step:07d}", net, optim, state, d, trainable_only=frozen)
+    full = ddist.full_state_dict(net, d, trainable_only=frozen)
     if d.main:
         if state_filter is not None:
             full = {k: v for k, v in full.items() if state_filter(k)}

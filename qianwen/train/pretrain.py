@@ -17,11 +17,14 @@ from torch import nn
 
 from ..errors import QianwenError
 from .loop import Row
+from .shards import TokenStream
 
 
 class WindowSource:
-    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int = 0, val_tokens: np.ndarray | None = None,
-                 eval_windows: int = 64) -> None:
+    """`tokens` is an array or a memory-mapped TokenStream: only the windows of a step are read."""
+
+    def __init__(self, tokens: np.ndarray | TokenStream, seq_len: int, seed: int = 0,
+                 val_tokens: np.ndarray | TokenStream | None = None, eval_windows: int = 64) -> None:
         self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
         self.n_windows = (len(tokens) - 1) // seq_len
         if self.n_windows < 1:
@@ -35,7 +38,7 @@ class WindowSource:
             self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n_windows))
         return self._perm[1]
 
-    def _window(self, tokens: np.ndarray, w: int) -> Row:
+    def _window(self, tokens: np.ndarray | TokenStream, w: int) -> Row:
         chunk = np.asarray(tokens[w * self.seq_len: w * self.seq_len + self.seq_len + 1], dtype=np.int64)
         return Row(chunk[:-1], chunk[1:])
 
@@ -89,14 +92,14 @@ def run_pretrain(args: Any) -> int:
     from .loop import TrainConfig, train
     from .prepare import document_separator, load_any_tokenizer
     from .presets import count_parameters, preset_config
-    from .shards import load_tokens
+    from .shards import open_tokens
 
     d = ddist.init(args.device)
     try:
         tok = load_any_tokenizer(args.tokenizer)
         train_spec, val_spec = split_specs(args.data, args.val_data)
-        tokens, _ = load_tokens(train_spec, identity=tok.identity)
-        val = load_tokens(val_spec, identity=tok.identity)[0] if val_spec else None
+        tokens, _ = open_tokens(train_spec, identity=tok.identity)  # memory-mapped, never loaded whole
+        val = open_tokens(val_spec, identity=tok.identity)[0] if val_spec else None
         eos = [i for i in (document_separator(tok), tok.special_tokens.get("<|im_end|>")) if i is not None]
         if args.config:
             config = json.loads(Path(args.config).read_text())

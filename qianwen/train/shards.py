@@ -163,9 +163,41 @@ def find_shards(spec: str | os.PathLike) -> list[Path]:
     return paths
 
 
-def load_tokens(spec: str | os.PathLike, identity: str | None = None) -> tuple[np.ndarray, dict[str, Any]]:
-    """All tokens of the shards at `spec`, concatenated (one array in memory; use `read_shard` to
-    stream). Checks that every shard was written with the same tokenizer (and `identity`, if given)."""
+class TokenStream:
+    """The shards at a spec as one read-only token sequence, without loading them: each shard stays
+    memory-mapped and a slice copies only the tokens it covers (joining across shard boundaries), so
+    a corpus larger than memory can be trained on. Same indices as the concatenation of the shards."""
+
+    def __init__(self, shards: list[Shard]) -> None:
+        self.shards = [s for s in shards if s.num_tokens]
+        self.starts = np.cumsum([0] + [s.num_tokens for s in self.shards], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("TokenStream supports contiguous slices only")
+        a, b, _ = key.indices(len(self))
+        if b <= a:
+            return np.zeros(0, dtype=DTYPE)
+        first = int(np.searchsorted(self.starts, a, side="right")) - 1
+        parts = []
+        i = first
+        while i < len(self.shards) and self.starts[i] < b:
+            lo, hi = max(a, self.starts[i]) - self.starts[i], min(b, self.starts[i + 1]) - self.starts[i]
+            parts.append(self.shards[i].tokens[lo:hi])
+            i += 1
+        return np.array(parts[0]) if len(parts) == 1 else np.concatenate(parts)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:  # np.asarray(stream): everything, in memory
+        arr = self[:]
+        return arr if dtype is None else arr.astype(dtype)
+
+
+def open_tokens(spec: str | os.PathLike, identity: str | None = None) -> tuple[TokenStream, dict[str, Any]]:
+    """The shards at `spec` as one memory-mapped TokenStream, and the tokenizer info of their index.
+    Checks that every shard was written with the same tokenizer (and `identity`, if given)."""
     shards = [read_shard(p) for p in find_shards(spec)]
     ids = {s.index["tokenizer"].get("identity") for s in shards}
     if len(ids) > 1:
@@ -174,5 +206,11 @@ def load_tokens(spec: str | os.PathLike, identity: str | None = None) -> tuple[n
     if identity is not None and tok.get("identity") != identity:
         raise QianwenError(f"shards at {spec} were tokenized with another vocabulary "
                            f"({tok.get('name') or tok.get('identity')}); prepare them with this model's tokenizer")
-    arrays = [np.asarray(s.tokens) for s in shards]
-    return (np.concatenate(arrays) if arrays else np.zeros(0, dtype=DTYPE)), tok
+    return TokenStream(shards), tok
+
+
+def load_tokens(spec: str | os.PathLike, identity: str | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """All tokens of the shards at `spec`, concatenated into one array in memory (small corpora,
+    evaluation); training reads through `open_tokens` instead."""
+    stream, tok = open_tokens(spec, identity)
+    return stream[:], tok

@@ -1,0 +1,108 @@
+"""The engine's KV cache: one growable buffer per sequence under a global token budget.
+
+Each sequence owns a buffer [layers, 2, kv_heads, capacity, head_dim] that grows in whole blocks, so
+its attention always reads a contiguous prefix of its own buffer: the same shapes and the same kernel
+calls whether it runs alone or beside others (batch invariance). The budget counts allocated capacity;
+when it is spent the scheduler queues or preempts sequences.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..models.cache import causal_attention
+
+
+class SeqKV:
+    """One sequence's K/V for every layer."""
+
+    def __init__(self, buf: torch.Tensor) -> None:
+        self.buf = buf  # [layers, 2, Hkv, capacity, D]
+
+    @property
+    def capacity(self) -> int:
+        return self.buf.shape[3]
+
+
+class CacheManager:
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, max_tokens: int, block_size: int = 256) -> None:
+        self.shape = (num_layers, 2, num_kv_heads, head_dim)
+        self.dtype, self.device = dtype, device
+        self.block_size = block_size
+        self.max_tokens = max(block_size, max_tokens // block_size * block_size)
+        self.used = 0
+
+    @staticmethod
+    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * num_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+
+    def _round(self, n: int) -> int:
+        return -(-n // self.block_size) * self.block_size
+
+    @property
+    def free_tokens(self) -> int:
+        return self.max_tokens - self.used
+
+    def can_allocate(self, n_tokens: int) -> bool:
+        return self._round(n_tokens) <= self.free_tokens
+
+    def allocate(self, n_tokens: int) -> SeqKV | None:
+        cap = self._round(n_tokens)
+        if cap > self.free_tokens:
+            return None
+        self.used += cap
+        layers, two, hkv, d = self.shape
+        return SeqKV(torch.empty(layers, two, hkv, cap, d, dtype=self.dtype, device=self.device))
+
+    def ensure(self, kv: SeqKV, n_tokens: int, keep: int) -> bool:
+        """Grow `kv` to hold `n_tokens` (copying the first `keep`); False when the budget is spent."""
+        if n_tokens <= kv.capacity:
+            return True
+        cap = self._round(n_tokens)
+        if cap - kv.capacity > self.free_tokens:
+            return False
+        layers, two, hkv, d = self.shape
+        new = torch.empty(layers, two, hkv, cap, d, dtype=self.dtype, device=self.device)
+        new[:, :, :, :keep] = kv.buf[:, :, :, :keep]
+        self.used += cap - kv.capacity
+        kv.buf = new
+        return True
+
+    def free(self, kv: SeqKV | None) -> None:
+        if kv is not None and kv.buf.numel():
+            self.used -= kv.capacity
+            kv.buf = kv.buf.new_empty(0)
+
+
+class BatchCache:
+    """The `Cache` the model sees for one forward over several sequences (or padding rows, None).
+
+    Row b of the batch is sequence `seqs[b]`, whose first `past[b]` tokens are already cached; the T new
+    tokens of every row are written after them and attention runs row by row, each over its own prefix.
+    """
+
+    def __init__(self, kvs: list[SeqKV | None], past: list[int], extra: dict[str, Any] | None = None) -> None:
+        self.kvs, self.past = kvs, past
+        self.extra: dict[str, Any] = extra if extra is not None else {}
+
+    @property
+    def length(self) -> int:
+        return self.past[0] if self.past else 0
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        t = q.shape[2]
+        out = []
+        for b, kv in enumerate(self.kvs):
+            if kv is None:  # padding row: attends to itself only (softmax over one key = its value)
+                out.append(v[b:b + 1].repeat_interleave(q.shape[1] // v.shape[1], dim=1).expand(-1, -1, t, -1))
+                continue
+            past = self.past[b]
+            buf = kv.buf[layer]
+            buf[0, :, past:past + t] = k[b]
+            buf[1, :, past:past + t] = v[b]
+            keys, values = buf[0, :, :past + t].unsqueeze(0), buf[1, :, :past + t].unsqueeze(0)
+            out.append(causal_attention(q[b:b + 1], keys, values, past))
+        return out[0] if len(out) == 1 else torch.cat(out)

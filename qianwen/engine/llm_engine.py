@@ -1,0 +1,220 @@
+"""The engine loop (schedule, prefill, decode, sample, collect) and the offline API `LLM`.
+
+`LLMEngine` is synchronous and thread-safe for producers: `add` and `abort` may be called from any
+thread while another thread calls `step()`; they take effect at the next step boundary.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import QianwenError
+from ..generation.params import SamplingParams
+from ..tokenizer.stream import StreamDecoder
+from .cache_manager import CacheManager
+from .model_runner import ModelRunner
+from .scheduler import Scheduler, SchedulerConfig
+from .sequence import Sequence, Status, StepOutput
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int = 16
+    max_prefill_tokens: int = 2048
+    kv_cache_mb: float = 2048.0  # KV cache budget
+    batch_invariant: bool = True
+
+
+class LLMEngine:
+    def __init__(self, model: Any, config: EngineConfig | None = None) -> None:
+        self.model = model
+        self.config = config = config or EngineConfig()
+        c = model.config
+        n_kv, head_dim = c.num_key_value_heads, c.head_dim
+        per_token = CacheManager.bytes_per_token(c.num_hidden_layers, n_kv, head_dim, model.dtype)
+        self.cache = CacheManager(c.num_hidden_layers, n_kv, head_dim, model.dtype, model.device,
+                                  int(config.kv_cache_mb * 2**20) // per_token)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_prefill_tokens), self.cache)
+        self.runner = ModelRunner(model.net, model.device, model.dtype, config.batch_invariant)
+        self.context_length: int = model.context_length
+        self._lock = threading.Lock()
+        self._inbox: list[Sequence] = []
+        self._aborts: set[int] = set()
+        self.seqs: dict[int, Sequence] = {}
+        self.num_steps = 0
+
+    # ------------------------------------------------------------------ requests
+
+    def make_sequence(self, prompt_ids: list[int], params: SamplingParams, user_data: Any = None) -> Sequence:
+        """Validate and build a sequence (not yet queued). Raises QianwenError for prompts that can't run."""
+        n = len(prompt_ids)
+        if n == 0:
+            raise QianwenError("the prompt is empty")
+        if n >= self.context_length:
+            raise QianwenError(f"the prompt has {n} tokens; this model's context is {self.context_length} tokens")
+        if not self.scheduler.fits_ever(n + 1):
+            raise QianwenError(f"the prompt has {n} tokens; the KV cache holds {self.cache.max_tokens}")
+        # never more than the context, nor more than the whole cache budget could ever hold
+        max_new = min(params.max_tokens, self.context_length - n, self.cache.max_tokens - n)
+        return Sequence(list(prompt_ids), params, max(1, max_new), StreamDecoder(self.model.tokenizer),
+                        user_data=user_data)
+
+    def add(self, seq: Sequence) -> Sequence:
+        with self._lock:
+            self._inbox.append(seq)
+        return seq
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, user_data: Any = None) -> Sequence:
+        return self.add(self.make_sequence(prompt_ids, params, user_data))
+
+    def abort(self, seq_id: int) -> None:
+        with self._lock:
+            self._aborts.add(seq_id)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting) + len(self._inbox)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    def has_work(self) -> bool:
+        return bool(self._inbox or self._aborts or self.scheduler.has_work())
+
+    # ------------------------------------------------------------------ the loop
+
+    def step(self) -> list[StepOutput]:
+        """One engine iteration; returns one output per sequence that produced a token or ended."""
+        outputs: list[StepOutput] = []
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+            aborts, self._aborts = self._aborts, set()
+        for seq in inbox:
+            self.seqs[seq.seq_id] = seq
+            self.scheduler.add(seq)
+        for sid in aborts:
+            seq = self.seqs.pop(sid, None)
+            if seq is not None and not seq.is_finished:
+                self.scheduler.finish(seq)
+                seq.finish_reason = "abort"
+                outputs.append(StepOutput(sid, -1, "", None, None, "abort"))
+        sched = self.scheduler.schedule()
+        if sched.empty:
+            return outputs
+        self.num_steps += 1
+        for seq in sched.prefill:
+            logits = self.runner.prefill(seq)
+            outputs.append(self._sample(seq, logits))
+        if sched.decode:
+            for seq, logits in zip(sched.decode, self.runner.decode(sched.decode), strict=True):
+                outputs.append(self._sample(seq, logits))
+        return outputs
+
+    def _sample(self, seq: Sequence, logits: torch.Tensor) -> StepOutput:
+        out = self.runner.sample(seq, logits)
+        if out.finish_reason:
+            self.scheduler.finish(seq)
+            self.seqs.pop(seq.seq_id, None)
+        return out
+
+    def run_until_done(self, on_output: Callable[[StepOutput], None] | None = None) -> None:
+        while self.has_work():
+            for out in self.step():
+                if on_output:
+                    on_output(out)
+
+
+# ---------------------------------------------------------------------- offline API
+
+@dataclass
+class Completion:
+    """The result of one offline request."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    request: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class LLM:
+    """Offline batched generation: `LLM(model).generate(requests) -> completions`, in request order.
+
+    A request is a prompt string, or a dict with `prompt` (text or token ids) or `messages` (chat),
+    plus any sampling option of `SamplingParams` (max_tokens, temperature, top_p, seed, stop, ...).
+    """
+
+    def __init__(self, model: Any = None, config: EngineConfig | None = None, **load_kwargs: Any) -> None:
+        if model is None or isinstance(model, str) or hasattr(model, "__fspath__"):
+            import qianwen
+
+            model = qianwen.load(model, **load_kwargs)
+        self.model = model
+        self.engine = LLMEngine(model, config)
+
+    def encode(self, request: str | dict[str, Any]) -> tuple[list[int], dict[str, Any]]:
+        req = {"prompt": request} if isinstance(request, str) else dict(request)
+        options = {k: v for k, v in req.items() if k not in ("prompt", "messages", "tools")}
+        if "messages" in req:
+            ids = self.model.encode_chat(req["messages"], tools=req.get("tools"))
+        elif isinstance(req.get("prompt"), list):
+            ids = [int(t) for t in req["prompt"]]
+        elif isinstance(req.get("prompt"), str):
+            tok = self.model.tokenizer
+            ids = ([tok.bos_id] if tok.add_bos and tok.bos_id is not None else []) + tok.encode(req["prompt"])
+        else:
+            raise QianwenError("each request needs a 'prompt' or 'messages'")
+        return ids, options
+
+    def generate(self, requests: Iterable[str | dict[str, Any]], progress: bool = False) -> list[Completion]:
+        reqs = list(requests)
+        seqs = []
+        for req in reqs:
+            ids, options = self.encode(req)
+            params = self.model.params(**options)
+            seqs.append(self.engine.add_request(ids, params))
+        results: dict[int, StepOutput] = {}
+        texts: dict[int, list[str]] = {s.seq_id: [] for s in seqs}
+        lps: dict[int, list] = {s.seq_id: [] for s in seqs}
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(seqs), desc="generating", unit="req")
+
+        def collect(out: StepOutput) -> None:
+            texts[out.seq_id].append(out.text)
+            lps[out.seq_id].append((out.logprob, out.top_logprobs))
+            if out.finish_reason:
+                results[out.seq_id] = out
+                if bar is not None:
+                    bar.update(1)
+
+        self.engine.run_until_done(collect)
+        if bar is not None:
+            bar.close()
+        completions = []
+        for req, seq in zip(reqs, seqs, strict=True):
+            want_lp = seq.params.logprobs is not None
+            completions.append(Completion(
+                text="".join(texts[seq.seq_id]), token_ids=list(seq.output_ids),
+                finish_reason=results[seq.seq_id].finish_reason or "stop", prompt_tokens=len(seq.prompt_ids),
+                logprobs=[lp for lp, _ in lps[seq.seq_id]] if want_lp else None,
+                top_logprobs=[t for _, t in lps[seq.seq_id]] if want_lp else None,
+                request=req if isinstance(req, dict) else {"prompt": req}))
+        return completions
+
+
+__all__ = ["LLM", "Completion", "EngineConfig", "LLMEngine", "Status"]

@@ -1,0 +1,89 @@
+"""Tensors in, logits out: prefill one sequence, decode a batch, sample each row with its own params.
+
+Batch invariance (conventions.md): a sequence's arithmetic must not depend on its neighbours.
+- Prefill runs each new sequence in its own forward, exactly as it would run alone.
+- Decode batches rows, and matmul kernels pick different code paths by row count. Measured on this
+  CPU with torch 2.13 (docs/server.md): bf16 `F.linear` gives bitwise-equal rows for every count from
+  1 to 32; fp32 has one path for 1 row, another for 2-15 and another from 16 rows up (16-40 agree for
+  every shape tried, larger counts sometimes switch again). So decode runs in groups of at most 32
+  rows, and fp32/fp16 groups are padded to 16 rows with dummy rows that attend only to themselves.
+- Attention runs per sequence over its own cache (BatchCache), the same call as when alone.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..generation.sampling import apply_penalties, logprobs_of, sample
+from .cache_manager import BatchCache
+from .sequence import Sequence, StepOutput
+
+MAX_ROWS = 32  # rows per decode forward: bf16 kernels are row-invariant up to here
+MIN_ROWS = {torch.float32: 16, torch.float16: 16}  # pad small decode batches of these dtypes
+
+
+class ModelRunner:
+    def __init__(self, net: torch.nn.Module, device: torch.device, dtype: torch.dtype,
+                 batch_invariant: bool = True) -> None:
+        self.net, self.device, self.dtype = net, device, dtype
+        self.max_rows = MAX_ROWS if batch_invariant else 1 << 30
+        self.min_rows = MIN_ROWS.get(dtype, 1) if batch_invariant else 1
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: BatchCache,
+                 last_only: bool) -> torch.Tensor:
+        net = self.net
+        if last_only and hasattr(net, "hidden_states") and hasattr(net, "lm_head"):
+            h = net.hidden_states(ids, positions, cache)
+            return net.lm_head(h[:, -1])
+        return net(ids, positions, cache)[:, -1]
+
+    @torch.inference_mode()
+    def prefill(self, seq: Sequence) -> torch.Tensor:
+        """Run the uncached tokens of `seq` (its prompt, or prompt + output after preemption);
+        return the logits [vocab] for the next token."""
+        todo = seq.all_ids[seq.num_cached:]
+        ids = torch.tensor([todo], dtype=torch.long, device=self.device)
+        pos = torch.arange(seq.num_cached, seq.num_tokens, device=self.device)[None]
+        cache = BatchCache([seq.kv], [seq.num_cached], seq.extra)
+        logits = self._forward(ids, pos, cache, last_only=True)[0]
+        seq.num_cached = seq.num_tokens
+        return logits.float().cpu()
+
+    @torch.inference_mode()
+    def decode(self, seqs: list[Sequence]) -> list[torch.Tensor]:
+        """One token for each sequence (whose last token is not cached yet); logits [vocab] each."""
+        groups: dict[tuple, list[Sequence]] = {}
+        for s in seqs:  # sequences with different model state (Qwen-7B NTK alpha) never share a forward
+            groups.setdefault(tuple(sorted(s.extra.items())), []).append(s)
+        out: dict[int, torch.Tensor] = {}
+        for group in groups.values():
+            for i in range(0, len(group), self.max_rows):
+                chunk = group[i:i + self.max_rows]
+                for s, row in zip(chunk, self._decode_rows(chunk), strict=True):
+                    out[s.seq_id] = row
+        return [out[s.seq_id] for s in seqs]
+
+    def _decode_rows(self, seqs: list[Sequence]) -> torch.Tensor:
+        pad = max(0, self.min_rows - len(seqs))
+        ids = [s.output_ids[-1] if s.output_ids else s.prompt_ids[-1] for s in seqs] + [0] * pad
+        pos = [s.num_tokens - 1 for s in seqs] + [0] * pad
+        cache = BatchCache([s.kv for s in seqs] + [None] * pad, [s.num_cached for s in seqs] + [0] * pad,
+                           dict(seqs[0].extra))
+        logits = self.net(torch.tensor(ids, device=self.device)[:, None],
+                          torch.tensor(pos, device=self.device)[:, None], cache)[:, -1]
+        for s in seqs:
+            s.num_cached = s.num_tokens
+        return logits[:len(seqs)].float().cpu()
+
+    @staticmethod
+    def sample(seq: Sequence, logits: torch.Tensor) -> StepOutput:
+        p = seq.params
+        scores = logits
+        if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+            out_ids = torch.tensor(seq.output_ids, dtype=torch.long)
+            scores = apply_penalties(logits.clone(), torch.tensor(seq.all_ids, dtype=torch.long), out_ids, p)
+        for fn in seq.logits_processors:
+            scores = fn(seq.prompt_ids, seq.output_ids, scores.clone())
+        token = sample(scores, p, seq.generator)
+        lp, top = logprobs_of(logits, token, p.logprobs) if p.logprobs is not None else (None, None)
+        return seq.append(token, lp, top)

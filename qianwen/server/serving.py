@@ -1,0 +1,179 @@
+"""What the OpenAI routes share: errors, limits, sampling parameters, prompt checks, output collection."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..engine.async_engine import AsyncEngine
+from ..engine.sequence import Sequence, StepOutput
+from ..errors import QianwenError
+from ..generation.params import SamplingParams
+from .metrics import Metrics
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class ServerConfig:
+    model_name: str
+    api_keys: list[str] = field(default_factory=list)
+    max_body_bytes: int = 4 * 2**20
+    max_tokens_limit: int | None = None  # cap on max_tokens per request (None: the context)
+    max_n: int = 8
+    max_queue: int = 64  # sequences waiting; beyond it: 429
+    cors_origins: list[str] = field(default_factory=list)
+
+
+class Serving:
+    """Model + engine + limits: everything a route needs."""
+
+    def __init__(self, model: Any, engine: AsyncEngine, config: ServerConfig, metrics: Metrics) -> None:
+        self.model, self.engine, self.config, self.metrics = model, engine, config, metrics
+        self.created = int(time.time())
+        # applied to every sequence (constrained decoding hooks; tests force exact outputs with them)
+        self.logits_processors: list[Any] = []
+
+    @property
+    def context_length(self) -> int:
+        return self.engine.engine.context_length
+
+    def check_model(self, name: str) -> None:
+        if name != self.config.model_name:
+            raise APIError(404, f"The model `{name}` does not exist. This server serves `{self.config.model_name}`.",
+                           param="model", code="model_not_found")
+
+    def check_capacity(self, n_sequences: int) -> None:
+        if self.engine.error is not None:
+            raise APIError(503, f"the engine stopped: {self.engine.error}", type="server_error")
+        if self.engine.engine.num_waiting + n_sequences > self.config.max_queue:
+            raise APIError(429, "The server is busy: too many requests are waiting. Retry shortly.",
+                           type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+
+    def check_n(self, n: int) -> None:
+        if n > self.config.max_n:
+            raise APIError(400, f"n must be at most {self.config.max_n}, got {n}", param="n")
+
+    def max_new_tokens(self, requested: int | None, n_prompt: int, what: str) -> int:
+        ctx = self.context_length
+        if n_prompt >= ctx:
+            raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, your {what} "
+                                f"resulted in {n_prompt} tokens. Please reduce the length of the {what}.",
+                           param=what, code="context_length_exceeded")
+        limit = self.config.max_tokens_limit
+        if requested is not None:
+            if limit is not None and requested > limit:
+                raise APIError(400, f"max_tokens is {requested}; this server allows at most {limit}",
+                               param="max_tokens")
+            if n_prompt + requested > ctx:
+                raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, you requested "
+                                    f"{n_prompt + requested} tokens ({n_prompt} in the {what}, {requested} in the "
+                                    "completion). Please reduce the length of the "
+                                    f"{what} or completion.", param="max_tokens", code="context_length_exceeded")
+            return requested
+        default = int(self.model.sampling_defaults.get("max_tokens") or 512)
+        return min(default, ctx - n_prompt, limit or ctx)
+
+    def sampling_params(self, req: Any, max_tokens: int, logprobs: int | None,
+                        extra_stop: list[str] | None = None) -> SamplingParams:
+        stop = req.stop if isinstance(req.stop, list) else [req.stop] if req.stop else []
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise APIError(400, "stop must be a non-empty string or a list of non-empty strings", param="stop")
+        if len(stop) > 16:
+            raise APIError(400, "at most 16 stop strings are allowed", param="stop")
+        top_k = req.top_k if req.top_k is None or req.top_k > 0 else 0
+        return self.model.params(
+            max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=top_k, min_p=req.min_p,
+            presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+            repetition_penalty=req.repetition_penalty, seed=req.seed, stop=stop + (extra_stop or []),
+            logprobs=logprobs, ignore_eos=req.ignore_eos or None)
+
+    def make_sequences(self, prompt_ids: list[int], params: SamplingParams, n: int) -> list[Sequence]:
+        seqs = []
+        for i in range(n):
+            p = params if params.seed is None or i == 0 else params.replace(seed=params.seed + i)
+            try:
+                seq = self.engine.engine.make_sequence(prompt_ids, p)
+            except QianwenError as e:
+                raise APIError(400, str(e), param="messages") from None
+            seq.logits_processors = list(self.logits_processors)
+            seqs.append(seq)
+        return seqs
+
+    # ---------------------------------------------------------------- outputs
+
+    def token_text(self, token_id: int) -> tuple[str, list[int]]:
+        data = self.model.tokenizer.id_to_token_bytes(token_id)
+        return data.decode("utf-8", errors="replace"), list(data)
+
+    def submit(self, seqs: list[Sequence]) -> asyncio.Queue:
+        """Queue the sequences in the engine now (the request holds its place from arrival)."""
+        return self.engine.submit(seqs)
+
+    async def outputs(self, seqs: list[Sequence], queue: asyncio.Queue, arrival: float, request: Any = None
+                      ) -> AsyncIterator[tuple[int, StepOutput]]:
+        """(choice index, output) for every token of every sequence, as they come; records latency
+        metrics; aborts whatever is left if the consumer stops or the client disconnects."""
+        index = {s.seq_id: i for i, s in enumerate(seqs)}
+        last: dict[int, float] = {}
+        remaining = len(seqs)
+        try:
+            while remaining:
+                if request is not None:  # non-streaming: notice a client that went away
+                    try:
+                        out = await asyncio.wait_for(queue.get(), timeout=1.0)
+                    except asyncio.TimeoutError:
+                        if await request.is_disconnected():
+                            return
+                        continue
+                else:
+                    out = await queue.get()
+                now = time.perf_counter()
+                if out.token_id >= 0:
+                    prev = last.get(out.seq_id)
+                    if prev is None:
+                        self.metrics.ttft.observe(now - arrival)
+                    else:
+                        self.metrics.itl.observe(now - prev)
+                    last[out.seq_id] = now
+                    self.metrics.generation_tokens.inc()
+                if out.finish_reason:
+                    remaining -= 1
+                    self.metrics.finished.inc(reason=out.finish_reason)
+                    if out.finish_reason == "error":
+                        raise APIError(500, f"generation failed: {self.engine.error}", type="server_error")
+                yield index[out.seq_id], out
+        finally:
+            aborted = [s for s in seqs if not s.is_finished]
+            if aborted:
+                self.metrics.aborted.inc(len(aborted))
+            self.engine.release(seqs)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
