@@ -94,3 +94,13 @@ def test_long_prompt_prefill_dequantizes_and_stays_faithful(ref, quant, monkeypa
     kernel = quant.logits(ids)
     assert (got - kernel).abs().max().item() <= 0.05 * kernel.abs().max().item()
     assert (got.argmax(-1) == kernel.argmax(-1)).float().mean().item() >= 0.95
+
+
+def test_weight_summary_counts_quantized_buffers(ref, quant, default_gguf):
+    from qianwen.quant.summary import weight_summary
+
+    r, q = weight_summary(ref.net), weight_summary(quant.net)
+    assert r.quantized_weights == 0 and r.describe() == "not quantized"
+    assert q.total == r.total  # the same model, however its weights are held
+    assert q.quantized_weights > 0.99 * q.total and "int4" in q.describe()
+    assert q.bytes_held <= 1.5 * default_gguf.stat().st_size < r.bytes_held

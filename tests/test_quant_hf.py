@@ -39,3 +39,17 @@ def test_quantize_rejects_bad_options(tiny_qwen2_dir, tmp_path, capsys):
     assert main(["quantize", "-m", str(tiny_qwen2_dir), "--bits", "8", "--group-size", "32",
                  "--out", str(tmp_path / "q")]) == 1
     assert "group" in capsys.readouterr().err
+
+
+def test_info_counts_quantized_weights(tiny_qwen2_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", "-m", str(tiny_qwen2_dir), "--bits", "4", "--group-size", "32", "--out", str(out)]) == 0
+    capsys.readouterr()
+    rows = {}
+    for folder in (tiny_qwen2_dir, out):
+        assert main(["info", "-m", str(folder), "--dtype", "bfloat16"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        rows[folder] = dict((ln[:16].strip(), ln[16:].strip()) for ln in lines if len(ln) > 16)
+    assert rows[out]["parameters"] == rows[tiny_qwen2_dir]["parameters"]
+    assert rows[out]["weights"].startswith("quantized:") and "int4 g32" in rows[out]["weights"]
+    assert rows[tiny_qwen2_dir]["weights"].startswith("not quantized")

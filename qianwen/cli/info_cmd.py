@@ -15,12 +15,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from qianwen.quant.summary import weight_summary
+
     m = load_model(args)
     c = m.config
-    n_params = sum(p.numel() for p in {id(p): p for p in m.net.parameters()}.values())
+    w = weight_summary(m.net)  # quantized weights are buffers: counted by their logical size
     rows = [
         ("model", m.name), ("path", str(m.path)), ("architecture", c.model_type),
-        ("parameters", f"{n_params / 1e6:.1f}M"), ("dtype", str(m.dtype).replace("torch.", "")),
+        ("parameters", f"{w.total / 1e6:.1f}M"), ("weights", f"{w.describe()}; {w.bytes_held / 1e6:.1f} MB held"),
+        ("dtype", str(m.dtype).replace("torch.", "")),
         ("device", str(m.device)), ("context length", str(m.context_length)),
         ("layers", str(c.num_hidden_layers)), ("hidden size", str(c.hidden_size)),
         ("attention heads", f"{c.num_attention_heads} (kv {c.num_key_value_heads})"),

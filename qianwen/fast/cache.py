@@ -15,8 +15,9 @@ class StaticKVCache:
     def __init__(self, num_layers: int, batch: int, num_kv_heads: int, head_dim: int, max_len: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
         shape = (num_layers, batch, num_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # empty, not zeros: only written slots are read, and untouched pages of a long budget cost nothing
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
         self._len = [0] * num_layers
         self.max_len = max_len
         self.extra: dict[str, Any] = {}

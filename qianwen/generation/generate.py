@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import QianwenError
+from ..fast.cache import StaticKVCache
 from ..models.cache import KVCache
 from ..models.layers import Transformer
 from ..tokenizer.stream import StreamDecoder
@@ -39,14 +40,19 @@ def stream_tokens(net: Transformer, tokenizer, prompt_ids: list[int], params: Sa
     context = context or net.config.max_position_embeddings
     check_prompt(len(prompt_ids), context)
     device = next(net.parameters()).device
-    cache = KVCache(net.config.num_hidden_layers)
+    max_new = min(params.max_tokens, context - len(prompt_ids))
+    # on the CPU, preallocated for the whole request (pages are touched only when written): no regrowth
+    # copies while decoding; elsewhere a growing cache, so a long token budget reserves nothing up front
+    cache = (StaticKVCache.for_model(net, 1, len(prompt_ids) + max_new) if device.type == "cpu"
+             else KVCache(net.config.num_hidden_layers))
     gen = make_generator(params.seed)
     decoder = StreamDecoder(tokenizer)
     stops = StopMatcher(params.stop)
     context_ids = torch.tensor(prompt_ids, dtype=torch.long)
     generated: list[int] = []
-    logits = net(torch.tensor([prompt_ids], device=device), cache=cache)[0, -1].float().cpu()
-    max_new = min(params.max_tokens, context - len(prompt_ids))
+    # prefill: the lm_head runs on the last position only
+    hidden = net.hidden_states(torch.tensor([prompt_ids], device=device), cache=cache)
+    logits = net.lm_head(hidden[:, -1:])[0, -1].float().cpu()
     for i in range(max_new):
         out_ids = torch.tensor(generated, dtype=torch.long)
         scores = apply_penalties(logits.clone(), torch.cat([context_ids, out_ids]), out_ids, params)
