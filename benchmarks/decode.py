@@ -1,18 +1,22 @@
 """Decode benchmark: qianwen vs llama-cpp-python vs transformers' GGUF loading, in one run.
 
-    .venv/bin/python benchmarks/decode.py [--model FILE.gguf] [--threads 2] [--skip llama_stock,...]
+    .venv/bin/python benchmarks/decode.py [--model FILE.gguf] [--threads 2] [--skip-llama] [--skip-transformers]
 
 Each engine runs in its own subprocess (so peak RSS is its own) on the same GGUF, thread count and
-prompt: load time, prefill tokens/s on a 200-token prompt, decode tokens/s over 128 greedy tokens, peak
-RSS. The roofline is the measured read bandwidth divided by the bytes each engine reads per token.
+prompt: load time, prefill tokens/s on a 200-token prompt (logits of the last position only, as
+llama.cpp computes them), decode tokens/s over 128 greedy tokens, peak RSS and its growth after
+`import torch` (or `import llama_cpp`). qianwen's decode is also timed through the public
+`Model.stream_tokens` (sampling loop included). The roofline is the measured read bandwidth divided by
+the bytes each engine reads per token. It prints the ratios qianwen/llama.cpp and qianwen/transformers.
 llama-cpp-python is optional (pip install llama-cpp-python==0.3.36); its default AMX repack path crashes
 on some CPUs (shared/reference/cpu-performance.md), so it runs with `use_extra_bufts = False`
-("llama.cpp"), and its stock default is tried separately ("llama.cpp stock").
+("llama.cpp"), and its stock default is tried separately ("llama.cpp stock"; a crash is reported).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -27,14 +31,22 @@ N_PROMPT, N_DECODE = 200, 128
 
 
 def _rss_mb() -> float:
+    """Peak resident memory of this process so far."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _rss_now_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def run_qianwen(path: str, threads: int) -> dict:
     import torch
 
+    base = _rss_now_mb()  # after `import torch`: the growth is what loading and running add
     import qianwen
     from qianwen.fast import StaticKVCache
+    from qianwen.quant.summary import weight_summary
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -42,25 +54,38 @@ def run_qianwen(path: str, threads: int) -> dict:
     load = time.perf_counter() - t0
     net = m.net
     ids = m.tokenizer.encode(TEXT)[:N_PROMPT]
-    wbytes = sum({t.data_ptr(): t.nbytes for t in [*net.parameters(), *net.buffers()]}.values())
+
+    def prefill(cache) -> int:
+        h = net.hidden_states(torch.tensor([ids]), cache=cache)
+        return int(net.lm_head(h[:, -1:])[0, -1].argmax())
+
     with torch.inference_mode():
-        net(torch.tensor([ids[:16]]))  # warm-up
+        prefill(StaticKVCache.for_model(net, 1, N_PROMPT))  # warm-up (both the prefill and decode kernels)
+        net(torch.tensor([ids[:1]]))
         cache = StaticKVCache.for_model(net, 1, N_PROMPT + N_DECODE + 8)
         t0 = time.perf_counter()
-        logits = net(torch.tensor([ids]), cache=cache)[0, -1]
-        prefill = time.perf_counter() - t0
-        tok = int(logits.argmax())
+        tok = prefill(cache)
+        prefill_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         for _ in range(N_DECODE):
             tok = int(net(torch.tensor([[tok]]), cache=cache)[0, -1].argmax())
         decode = time.perf_counter() - t0
-    return dict(load_s=load, prefill_tps=len(ids) / prefill, decode_tps=N_DECODE / decode, rss_mb=_rss_mb(),
-                bytes_per_token=wbytes)
+    params = m.params(max_tokens=N_DECODE + 1, temperature=0, ignore_eos=True)
+    steps, t0 = 0, time.perf_counter()
+    for _ in m.stream_tokens(ids, params):
+        steps += 1
+        if steps == 1:  # the first token comes from the prefill
+            t0 = time.perf_counter()
+    api_decode = (steps - 1) / (time.perf_counter() - t0)
+    return dict(load_s=load, prefill_tps=len(ids) / prefill_s, decode_tps=N_DECODE / decode, rss_mb=_rss_mb(),
+                rss_growth_mb=_rss_mb() - base, bytes_per_token=weight_summary(net).bytes_held,
+                api_decode_tps=api_decode)
 
 
 def run_llama(path: str, threads: int, stock: bool) -> dict:
     import llama_cpp
 
+    base = _rss_now_mb()
     if not stock:  # the AMX repack buffers crash here: turn extra buffer types off
         default = llama_cpp.llama_model_default_params
 
@@ -84,11 +109,13 @@ def run_llama(path: str, threads: int, stock: bool) -> dict:
         llm.eval([tok])
     decode = time.perf_counter() - t0
     return dict(load_s=load, prefill_tps=len(ids) / prefill, decode_tps=N_DECODE / decode, rss_mb=_rss_mb(),
-                bytes_per_token=os.path.getsize(path))
+                rss_growth_mb=_rss_mb() - base, bytes_per_token=os.path.getsize(path))
 
 
 def run_transformers(path: str, threads: int) -> dict:
     import torch
+
+    base = _rss_now_mb()
     import transformers
 
     torch.set_num_threads(threads)
@@ -100,7 +127,7 @@ def run_transformers(path: str, threads: int) -> dict:
     ids = tok(TEXT, add_special_tokens=False)["input_ids"][:N_PROMPT]
     with torch.inference_mode():
         t0 = time.perf_counter()
-        out = model(torch.tensor([ids]), use_cache=True)
+        out = model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
         prefill = time.perf_counter() - t0
         past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
         t0 = time.perf_counter()
@@ -110,7 +137,7 @@ def run_transformers(path: str, threads: int) -> dict:
         decode = time.perf_counter() - t0
     nbytes = sum(p.nbytes for p in model.parameters())
     return dict(load_s=load, prefill_tps=len(ids) / prefill, decode_tps=N_DECODE / decode, rss_mb=_rss_mb(),
-                bytes_per_token=nbytes)
+                rss_growth_mb=_rss_mb() - base, bytes_per_token=nbytes)
 
 
 def bandwidth_gbs(threads: int) -> float:
@@ -135,8 +162,11 @@ def child(engine: str, path: str, threads: int) -> None:
 
 
 def _spawn(engine: str, args: argparse.Namespace) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--model", args.model, "--threads", str(args.threads),
-                           "--child", engine], capture_output=True, text=True)
+    cmd = [sys.executable, __file__, "--model", args.model, "--threads", str(args.threads), "--child", engine]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"did not finish within {args.timeout} s") from None
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
         why = f"signal {-proc.returncode}" if proc.returncode < 0 else (proc.stderr.strip().splitlines() or ["?"])[-1]
@@ -144,11 +174,28 @@ def _spawn(engine: str, args: argparse.Namespace) -> dict:
     return json.loads(line[7:])
 
 
+def _wanted(args: argparse.Namespace) -> list[str]:
+    skip = {x.strip() for x in args.skip.split(",") if x.strip()}
+    if args.skip_llama:
+        skip |= {"llama.cpp", "llama.cpp stock"}
+    if args.skip_transformers:
+        skip.add("transformers")
+    engines = [e for e in ENGINES if e != "bandwidth" and e not in skip]
+    if any(e.startswith("llama.cpp") for e in engines) and importlib.util.find_spec("llama_cpp") is None:
+        print("llama.cpp        skipped: llama-cpp-python is not installed "
+              "(pip install llama-cpp-python==0.3.36, about 4 minutes to build; or pass --skip-llama)")
+        engines = [e for e in engines if not e.startswith("llama.cpp")]
+    return engines
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="a .gguf file (default: the default model)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--skip", default="", help="comma-separated engines to leave out")
+    ap.add_argument("--skip-llama", action="store_true", help="leave out llama-cpp-python (both of its runs)")
+    ap.add_argument("--skip-transformers", action="store_true", help="leave out transformers")
+    ap.add_argument("--skip", default="", help="comma-separated engines to leave out: " + ", ".join(list(ENGINES)[1:]))
+    ap.add_argument("--timeout", type=float, default=900, help="seconds one engine may take (default 900)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.model is None:
@@ -158,28 +205,36 @@ def main() -> int:
     if args.child:
         child(args.child, args.model, args.threads)
         return 0
+    if not os.path.isfile(args.model):
+        print(f"error: {args.model} is not a file", file=sys.stderr)
+        return 1
+    engines = _wanted(args)
+    started = time.perf_counter()
     results: dict[str, dict] = {}
     bw = _spawn("bandwidth", args)["gbs"]  # in a child, so the 2 GiB array does not count in anyone's RSS
     print(f"model {os.path.basename(args.model)} ({os.path.getsize(args.model) / 1e6:.1f} MB), "
-          f"{args.threads} threads, read bandwidth {bw:.1f} GB/s")
-    for engine in ENGINES:
-        if engine == "bandwidth" or engine in args.skip.split(","):
-            continue
+          f"{args.threads} threads, read bandwidth {bw:.1f} GB/s, load average {os.getloadavg()[0]:.1f}", flush=True)
+    for engine in engines:
         try:
             r = results[engine] = _spawn(engine, args)
         except RuntimeError as e:
-            print(f"{engine:<16} failed: {e}")
+            hint = " (its AMX repack path crashes on some CPUs; see cpu-performance.md)" if engine == "llama.cpp stock" else ""
+            print(f"{engine:<16} failed: {e}{hint}", flush=True)
             continue
         r["roofline_tps"] = bw * 1e9 / r["bytes_per_token"]
+        extra = f"  (stream_tokens {r['api_decode_tps']:.1f} tok/s)" if "api_decode_tps" in r else ""
         print(f"{engine:<16} load {r['load_s']:6.2f} s  prefill {r['prefill_tps']:7.1f} tok/s  decode "
-              f"{r['decode_tps']:6.1f} tok/s  peak RSS {r['rss_mb']:6.0f} MB  roofline {r['roofline_tps']:6.0f} tok/s "
-              f"({r['bytes_per_token'] / 1e6:.0f} MB/token)", flush=True)
+              f"{r['decode_tps']:6.1f} tok/s  peak RSS {r['rss_mb']:6.0f} MB (+{r['rss_growth_mb']:.0f} after import)  "
+              f"roofline {r['roofline_tps']:6.0f} tok/s ({r['bytes_per_token'] / 1e6:.0f} MB/token){extra}", flush=True)
     q = results.get("qianwen")
-    for other in ("llama.cpp", "transformers"):
+    for other in ("llama.cpp", "llama.cpp stock", "transformers"):
         if q and other in results:
             o = results[other]
             print(f"qianwen/{other}: decode {q['decode_tps'] / o['decode_tps']:.2f}x, "
-                  f"prefill {q['prefill_tps'] / o['prefill_tps']:.2f}x")
+                  f"prefill {q['prefill_tps'] / o['prefill_tps']:.2f}x, load {o['load_s'] / q['load_s']:.2f}x faster")
+        elif q and (other != "llama.cpp stock"):
+            print(f"qianwen/{other}: n/a ({other} did not run)")
+    print(f"total {time.perf_counter() - started:.0f} s")
     return 0
 
 
