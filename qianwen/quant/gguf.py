@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .int4 import BLOCK_N
+from .int4 import BLOCK_N, pack_int4
 from .linear import Int4Linear, _sz
 
 Plane = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # q uint8 [N, K], scale, zero float32 [N, K/32]
@@ -99,22 +99,40 @@ def pack_q4_blocks(qs: np.ndarray) -> np.ndarray:
     return out.reshape(n, nb * 16)
 
 
+CHUNK_ROWS = 2048  # rows repacked at a time: bounds the temporaries for a large embedding
+
+
 def quantized_linear_from_gguf(tensor, row_order: np.ndarray | None = None,
                                bias: torch.Tensor | None = None) -> Int4Linear:
+    """An `Int4Linear` holding a GGUF tensor's blocks, repacked a chunk of rows at a time into
+    preallocated buffers (so loading never holds more than one copy plus a chunk)."""
     kind = tensor.tensor_type.name
-    if kind not in ("Q4_0", "Q4_1"):
-        return Int4Linear.from_planes(planes_from_gguf(tensor, row_order), 32, bias)
-    _, block, nbytes = _DECODERS[kind]
+    fn, block, nbytes = _DECODERS[kind]
     k, n = (int(x) for x in tensor.shape)
     raw = np.asarray(tensor.data).reshape(n, k // block, nbytes)
     if row_order is not None:
         raw = raw[row_order]
-    if n % BLOCK_N:  # zero rows (scale 0) up to the packed block size
-        raw = np.concatenate([raw, np.zeros((-n % BLOCK_N, *raw.shape[1:]), np.uint8)])
-    packed = torch.from_numpy(pack_q4_blocks(raw[..., nbytes - 16:]))
-    d = _f16(raw[:n, :, 0:2])
-    zero = _f16(raw[:n, :, 2:4]) + 8 * d if kind == "Q4_1" else torch.zeros_like(d)
-    return Int4Linear(k, n, block, packed[None], _sz(d, zero)[None], bias)
+    npad = -(-n // BLOCK_N) * BLOCK_N
+    packed = scales = zeros = None
+    for start in range(0, npad, CHUNK_ROWS):
+        part = raw[start:start + CHUNK_ROWS]
+        if len(part) % BLOCK_N:  # zero rows (scale 0) up to the packed block size
+            part = np.concatenate([part, np.zeros((-len(part) % BLOCK_N, *part.shape[1:]), np.uint8)])
+        if kind in ("Q4_0", "Q4_1"):  # straight from the nibble bytes, never one value per byte
+            d = _f16(part[..., 0:2])
+            zero = _f16(part[..., 2:4]) + 8 * d if kind == "Q4_1" else torch.zeros_like(d)
+            planes = [(torch.from_numpy(pack_q4_blocks(part[..., nbytes - 16:])), d, zero)]
+        else:
+            planes = [(pack_int4(q), s, z) for q, s, z in fn(part)]
+        if packed is None:
+            groups = planes[0][1].shape[1]
+            packed = torch.empty(len(planes), npad, k // 2, dtype=torch.uint8)
+            scales, zeros = torch.empty(len(planes), npad, groups), torch.empty(len(planes), npad, groups)
+        end = start + len(part)
+        for p, (q, s, z) in enumerate(planes):
+            packed[p, start:end], scales[p, start:end], zeros[p, start:end] = q, s, z
+    sz = torch.stack([_sz(scales[p], zeros[p]) for p in range(len(packed))])
+    return Int4Linear(k, n, k // scales.shape[2], packed, sz, bias)
 
 
 def _is_linear_weight(name: str) -> bool:
