@@ -131,6 +131,7 @@ def dequantize(t) -> np.ndarray:
 
 def load_gguf_weights(reader, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> Transformer:
     weights: dict[str, torch.Tensor] = {}
+    release = getattr(reader, "release", lambda t: None)  # a GGUFFile drops copied pages
     for t in tqdm(reader.tensors, desc="Loading GGUF", unit="tensor", disable=None, leave=False):
         name = hf_name(t.name)
         if name is None:
@@ -146,4 +147,5 @@ def load_gguf_weights(reader, config: ModelConfig, dtype: torch.dtype, device: t
             w = unpermute(w, config.num_attention_heads if "q_proj" in name else config.num_key_value_heads)
         w = np.ascontiguousarray(w, dtype=np.float32)
         weights[name] = torch.from_numpy(w if w.flags.writeable else w.copy()).to(dtype)
+        release(t)
     return materialize(config, weights, dtype, device)

@@ -166,6 +166,15 @@ class GGUFFile(Mapping):
             tensors.append(GGUFTensor(name, gtype, dims, n_el, n_bytes, begin, arr))
         return meta, tensors
 
+    def release(self, tensor: GGUFTensor) -> None:
+        """Drop a tensor's file pages from this process's memory once it has been copied out (they
+        are re-read from the page cache if touched again), so loading peaks near one copy of the model."""
+        page = mmap.PAGESIZE
+        start = tensor.data_offset // page * page
+        end = min(-(-(tensor.data_offset + tensor.n_bytes) // page) * page, len(self._map))
+        if hasattr(mmap, "MADV_DONTNEED") and end > start:
+            self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def __getitem__(self, key: str) -> Any:
         return self._meta[key]
 

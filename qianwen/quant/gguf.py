@@ -155,6 +155,7 @@ def load_gguf_quantized(reader, config, dtype: torch.dtype, device: torch.device
         raise ModelLoadError("quantized GGUF weights run on the CPU kernels only; load with quantized=False")
     weights: dict[str, torch.Tensor] = {}
     kept: dict[str, Int4Linear] = {}
+    release = getattr(reader, "release", lambda t: None)  # a GGUFFile drops copied pages
     for t in tqdm(reader.tensors, desc="Loading GGUF", unit="tensor", disable=None, leave=False):
         name = hf_name(t.name)
         if name is None:
@@ -170,6 +171,7 @@ def load_gguf_quantized(reader, config, dtype: torch.dtype, device: torch.device
                 order = unpermute(np.arange(shape[0]), heads)
             kept[name] = quantized_linear_from_gguf(t, order)
             weights[name] = placeholder(shape, dtype)
+            release(t)
             continue
         try:
             w = dequantize(t)
@@ -179,5 +181,6 @@ def load_gguf_quantized(reader, config, dtype: torch.dtype, device: torch.device
         if permute:
             w = unpermute(w, config.num_attention_heads if "q_proj" in name else config.num_key_value_heads)
         weights[name] = torch.from_numpy(np.array(w, dtype=np.float32)).to(dtype)  # a copy: w may be a read-only map
+        release(t)
     net = install(materialize(config, weights, dtype, device), kept, config, dtype)
     return optimize(net) if fast else net
