@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from ..config import ModelConfig
@@ -10,9 +13,24 @@ from ..models import Transformer, build_model
 from ..models.rope import RotaryEmbedding
 
 
+@contextmanager
+def no_init() -> Iterator[None]:
+    """Skip random initialisation while building a model whose weights are loaded next: on the meta
+    device, init ops go through torch._refs, which imports torch._dynamo (~70 MB of resident memory)."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_", "zeros_", "ones_")
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    for n in names:
+        setattr(torch.nn.init, n, lambda tensor, *a, **k: tensor)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(torch.nn.init, n, f)
+
+
 def materialize(config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
                 device: torch.device) -> Transformer:
-    with torch.device("meta"):
+    with torch.device("meta"), no_init():
         net = build_model(config)
     expected = {k: v.shape for k, v in net.state_dict().items()}
     if config.tie_word_embeddings:

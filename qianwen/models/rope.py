@@ -8,8 +8,9 @@ from typing import Any
 import torch
 
 
-def base_inv_freq(dim: int, base: float, device: torch.device | None = None) -> torch.Tensor:
-    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+def base_inv_freq(dim: int, base: float, device: torch.device | str | None = None) -> torch.Tensor:
+    # computed on the CPU unless asked: a model built on the meta device still gets real frequencies
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device or "cpu").float() / dim))
 
 
 def _yarn(dim: int, base: float, s: dict[str, Any], max_pos: int) -> tuple[torch.Tensor, float]:
@@ -34,8 +35,8 @@ def _yarn(dim: int, base: float, s: dict[str, Any], max_pos: int) -> tuple[torch
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001
-    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
-    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2, device="cpu").float() / dim)
     extrap = 1 - ramp
     inv = (1.0 / (factor * pos_freqs)) * (1 - extrap) + (1.0 / pos_freqs) * extrap
     return inv, float(attn)
