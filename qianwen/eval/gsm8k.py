@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from decimal import Decimal, InvalidOperation
 
+from ..generation.stops import cut_at_stops
+
 # Wei et al., "Chain-of-Thought Prompting Elicits Reasoning in Large Language Models", table 20
 EXEMPLARS: list[tuple[str, str]] = [
     ("There are 15 trees in the grove. Grove workers will plant trees in the grove today. After they are "
@@ -78,12 +80,7 @@ def extract_prediction(completion: str) -> Decimal | None:
 
 def truncate_completion(text: str) -> str:
     """Cut a completion at the first stop sequence (generation stops there too; this is for raw text)."""
-    cut = len(text)
-    for s in STOP:
-        i = text.find(s)
-        if i != -1:
-            cut = min(cut, i)
-    return text[:cut]
+    return cut_at_stops(text, STOP)
 
 
 def is_correct(completion: str, reference_answer: str) -> bool:

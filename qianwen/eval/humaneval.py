@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from ..generation.stops import cut_at_stops
 from .sandbox import Sandbox, SandboxResult
 
 STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint", "\n```"]
@@ -19,12 +20,7 @@ CHAT_INSTRUCTION = "Complete the following Python function. Reply with the code 
 
 
 def truncate_completion(text: str) -> str:
-    cut = len(text)
-    for s in STOP:
-        i = text.find(s)
-        if i != -1:
-            cut = min(cut, i)
-    return text[:cut]
+    return cut_at_stops(text, STOP)
 
 
 def program(problem: dict, completion: str) -> str:

@@ -31,3 +31,9 @@ class StopMatcher:
     def flush(self) -> str:
         out, self.pending = self.pending, ""
         return out
+
+
+def cut_at_stops(text: str, stops: list[str]) -> str:
+    """`text` up to the first occurrence of any stop string (for text generated without stops)."""
+    hits = [i for s in stops if s and (i := text.find(s)) != -1]
+    return text[: min(hits)] if hits else text
