@@ -145,7 +145,9 @@ def main() -> int:
         port = free_port()
         servers.append(("llama.cpp server", [args.llama_python, "-c", LLAMA_LAUNCHER, "--model", args.model,
                                              "--port", str(port), "--host", "127.0.0.1", "--n_threads",
-                                             str(args.threads), "--n_ctx", "4096", "--model_alias", "bench"],
+                                             str(args.threads), "--n_ctx", "4096", "--model_alias", "bench",
+                                             # queue concurrent requests instead of cancelling the running one
+                                             "--interrupt_requests", "False"],
                         port, "bench"))
     rows = []
     for label, cmd, port, model in servers:
