@@ -4,7 +4,7 @@ its metadata, tensors dequantized into the model (F32, F16, BF16, Q4_0, Q4_1, Q8
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -129,15 +129,21 @@ def dequantize(t) -> np.ndarray:
     return gg_dequantize(t.data, t.tensor_type)
 
 
-def load_gguf_weights(reader, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> Transformer:
-    weights: dict[str, torch.Tensor] = {}
-    release = getattr(reader, "release", lambda t: None)  # a GGUFFile drops copied pages
+def named_tensors(reader, config: ModelConfig) -> Iterator[tuple[Any, str]]:
+    """Each GGUF tensor with our parameter name, under a progress bar; a tensor with no place is an error."""
     for t in tqdm(reader.tensors, desc="Loading GGUF", unit="tensor", disable=None, leave=False):
         name = hf_name(t.name)
         if name is None:
-            if t.name.startswith("rope_freqs"):
+            if t.name.startswith("rope_freqs"):  # llama3 frequency factors: derived from the config
                 continue
             raise ModelLoadError(f"GGUF tensor '{t.name}' has no place in a {config.model_type} model")
+        yield t, name
+
+
+def load_gguf_weights(reader, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> Transformer:
+    weights: dict[str, torch.Tensor] = {}
+    release = getattr(reader, "release", lambda t: None)  # a GGUFFile drops copied pages
+    for t, name in named_tensors(reader, config):
         try:
             w = dequantize(t)
         except Exception as e:

@@ -143,11 +143,10 @@ def load_gguf_quantized(reader, config, dtype: torch.dtype, device: torch.device
     """Like `loading.gguf.load_gguf_weights`, but projections, lm_head and the embedding in a supported
     block format stay quantized (`Int4Linear` / `QuantEmbedding`) instead of being dequantized;
     `fast` also applies `qianwen.fast.optimize` (fused projections)."""
-    from tqdm import tqdm
 
     from ..errors import ModelLoadError
     from ..fast import optimize
-    from ..loading.gguf import dequantize, hf_name, unpermute
+    from ..loading.gguf import dequantize, named_tensors, unpermute
     from ..loading.weights import materialize
     from .install import install, placeholder
 
@@ -156,12 +155,7 @@ def load_gguf_quantized(reader, config, dtype: torch.dtype, device: torch.device
     weights: dict[str, torch.Tensor] = {}
     kept: dict[str, Int4Linear] = {}
     release = getattr(reader, "release", lambda t: None)  # a GGUFFile drops copied pages
-    for t in tqdm(reader.tensors, desc="Loading GGUF", unit="tensor", disable=None, leave=False):
-        name = hf_name(t.name)
-        if name is None:
-            if t.name.startswith("rope_freqs"):
-                continue
-            raise ModelLoadError(f"GGUF tensor '{t.name}' has no place in a {config.model_type} model")
+    for t, name in named_tensors(reader, config):
         shape = [int(d) for d in reversed(t.shape)]
         permute = config.model_type == "llama" and name.endswith(("q_proj.weight", "k_proj.weight"))
         if _is_linear_weight(name) and supports(t):

@@ -49,11 +49,12 @@ def export_hf(folder: str | os.PathLike, config: dict[str, Any], state: dict[str
     tokenizer.save(tmp)
     if copy_from is not None and (Path(copy_from) / "chat_template.jinja").is_file():
         shutil.copyfile(Path(copy_from) / "chat_template.jinja", tmp / "chat_template.jinja")
-    _swap_in(tmp, folder)
+    swap_in(tmp, folder)
     return folder
 
 
-def _swap_in(tmp: Path, folder: Path) -> None:
+def swap_in(tmp: Path, folder: Path) -> None:
+    """Replace `folder` by the finished `tmp` folder, never leaving a half-written one in its place."""
     old = folder.with_name(f".old-{folder.name}")
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import QianwenError
+from .checkpoint import swap_in
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PREFIX = "base_model.model."
@@ -64,12 +65,7 @@ def save_adapter(folder: str | os.PathLike, config, tensors: dict[str, torch.Ten
     tmp.mkdir(parents=True)
     config.save_pretrained(str(tmp))
     save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-    old = folder.with_name(f".old-{folder.name}")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_in(tmp, folder)
     return folder
 
 
