@@ -112,16 +112,9 @@ def test_gguf_row_order_permutes_rows():
     assert torch.equal(quantized_linear_from_gguf(t, order).dequantize(), quantized_linear_from_gguf(t).dequantize()[order])
 
 
-@pytest.mark.parametrize("kind", ["int4", "int4x2", "int8"])
+@pytest.mark.parametrize("kind", ["int4", "int4x2", "q8_0", "int8"])
 def test_rows_do_not_depend_on_batch(kind):
-    lin = _linear(256, 576)
-    if kind == "int8":
-        q = Int8Linear.from_float(lin)
-    elif kind == "int4":
-        q = Int4Linear.from_float(lin, 64)
-    else:
-        t = FakeTensor("Q8_0", _blocks("Q8_0", 256, 576), 576)
-        q = quantized_linear_from_gguf(t)
+    q = _quantized(kind, 256, 576)
     x = torch.randn(16, 576, dtype=torch.bfloat16)
     batch = q(x)
     for i in (0, 7, 15):
@@ -143,12 +136,14 @@ def test_quant_embedding_reads_rows_and_fusion_is_exact():
 def _quantized(kind: str, n: int = 320, k: int = 576):
     if kind == "int8":
         return Int8Linear.from_float(_linear(n, k, bias=True))
-    if kind == "q8_0":  # two planes
+    if kind == "q8_0":  # int8 blocks of 32
         return quantized_linear_from_gguf(FakeTensor("Q8_0", _blocks("Q8_0", n, k), k))
+    if kind == "int4x2":  # the same Q8_0 blocks as two int4 planes
+        return Int4Linear.from_planes(planes_from_gguf(FakeTensor("Q8_0", _blocks("Q8_0", n, k), k)), 32)
     return Int4Linear.from_float(_linear(n, k, bias=True), 64)
 
 
-@pytest.mark.parametrize("kind", ["int4", "q8_0", "int8"])
+@pytest.mark.parametrize("kind", ["int4", "int4x2", "q8_0", "int8"])
 def test_prefill_dequantizes_on_the_fly_and_matches_the_kernel(kind):
     from qianwen.quant.linear import PREFILL_TOKENS
 
@@ -167,7 +162,7 @@ def test_prefill_dequantizes_on_the_fly_and_matches_the_kernel(kind):
 
 
 def test_transposed_bf16_dequantization_is_the_kernel_formula():
-    q = _quantized("q8_0", 192, 256)
+    q = _quantized("int4x2", 192, 256)
     want = q.dequantize()
     got = q.dequantize_t().float().T
     assert got.shape == want.shape

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..fast.cache import KVRow
 from ..models.cache import causal_attention
 
 
@@ -91,6 +92,22 @@ class BatchCache:
     @property
     def length(self) -> int:
         return self.past[0] if self.past else 0
+
+    def native_rows(self, t: int) -> tuple[list[KVRow | None], torch.dtype]:
+        """For kernels that write the cache themselves (fast/decode.py): each row's K/V addresses
+        (None for padding rows); the `t` new tokens go after `past`."""
+        rows: list[KVRow | None] = []
+        dtype = torch.float32
+        for kv, past in zip(self.kvs, self.past, strict=True):
+            if kv is None:
+                rows.append(None)
+                continue
+            _, _, h, cap, d = kv.buf.shape
+            if past + t > cap:
+                raise ValueError(f"sequence cache holds {cap} tokens; {past + t} needed")
+            dtype, k = kv.buf.dtype, kv.buf.data_ptr()
+            rows.append(KVRow(k, k + h * cap * d * kv.buf.element_size(), 2 * h * cap * d, cap * d, past))
+        return rows, dtype
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         t = q.shape[2]

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from ..models.cache import causal_attention
+
+
+class KVRow(NamedTuple):
+    """Where one sequence's cache lives, for kernels that read and write it themselves (fast/decode.py):
+    addresses of layer 0's K and V, strides in elements, and the position the new tokens go to."""
+
+    k: int
+    v: int
+    layer_stride: int
+    head_stride: int
+    past: int
 
 
 class StaticKVCache:
@@ -33,12 +44,28 @@ class StaticKVCache:
     def length(self) -> int:
         return self._len[0]
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        past, t = self._len[layer], k.shape[2]
+    def _reserve(self, layer: int, t: int) -> int:
+        past = self._len[layer]
         if past + t > self.max_len:
             raise ValueError(f"static KV cache holds {self.max_len} tokens; {past + t} needed")
+        self._len[layer] = past + t
+        return past
+
+    def native_rows(self, t: int) -> tuple[list[KVRow], torch.dtype]:
+        """Reserve `t` positions in every layer; the rows' K/V addresses (see KVRow)."""
+        past = self._len[0]
+        for layer in range(len(self._len)):
+            if self._reserve(layer, t) != past:
+                raise ValueError("the cache's layers hold different lengths")
+        _, b, h, s, d = self.k.shape
+        es = self.k.element_size()
+        return [KVRow(self.k.data_ptr() + i * h * s * d * es, self.v.data_ptr() + i * h * s * d * es, b * h * s * d,
+                      s * d, past) for i in range(b)], self.k.dtype
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        t = k.shape[2]
+        past = self._reserve(layer, t)
         kb, vb = self.k[layer], self.v[layer]
         kb[:, :, past:past + t] = k
         vb[:, :, past:past + t] = v
-        self._len[layer] = past + t
         return causal_attention(q, kb[:, :, :past + t], vb[:, :, :past + t], past)

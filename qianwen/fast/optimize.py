@@ -13,6 +13,8 @@ from ..models.cache import Cache
 from ..models.layers import MLP, Attention, RMSNorm
 from ..models.rope import apply_rotary
 from ..quant.linear import fuse_linears
+from . import native
+from .decode import NativeDecoder
 
 
 class FastRMSNorm(RMSNorm):
@@ -61,6 +63,8 @@ def optimize(net: torch.nn.Module) -> torch.nn.Module:
                 mod.gate_up_proj = fused
                 del mod.gate_proj, mod.up_proj
                 mod.__class__ = FusedMLP
+    if hasattr(net, "fast_decode") and native.lib() is not None:
+        net.fast_decode = NativeDecoder(net)
     return net
 
 

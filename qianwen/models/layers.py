@@ -100,6 +100,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.fast_decode = None  # a one-token step on fused kernels, installed by qianwen.fast.optimize
 
     def rotary(self, positions: torch.Tensor, cache: Cache, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model.rotary_emb(positions, dtype)
@@ -113,6 +114,9 @@ class Transformer(nn.Module):
         if positions is None:
             t = input_ids.shape[1]
             positions = torch.arange(cache.length, cache.length + t, device=input_ids.device).expand(input_ids.shape[0], t)
+        fast = self.fast_decode
+        if fast is not None and input_ids.shape[1] == 1 and not torch.is_grad_enabled() and fast.accepts(cache):
+            return fast(input_ids, positions, cache)
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, cache, x.dtype)
         q_scale = self.q_scale(positions)

@@ -1,12 +1,12 @@
-"""GGUF block formats repacked, without going through float, into `Int4Linear` planes.
+"""GGUF block formats repacked, without going through float, into `Int4Linear` planes (Q8_0: `Int8Linear`).
 
 Every supported format has 32-weight groups with one scale and offset each, so it maps exactly onto the
 int4 kernel's `(q - 8) * scale + zero` (scales then held in bf16, the kernel's dtype):
 - Q4_0: w = d * (q - 8)                      -> scale d, zero 0
 - Q4_1: w = d * q + m                        -> scale d, zero m + 8d
 - Q4_K: w = d*sc * q - dmin*m (8 groups/256) -> scale d*sc, zero 8*d*sc - dmin*m
-- Q8_0: w = d * q8, q8 in -128..127          -> two planes, q8 + 128 = 16 * hi + lo:
-        hi plane scale 16d zero 0, lo plane scale d zero 8d
+- Q8_0: w = d * q8, q8 in -128..127          -> Int8Linear, block scales d in fp32 (exact); as int4
+        planes (`planes_from_gguf`), q8 + 128 = 16 * hi + lo: hi scale 16d zero 0, lo scale d zero 8d
 Other types (F32, F16, Q6_K, ...) are left to the float loader.
 """
 
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .int4 import BLOCK_N, pack_int4
-from .linear import Int4Linear, _sz
+from .linear import Int4Linear, Int8Linear, _sz
 
 Plane = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # q uint8 [N, K], scale, zero float32 [N, K/32]
 
@@ -103,15 +103,19 @@ CHUNK_ROWS = 2048  # rows repacked at a time: bounds the temporaries for a large
 
 
 def quantized_linear_from_gguf(tensor, row_order: np.ndarray | None = None,
-                               bias: torch.Tensor | None = None) -> Int4Linear:
+                               bias: torch.Tensor | None = None) -> Int4Linear | Int8Linear:
     """An `Int4Linear` holding a GGUF tensor's blocks, repacked a chunk of rows at a time into
-    preallocated buffers (so loading never holds more than one copy plus a chunk)."""
+    preallocated buffers (so loading never holds more than one copy plus a chunk); Q8_0 blocks become
+    an `Int8Linear` as they are."""
     kind = tensor.tensor_type.name
     fn, block, nbytes = _DECODERS[kind]
     k, n = (int(x) for x in tensor.shape)
     raw = np.asarray(tensor.data).reshape(n, k // block, nbytes)
     if row_order is not None:
         raw = raw[row_order]
+    if kind == "Q8_0":
+        q = torch.from_numpy(np.ascontiguousarray(raw[..., 2:34]).view(np.int8).reshape(n, k))
+        return Int8Linear(q, _f16(raw[..., 0:2]), bias)
     npad = -(-n // BLOCK_N) * BLOCK_N
     packed = scales = zeros = None
     for start in range(0, npad, CHUNK_ROWS):

@@ -69,9 +69,34 @@ class Int4Linear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls.from_planes([(q, scale, zero)], group_size, bias)
 
+    def kernel_args(self) -> tuple:
+        """The weight's arguments to the C kernel `q4_gemm` (qianwen/fast/kernels.c), after x, M, K."""
+        if self.bias is not None and getattr(self, "_bias32", None) is None:
+            self._bias32 = self.bias.detach().float().contiguous()
+        p, sz = self.packed, self.scales_zeros
+        return (p.data_ptr(), sz.data_ptr(), p.shape[0], p.stride(0), sz.stride(0), self.group_size,
+                self.out_features, p.shape[1], None if self.bias is None else self._bias32.data_ptr())
+
+    def native_matmul(self, x: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> bool:
+        """out (+)= self(x) for fp32 x [M, K] and out [M, N] (rows may be apart, e.g. a column slice of
+        a wider buffer) on the CPU, through the C kernel; False when the kernels are not built."""
+        from ..fast.native import lib  # here, not at the top: qianwen.fast imports this module
+
+        so = lib()
+        if so is None or x.device.type != "cpu":
+            return False
+        assert x.is_contiguous() and out.stride(1) == 1 and x.dtype == out.dtype == torch.float32
+        so.q4_gemm(x.data_ptr(), x.shape[0], self.in_features, *self.kernel_args(), out.data_ptr(), out.stride(0),
+                   int(accumulate))
+        return True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if is_prefill(x):
             return prefill_matmul(x, self.dequantize_t(), self.bias)
+        x32 = x.reshape(-1, self.in_features).float().contiguous()
+        y32 = x32.new_empty(x32.shape[0], self.out_features)
+        if self.native_matmul(x32, y32):
+            return y32.to(x.dtype).view(*x.shape[:-1], self.out_features)
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # the kernels need it
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu
         y = mm(x2, self.packed[0], self.group_size, self.scales_zeros[0])
@@ -113,14 +138,20 @@ class Int4Linear(nn.Module):
 
 
 class Int8Linear(nn.Module):
-    """Symmetric per-output-channel int8: w[n, k] = q[n, k] * scale[n]."""
+    """Symmetric int8 with a scale per output row and group of `group_size` inputs:
+    w[n, k] = q[n, k] * scales[n, k // group_size]. Per channel (group_size = K) from `qianwen quantize
+    --bits 8`; blocks of 32 from GGUF Q8_0 (exact: the fp16 block scales are held in fp32)."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = qweight.shape
-        # a fresh (aligned) copy: tensors read from safetensors may sit at any offset, and the kernel crashes
-        self.register_buffer("qweight", qweight.to(torch.int8).clone(memory_format=torch.contiguous_format), persistent=False)
-        self.register_buffer("scales", scales.to(torch.bfloat16).contiguous(), persistent=False)
+        scales = scales.reshape(self.out_features, -1)
+        self.group_size = self.in_features // scales.shape[1]
+        qweight = qweight.to(torch.int8)
+        if not qweight.is_contiguous() or qweight.data_ptr() % 64:  # torch's int8 kernel crashes on unaligned
+            qweight = qweight.clone(memory_format=torch.contiguous_format)  # data (safetensors offsets)
+        self.register_buffer("qweight", qweight, persistent=False)
+        self.register_buffer("scales", scales.float().contiguous(), persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     @staticmethod
@@ -136,17 +167,43 @@ class Int8Linear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(q, scales, bias)
 
+    def kernel_args(self) -> tuple:
+        """The weight's arguments to the C kernel `q8_gemm` (qianwen/fast/kernels.c), after x, M, K."""
+        if self.bias is not None and getattr(self, "_bias32", None) is None:
+            self._bias32 = self.bias.detach().float().contiguous()
+        return (self.qweight.data_ptr(), self.scales.data_ptr(), self.group_size, self.out_features,
+                None if self.bias is None else self._bias32.data_ptr())
+
+    def native_matmul(self, x: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> bool:
+        """As `Int4Linear.native_matmul`, through the C kernel `q8_gemm`."""
+        from ..fast.native import lib  # here, not at the top: qianwen.fast imports this module
+
+        so = lib()
+        if so is None or x.device.type != "cpu":
+            return False
+        assert x.is_contiguous() and out.stride(1) == 1 and x.dtype == out.dtype == torch.float32
+        so.q8_gemm(x.data_ptr(), x.shape[0], self.in_features, *self.kernel_args(), out.data_ptr(), out.stride(0),
+                   int(accumulate))
+        return True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if is_prefill(x):
-            wt = self.qweight.T.to(torch.bfloat16).mul_(self.scales)  # [K, N]
-            return prefill_matmul(x, wt, self.bias)
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # the kernels need it
-        y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales)
+            return prefill_matmul(x, self.dequantize().T.to(torch.bfloat16), self.bias)
+        x32 = x.reshape(-1, self.in_features).float().contiguous()
+        y32 = x32.new_empty(x32.shape[0], self.out_features)
+        if self.native_matmul(x32, y32):
+            return y32.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # the torch kernels want bf16
+        if self.group_size == self.in_features:
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales[:, 0].to(torch.bfloat16))
+        else:  # block scales have no torch kernel: dequantize (only without the C kernels)
+            y = x2 @ self.dequantize().T.to(torch.bfloat16)
         y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.qweight[idx].float() * self.scales[idx].float()[:, None]
+        q = self.qweight[idx].float().view(len(idx), -1, self.group_size)
+        return (q * self.scales[idx][..., None]).view(len(idx), self.in_features)
 
     def dequantize(self) -> torch.Tensor:
         return self.rows(torch.arange(self.out_features))
@@ -155,7 +212,8 @@ class Int8Linear(nn.Module):
         return self.qweight.nbytes + self.scales.nbytes
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}")
 
 
 class QuantEmbedding(nn.Module):
@@ -197,7 +255,7 @@ def fuse_linears(mods: list[nn.Module]) -> nn.Module | None:
         return Int4Linear(a.in_features, sum(m.out_features for m in mods), a.group_size,
                           torch.cat([m.packed for m in mods], 1), torch.cat([m.scales_zeros for m in mods], 2), bias)
     if all(isinstance(m, Int8Linear) for m in mods):
-        if any((m.bias is None) != (mods[0].bias is None) for m in mods):
+        if any((m.bias is None) != (mods[0].bias is None) or m.group_size != mods[0].group_size for m in mods):
             return None
         bias = None if mods[0].bias is None else torch.cat([m.bias.data for m in mods])
         return Int8Linear(torch.cat([m.qweight for m in mods]), torch.cat([m.scales for m in mods]), bias)

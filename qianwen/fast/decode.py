@@ -1,0 +1,123 @@
+"""The decode step (one new token per sequence) on the C kernels: what `optimize` installs as a model's
+`fast_decode`. It computes exactly the layers of models/layers.py, in fp32 activations, with about ten
+kernel calls per layer instead of some forty torch ops, which is most of a small model's decode time.
+
+Used for inference on the CPU when the kernels are built (native.py) and the cache can say where its
+rows live (`native_rows`: StaticKVCache, the engine's BatchCache); anything else runs the model's own
+forward. Each row goes through the same kernels whatever the batch (conventions.md: batch invariance)."""
+
+from __future__ import annotations
+
+import ctypes
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..quant.linear import Int4Linear, Int8Linear
+from . import native
+
+
+class Projection:
+    """Modules reading the same input whose outputs sit side by side (one when `optimize` fused them)."""
+
+    def __init__(self, mods: list[nn.Module]) -> None:
+        self.mods = mods
+        lib = native.lib()
+        kernels = {Int4Linear: "q4_gemm", Int8Linear: "q8_gemm"}
+        self.kernels = None
+        if lib is not None and all(type(m) in kernels for m in mods):
+            self.kernels = [getattr(lib, kernels[type(m)]) for m in mods]
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> None:
+        """out (+)= the projection of fp32 x [M, K], out [M, N] fp32."""
+        if self.kernels is not None:
+            m, xp, yp, ld = x.shape[0], x.data_ptr(), out.data_ptr(), out.stride(0)
+            for mod, kernel in zip(self.mods, self.kernels, strict=True):
+                kernel(xp, m, mod.in_features, *mod.kernel_args(), yp, ld, int(accumulate))
+                yp += 4 * mod.out_features
+            return
+        col = 0
+        for mod in self.mods:
+            n = mod.out_features
+            if isinstance(mod, nn.Linear):
+                y = F.linear(x.to(mod.weight.dtype), mod.weight, mod.bias).float()
+            else:  # quantized layers without the kernels: their own forward
+                y = mod(x).float()
+            part = out[:, col:col + n]
+            part.add_(y) if accumulate else part.copy_(y)
+            col += n
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().float().contiguous()
+
+
+class NativeDecoder:
+    def __init__(self, net: nn.Module) -> None:
+        c = net.config
+        self.net = net
+        self.hq, self.hkv, self.d, self.h = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
+        self.inter, self.eps = c.intermediate_size, c.rms_norm_eps
+        self.layers = []
+        for layer in net.model.layers:
+            att, mlp = layer.self_attn, layer.mlp
+            qkv = [att.qkv_proj] if hasattr(att, "qkv_proj") else [att.q_proj, att.k_proj, att.v_proj]
+            gate_up = [mlp.gate_up_proj] if hasattr(mlp, "gate_up_proj") else [mlp.gate_proj, mlp.up_proj]
+            qk_norm = hasattr(att, "q_norm")  # Qwen3
+            self.layers.append(dict(
+                ln1=_f32(layer.input_layernorm.weight), ln2=_f32(layer.post_attention_layernorm.weight),
+                qkv=Projection(qkv), o=Projection([att.o_proj]), gate_up=Projection(gate_up),
+                down=Projection([mlp.down_proj]),
+                q_norm=_f32(att.q_norm.weight) if qk_norm else None, k_norm=_f32(att.k_norm.weight) if qk_norm else None))
+        self.norm = _f32(net.model.norm.weight)
+
+    def accepts(self, cache) -> bool:
+        return hasattr(cache, "native_rows") and self.norm.device.type == "cpu"
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        """input_ids, positions [B, 1] -> final hidden states [B, 1, hidden] (fp32)."""
+        lib, net = native.lib(), self.net
+        m, hq, hkv, d, h, eps = input_ids.shape[0], self.hq, self.hkv, self.d, self.h, self.eps
+        qkv_n = (hq + 2 * hkv) * d
+        x = net.model.embed_tokens(input_ids).reshape(m, h).float().contiguous()
+        cos, sin = (t.reshape(m, d).float().contiguous() for t in net.rotary(positions, cache, torch.float32))
+        scale = torch.full((m,), 1 / math.sqrt(d))
+        q_scale = net.q_scale(positions)
+        if q_scale is not None:  # Qwen-7B LogN
+            scale *= q_scale.reshape(m).float()
+        hbuf, att = torch.empty(m, h), torch.empty(m, hq * d)
+        qkv, gu, act = torch.empty(m, qkv_n), torch.empty(m, 2 * self.inter), torch.empty(m, self.inter)
+        xp, hp, qkvp, attp, gup, actp = (t.data_ptr() for t in (x, hbuf, qkv, att, gu, act))
+
+        rows, dtype = cache.native_rows(1)
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"the decode kernels take fp32 or bf16 caches, not {dtype}")
+        es, bf16 = dtype.itemsize, int(dtype == torch.bfloat16)
+        kb, vb = (ctypes.c_void_p * m)(), (ctypes.c_void_p * m)()
+        pos = (ctypes.c_int * m)(*(r.past if r else 0 for r in rows))
+        lens = (ctypes.c_int * m)(*(r.past + 1 if r else 0 for r in rows))
+        strides = (ctypes.c_long * m)(*(r.head_stride if r else 0 for r in rows))
+        for i, layer in enumerate(self.layers):
+            for j, r in enumerate(rows):
+                if r is not None:
+                    kb[j], vb[j] = r.k + i * r.layer_stride * es, r.v + i * r.layer_stride * es
+            lib.rms_norm(xp, hp, m, h, h, h, layer["ln1"].data_ptr(), eps)
+            layer["qkv"](hbuf, qkv)
+            if layer["q_norm"] is not None:  # Qwen3: per-head RMSNorm of q and k before rotary
+                for j in range(m):
+                    q0, k0 = qkvp + 4 * j * qkv_n, qkvp + 4 * (j * qkv_n + hq * d)
+                    lib.rms_norm(q0, q0, hq, d, d, d, layer["q_norm"].data_ptr(), eps)
+                    lib.rms_norm(k0, k0, hkv, d, d, d, layer["k_norm"].data_ptr(), eps)
+            lib.rope(qkvp, m, hq + hkv, d, qkv_n, cos.data_ptr(), sin.data_ptr())
+            lib.kv_store(qkvp, m, qkv_n, hq * d, (hq + hkv) * d, hkv, d, kb, vb, pos, strides, bf16)
+            lib.attend(qkvp, m, hq, hkv, d, qkv_n, kb, vb, lens, strides, bf16, scale.data_ptr(), attp)
+            layer["o"](att, x, accumulate=True)
+
+            lib.rms_norm(xp, hp, m, h, h, h, layer["ln2"].data_ptr(), eps)
+            layer["gate_up"](hbuf, gu)
+            lib.silu_mul(gup, m, self.inter, actp)
+            layer["down"](act, x, accumulate=True)
+        lib.rms_norm(xp, xp, m, h, h, h, self.norm.data_ptr(), eps)
+        return x.view(m, 1, h)

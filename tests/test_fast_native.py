@@ -1,0 +1,168 @@
+"""The C decode kernels (qianwen/fast/kernels.c) against the torch path they replace: the int4 matmul
+against the dequantized weight, and the whole fused decode step against the model's own forward, for
+each architecture, both cache kinds, padding rows, and Qwen-7B's NTK/LogN."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import qianwen
+from qianwen.engine import LLM
+from qianwen.engine.cache_manager import BatchCache, CacheManager
+from qianwen.fast import StaticKVCache, native, optimize
+from qianwen.loading.hf import load_hf_weights
+from qianwen.quant.linear import Int4Linear
+from qianwen.quant.quantize import quantize_folder
+
+from .conftest import save_tiny
+from .test_engine import PROMPTS, greedy
+
+
+def test_kernels_build_and_share_torchs_thread_pool():
+    assert native.lib() is not None, native.failure  # the suite needs a C compiler (dev.sh installs one)
+    with open("/proc/self/maps") as f:
+        gomp = {line.split()[-1] for line in f if "libgomp" in line}
+    assert len(gomp) == 1, gomp  # one OpenMP runtime: torch's
+
+
+def _int4(n: int, k: int, g: int, planes: int, bias: bool) -> Int4Linear:
+    torch.manual_seed(n + k + g + planes)
+    lin = Int4Linear.from_float(torch.nn.Linear(k, n, bias=bias), g)
+    if planes == 2:  # a second plane, as GGUF Q8_0 is held
+        extra = Int4Linear.from_float(torch.nn.Linear(k, n, bias=False), g)
+        lin = Int4Linear(k, n, g, torch.cat([lin.packed, extra.packed]), torch.cat([lin.scales_zeros, extra.scales_zeros]),
+                         lin.bias)
+    return lin
+
+
+@pytest.mark.parametrize("n,k,g,planes,bias", [(100, 256, 32, 1, True), (128, 192, 64, 1, False),
+                                               (64, 512, 128, 2, True), (320, 256, 256, 1, False)])
+def test_q4_gemm_matches_the_dequantized_weight(n, k, g, planes, bias):
+    lin = _int4(n, k, g, planes, bias)
+    x = torch.randn(5, k)
+    want = x @ lin.dequantize().T + (lin.bias.float() if bias else 0)
+    out = torch.empty(5, n)
+    assert lin.native_matmul(x, out)
+    assert (out - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+    base = torch.randn(5, n)
+    acc = base.clone()
+    assert lin.native_matmul(x, acc, accumulate=True)
+    assert torch.allclose(acc, base + out, atol=1e-5)
+    assert torch.allclose(lin(x), out, atol=1e-5)  # the module's forward takes the same kernel
+
+
+def test_q4_gemm_rows_do_not_depend_on_the_batch():
+    lin = _int4(192, 256, 32, 1, True)
+    x = torch.randn(7, 256)
+    batch = torch.empty(7, 192)
+    lin.native_matmul(x, batch)
+    for i in range(7):
+        alone = torch.empty(1, 192)
+        lin.native_matmul(x[i:i + 1].clone(), alone)
+        assert torch.equal(alone[0], batch[i])
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
+def quantized(request, tmp_path_factory):
+    src = save_tiny(tmp_path_factory.mktemp("src"), request.param)
+    return quantize_folder(src, tmp_path_factory.mktemp("q4"), bits=4, group_size=32)
+
+
+def _decode(net, ids: list[int], steps: list[int], cache) -> torch.Tensor:
+    with torch.inference_mode():
+        net.hidden_states(torch.tensor([ids]), cache=cache)
+        return torch.stack([net(torch.tensor([[t]]), cache=cache)[0, -1].float() for t in steps])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_decode_step_matches_the_model_forward(quantized, dtype):
+    model = qianwen.load(str(quantized), dtype=dtype)
+    net = model.net
+    assert net.fast_decode is not None  # installed by optimize at load
+    ids, steps = list(range(3, 40)), [5, 17, 9, 33, 2, 11]
+    make = lambda: StaticKVCache.for_model(net, 1, 64)  # noqa: E731
+    fast = _decode(net, ids, steps, make())
+    fd, net.fast_decode = net.fast_decode, None
+    try:
+        want = _decode(net, ids, steps, make())
+    finally:
+        net.fast_decode = fd
+    err = (fast - want).abs().max().item()
+    if dtype == torch.float32:
+        assert err <= 1e-4 * want.abs().max().item()
+    else:  # the torch path keeps bf16 activations between ops, the kernels fp32
+        assert err <= 0.05 * want.abs().max().item()
+        assert (fast.argmax(-1) == want.argmax(-1)).float().mean().item() >= 0.8
+
+
+def test_fused_decode_over_engine_caches_with_padding_rows(quantized):
+    """BatchCache rows of different capacities and a padding row, against each sequence alone."""
+    net = qianwen.load(str(quantized), dtype=torch.float32).net
+    c = net.config
+    cm = CacheManager(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, torch.float32, torch.device("cpu"),
+                      4096, 16)
+    prompts = [list(range(3, 12)), list(range(20, 60))]
+    kvs = [cm.allocate(len(p) + 4) for p in prompts]
+    assert kvs[0].capacity != kvs[1].capacity
+    with torch.inference_mode():
+        for p, kv in zip(prompts, kvs, strict=True):
+            net.hidden_states(torch.tensor([p]), cache=BatchCache([kv], [0]))
+        ids, pos = torch.tensor([[7], [8], [0]]), torch.tensor([[9], [40], [0]])
+        batch = net(ids, pos, BatchCache([*kvs, None], [9, 40, 0]))
+        for i, p in enumerate(prompts):
+            alone = StaticKVCache.for_model(net, 1, 64)
+            fd, net.fast_decode = net.fast_decode, None
+            net.hidden_states(torch.tensor([p]), cache=alone)
+            want = net(ids[i:i + 1], pos[i:i + 1], alone)
+            net.fast_decode = fd
+            assert (batch[i] - want[0]).abs().max().item() <= 1e-4 * want.abs().max().item()
+
+
+def test_engine_batches_are_invariant_on_the_fused_step(quantized):
+    model = qianwen.load(str(quantized), dtype=torch.bfloat16)
+    assert model.net.fast_decode is not None
+    llm = LLM(model)
+    alone = [llm.generate([greedy(p, 10)])[0] for p in PROMPTS]
+    together = llm.generate([greedy(p, 10) for p in PROMPTS])
+    assert [a.token_ids for a in alone] == [b.token_ids for b in together]
+    assert [a.top_logprobs for a in alone] == [b.top_logprobs for b in together]
+
+
+def test_fused_decode_with_qwen7b_ntk_and_logn(tmp_path):
+    """Qwen-7B beyond its seq_length: rotary from the NTK alpha chosen at prefill, LogN-scaled queries."""
+    from .test_qwen_v1 import qwen_v1_config, to_qwen_names
+
+    src = save_tiny(tmp_path / "q2", "qwen2", num_attention_heads=4, num_key_value_heads=4, rope_theta=10000.0)
+    import safetensors.torch as st
+
+    (tmp_path / "v1").mkdir()
+    cfg = qwen_v1_config("v1.1", json.loads((src / "config.json").read_text())["vocab_size"], 16, True, True)
+    (tmp_path / "v1" / "config.json").write_text(json.dumps(cfg))
+    st.save_file(to_qwen_names(st.load_file(str(src / "model.safetensors"))), str(tmp_path / "v1" / "model.safetensors"))
+    from qianwen.config import ModelConfig
+    from qianwen.loading.hf import read_json
+
+    config = ModelConfig.from_dict(read_json(tmp_path / "v1" / "config.json"))
+    plain = load_hf_weights(tmp_path / "v1", config, torch.float32, torch.device("cpu"))
+    fast = optimize(copy.deepcopy(plain))
+    assert fast.fast_decode is not None
+    ids, steps = list(range(3, 27)), [5, 17, 9, 33]  # 24 + 4 tokens, past seq_length 16
+    want = _decode(plain, ids, steps, StaticKVCache.for_model(plain, 1, 32))
+    got = _decode(fast, ids, steps, StaticKVCache.for_model(fast, 1, 32))
+    assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+
+
+def test_without_the_kernels_torch_runs_the_same_layers(monkeypatch, quantized):
+    lin = _int4(128, 256, 32, 1, True)
+    x = torch.randn(3, 256)
+    want = lin(x)
+    monkeypatch.setattr(native, "lib", lambda: None)
+    got = lin(x)  # torch's int4 kernel, bf16 activations
+    assert (got - want).abs().max().item() <= 0.02 * want.abs().max().item()
+    model = qianwen.load(str(quantized), dtype=torch.float32)
+    assert model.net.fast_decode is None
+    assert len(model.generate("hello", max_tokens=4, temperature=0, ignore_eos=True)) > 0
