@@ -35,10 +35,14 @@ case "$cmd" in
   chat)
     exec "$VENV/bin/qianwen" chat "$@" ;;
   test)
-    if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-      echo "==> installing chromium and a CJK font for the web page tests" >&2
-      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-noto-cjk) >&2 || \
-        echo "warning: could not install chromium; the browser test will fail" >&2
+    # the browser test needs chromium and a CJK font; the CPU kernels' tests a C compiler
+    missing=""
+    command -v chromium >/dev/null 2>&1 || missing=" chromium fonts-noto-cjk"
+    command -v cc >/dev/null 2>&1 || missing="$missing gcc libc6-dev"
+    if [ -n "$missing" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      echo "==> installing$missing" >&2
+      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing) >&2 || \
+        echo "warning: could not install$missing; the tests needing them will fail" >&2
     fi
     "$VENV/bin/ruff" check qianwen tests benchmarks
     set +e

@@ -166,3 +166,16 @@ def test_without_the_kernels_torch_runs_the_same_layers(monkeypatch, quantized):
     model = qianwen.load(str(quantized), dtype=torch.float32)
     assert model.net.fast_decode is None
     assert len(model.generate("hello", max_tokens=4, temperature=0, ignore_eos=True)) > 0
+
+
+def test_a_copied_model_decodes_on_its_own_weights(quantized):
+    import gc
+
+    net = qianwen.load(str(quantized), dtype=torch.float32).net
+    ids, steps = list(range(3, 20)), [4, 8, 15]
+    want = _decode(net, ids, steps, StaticKVCache.for_model(net, 1, 32))
+    other = copy.deepcopy(net)
+    del net
+    gc.collect()  # the kernels' cached addresses must follow the copy, not the freed original
+    got = _decode(other, ids, steps, StaticKVCache.for_model(other, 1, 32))
+    assert torch.equal(got, want)

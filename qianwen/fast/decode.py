@@ -18,25 +18,38 @@ from torch import nn
 from ..quant.linear import Int4Linear, Int8Linear
 from . import native
 
+KERNELS = {Int4Linear: "q4_gemm", Int8Linear: "q8_gemm"}
+
 
 class Projection:
     """Modules reading the same input whose outputs sit side by side (one when `optimize` fused them)."""
 
     def __init__(self, mods: list[nn.Module]) -> None:
         self.mods = mods
+        self.native = native.lib() is not None and all(type(m) in KERNELS for m in mods)
+        self.calls: list[tuple] = []
+        self._anchor, self._ptr = next(mods[0].buffers(), None), None
+
+    def __getstate__(self) -> dict:  # a copied or pickled model plans again: addresses, ctypes functions
+        return {**self.__dict__, "calls": [], "_ptr": None}
+
+    def _plan(self) -> None:
+        """The kernel calls' constant arguments, worked out once (Python is a real share of a step).
+        They hold addresses: `_anchor` notices a copied model (deepcopy), whose weights moved."""
         lib = native.lib()
-        kernels = {Int4Linear: "q4_gemm", Int8Linear: "q8_gemm"}
-        self.kernels = None
-        if lib is not None and all(type(m) in kernels for m in mods):
-            self.kernels = [getattr(lib, kernels[type(m)]) for m in mods]
+        self.calls = [(getattr(lib, KERNELS[type(m)]), m.in_features, m.kernel_args(), 4 * m.out_features)
+                      for m in self.mods]
+        self._ptr = self._anchor.data_ptr()
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> None:
         """out (+)= the projection of fp32 x [M, K], out [M, N] fp32."""
-        if self.kernels is not None:
-            m, xp, yp, ld = x.shape[0], x.data_ptr(), out.data_ptr(), out.stride(0)
-            for mod, kernel in zip(self.mods, self.kernels, strict=True):
-                kernel(xp, m, mod.in_features, *mod.kernel_args(), yp, ld, int(accumulate))
-                yp += 4 * mod.out_features
+        if self.native:
+            if self._anchor.data_ptr() != self._ptr:
+                self._plan()
+            m, xp, yp, ld, acc = x.shape[0], x.data_ptr(), out.data_ptr(), out.stride(0), int(accumulate)
+            for kernel, k, args, nbytes in self.calls:
+                kernel(xp, m, k, *args, yp, ld, acc)
+                yp += nbytes
             return
         col = 0
         for mod in self.mods:
