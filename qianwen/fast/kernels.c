@@ -34,6 +34,42 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
    64 blk + 32 + j in its high nibble. sz [K/g, Npad, 2] bf16 (scale, zero): w = (q - 8) scale + zero.
    `planes` weights (each `packed_stride` / `sz_stride` elements apart) are summed (GGUF Q8_0 is held
    as two 4-bit planes). y[m, n] (+)= sum_k x[m, k] w[n, k] + bias[n]. */
+#ifdef __AVX512F__
+/* One group of one 64-row block for R rows of x at once: the nibbles are unpacked once and used by
+   every row (a row's own operations are the same for any R). out[r] accumulates 64 outputs. */
+static inline __attribute__((always_inline)) void q4_group(const uint8_t *wb, const uint16_t *s, int k0, int g,
+                                                           const float **xr, const float *xsum, float (*out)[64],
+                                                           const int R) {
+    /* nibbles become floats by a 16-entry table lookup (vpermps reads the low 4 bits) */
+    const __m512 tbl = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512 acc[4][4]; /* fixed size, not [R]: R is a constant at each call, so this stays in registers */
+    for (int r = 0; r < R; r++)
+        for (int i = 0; i < 4; i++) acc[r][i] = _mm512_setzero_ps();
+    for (int k = k0; k < k0 + g; k++) {
+        _mm_prefetch((const char *)(wb + k * 32 + 2048), _MM_HINT_T0); /* 64 k ahead */
+        __m512i a = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wb + k * 32)));
+        __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wb + k * 32 + 16)));
+        __m512 w[4] = {_mm512_permutexvar_ps(a, tbl), _mm512_permutexvar_ps(b, tbl),
+                       _mm512_permutexvar_ps(_mm512_srli_epi32(a, 4), tbl),
+                       _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), tbl)};
+        for (int r = 0; r < R; r++) {
+            __m512 xk = _mm512_set1_ps(xr[r][k]);
+            for (int i = 0; i < 4; i++) acc[r][i] = _mm512_fmadd_ps(w[i], xk, acc[r][i]);
+        }
+    }
+    for (int i = 0; i < 4; i++) {
+        __m512i v = _mm512_loadu_si512(s + i * 32); /* 16 (scale, zero) bf16 pairs */
+        __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+        __m512 zr = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000)));
+        __m512 z8 = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), sc, zr); /* zero - 8 scale */
+        for (int r = 0; r < R; r++) {
+            __m512 o = _mm512_fmadd_ps(acc[r][i], sc, _mm512_loadu_ps(out[r] + i * 16));
+            _mm512_storeu_ps(out[r] + i * 16, _mm512_fmadd_ps(z8, _mm512_set1_ps(xsum[r]), o));
+        }
+    }
+}
+#endif
+
 void q4_gemm(const float *x, int M, int K, const uint8_t *packed, const uint16_t *sz, int planes,
              long packed_stride, long sz_stride, int g, int N, int Npad, const float *bias, float *y, long ldy,
              int accumulate) {
@@ -47,60 +83,51 @@ void q4_gemm(const float *x, int M, int K, const uint8_t *packed, const uint16_t
         }
 #pragma omp parallel for schedule(static)
     for (int blk = 0; blk < nblk; blk++) {
-        for (int m = 0; m < M; m++) {
-            const float *xm = x + (size_t)m * K;
-            float out[64] = {0};
+        for (int m0 = 0; m0 < M;) {
+            int R = M - m0 >= 4 ? 4 : M - m0 >= 2 ? 2 : 1; /* rows sharing one pass over the weights */
+            float out[4][64] = {{0}};
+            const float *xr[4];
+            for (int r = 0; r < R; r++) xr[r] = x + (size_t)(m0 + r) * K;
             for (int p = 0; p < planes; p++) {
                 const uint8_t *wb = packed + p * packed_stride + (size_t)blk * K * 32;
                 for (int gi = 0; gi < G; gi++) {
                     const uint16_t *s = sz + p * sz_stride + ((size_t)gi * Npad + blk * 64) * 2;
+                    float xsum[4];
+                    for (int r = 0; r < R; r++) xsum[r] = xs[(m0 + r) * G + gi];
 #ifdef __AVX512F__
-                    /* nibbles become floats by a 16-entry table lookup (vpermps reads the low 4 bits) */
-                    const __m512 tbl = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-                    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
-                                     _mm512_setzero_ps()};
-                    for (int k = gi * g; k < (gi + 1) * g; k++) {
-                        __m512 xk = _mm512_set1_ps(xm[k]);
-                        _mm_prefetch((const char *)(wb + k * 32 + 2048), _MM_HINT_T0); /* 64 k ahead */
-                        __m512i a = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wb + k * 32)));
-                        __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wb + k * 32 + 16)));
-                        acc[0] = _mm512_fmadd_ps(_mm512_permutexvar_ps(a, tbl), xk, acc[0]);
-                        acc[1] = _mm512_fmadd_ps(_mm512_permutexvar_ps(b, tbl), xk, acc[1]);
-                        acc[2] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(a, 4), tbl), xk, acc[2]);
-                        acc[3] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), tbl), xk, acc[3]);
-                    }
-                    __m512 xsum = _mm512_set1_ps(xs[m * G + gi]);
-                    for (int i = 0; i < 4; i++) {
-                        __m512i v = _mm512_loadu_si512(s + i * 32); /* 16 (scale, zero) bf16 pairs */
-                        __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-                        __m512 zr = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000)));
-                        __m512 z8 = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), sc, zr); /* zero - 8 scale */
-                        __m512 o = _mm512_loadu_ps(out + i * 16);
-                        o = _mm512_fmadd_ps(acc[i], sc, o);
-                        _mm512_storeu_ps(out + i * 16, _mm512_fmadd_ps(z8, xsum, o));
-                    }
+                    if (R == 4)
+                        q4_group(wb, s, gi * g, g, xr, xsum, out, 4);
+                    else if (R == 2)
+                        q4_group(wb, s, gi * g, g, xr, xsum, out, 2);
+                    else
+                        q4_group(wb, s, gi * g, g, xr, xsum, out, 1);
 #else
-                    float acc[64] = {0};
-                    for (int k = gi * g; k < (gi + 1) * g; k++) {
-                        const uint8_t *wk = wb + k * 32;
-                        for (int j = 0; j < 32; j++) {
-                            acc[j] += (float)(wk[j] & 15) * xm[k];
-                            acc[j + 32] += (float)(wk[j] >> 4) * xm[k];
+                    for (int r = 0; r < R; r++) {
+                        float acc[64] = {0};
+                        for (int k = gi * g; k < (gi + 1) * g; k++) {
+                            const uint8_t *wk = wb + k * 32;
+                            for (int j = 0; j < 32; j++) {
+                                acc[j] += (float)(wk[j] & 15) * xr[r][k];
+                                acc[j + 32] += (float)(wk[j] >> 4) * xr[r][k];
+                            }
                         }
-                    }
-                    for (int j = 0; j < 64; j++) {
-                        float sc = bf16_to_f32(s[2 * j]), zr = bf16_to_f32(s[2 * j + 1]);
-                        out[j] += acc[j] * sc + (zr - 8.f * sc) * xs[m * G + gi];
+                        for (int j = 0; j < 64; j++) {
+                            float sc = bf16_to_f32(s[2 * j]), zr = bf16_to_f32(s[2 * j + 1]);
+                            out[r][j] += acc[j] * sc + (zr - 8.f * sc) * xsum[r];
+                        }
                     }
 #endif
                 }
             }
-            float *ym = y + (size_t)m * ldy;
-            for (int j = 0; j < 64 && blk * 64 + j < N; j++) {
-                int n = blk * 64 + j;
-                float v = out[j] + (bias ? bias[n] : 0.f);
-                ym[n] = accumulate ? ym[n] + v : v;
+            for (int r = 0; r < R; r++) {
+                float *ym = y + (size_t)(m0 + r) * ldy;
+                for (int j = 0; j < 64 && blk * 64 + j < N; j++) {
+                    int n = blk * 64 + j;
+                    float v = out[r][j] + (bias ? bias[n] : 0.f);
+                    ym[n] = accumulate ? ym[n] + v : v;
+                }
             }
+            m0 += R;
         }
     }
     free(xs);
