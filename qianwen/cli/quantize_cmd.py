@@ -12,8 +12,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-m", "--model", default=None, help="a model folder, .gguf file or name")
     p.add_argument("--bits", type=int, required=True, choices=[4, 8], help="8: per-channel int8; 4: group-wise int4")
     p.add_argument("--group-size", type=int, default=None, choices=[32, 64, 128, 256],
-                   help="int4 group size (default 128); a layer whose input size it does not divide "
-                        "gets the largest that does, and the command says so")
+                   help="int4 group size; a layer whose input size it does not divide gets the largest "
+                        "that does, and the command says so. Default: per layer, the largest group whose "
+                        "error stays within 1.5x of group 32's (keeps a converted GGUF's 32-weight blocks)")
     p.add_argument("--out", required=True, help="the folder to write (replaced atomically)")
     p.set_defaults(func=run)
 

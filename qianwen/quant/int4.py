@@ -28,6 +28,26 @@ def pick_group_size(in_features: int, wanted: int | None = None) -> int:
     return max(fits)
 
 
+def auto_group_size(w: torch.Tensor, tolerance: float = 1.5) -> int:
+    """The largest supported group size dividing w's input size whose quantization error stays within
+    `tolerance` times that of the smallest one. Weights that came from 4-bit blocks (a GGUF converted to
+    float) sit exactly on a grid of small groups, so a larger group would quantize them twice: this
+    keeps their block size; ordinary float weights get a large group (fewer scales)."""
+    k = w.shape[1]
+    fits = [g for g in GROUP_SIZES if k % g == 0]
+    if not fits:
+        raise ValueError(f"no int4 group size in {GROUP_SIZES} divides in_features={k}")
+    w = w.float()
+
+    def error(g: int) -> float:
+        q, scale, zero = quantize_int4(w, g)
+        back = (q.float() - 8).view(w.shape[0], -1, g) * scale[..., None] + zero[..., None]
+        return float((back.view_as(w) - w).pow(2).mean())
+
+    base = error(fits[0])
+    return max(g for g in fits if g == fits[0] or error(g) <= tolerance * base)
+
+
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """[N, K] values 0..15 (N a multiple of 64) -> uint8 [N, K/2] in the CPU kernel's layout."""
     n, k = q.shape

@@ -25,8 +25,9 @@ from torch import nn
 from .int4 import BLOCK_N, dequantize_packed_t, pack_int4, pad_rows, quantize_int4, unpack_int4_rows
 
 # Tokens per sequence from which a call dequantizes the weight for a bf16 matmul instead of running
-# the weight-only kernel. Measured crossover on the 2-core dev machine: 48-64 rows (SmolLM2 layers).
-PREFILL_TOKENS = 64
+# the weight-only kernel. Measured crossover on the 2-core dev machine (SmolLM2 layers): about 80 rows
+# with our C kernels (qianwen/fast/kernels.c), 48-64 with torch's int4 kernel.
+PREFILL_TOKENS = 80
 
 
 def is_prefill(x: torch.Tensor) -> bool:

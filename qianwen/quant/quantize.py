@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import ModelLoadError, QianwenError
-from .int4 import pick_group_size, quantize_int4
+from .int4 import auto_group_size, pick_group_size, quantize_int4
 from .linear import Int4Linear, Int8Linear
 
 QUANT_METHOD = "qianwen"
@@ -53,17 +53,20 @@ def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, bits: int, g
             q, s = Int8Linear.quantize(w)
             tensors[mod + ".qweight"], tensors[mod + ".scales"] = q, s.bfloat16()
             continue
-        g = pick_group_size(w.shape[1], group_size or 128)
+        g = pick_group_size(w.shape[1], group_size) if group_size else auto_group_size(w)
         chosen[g] = chosen.get(g, 0) + 1
         q, s, z = quantize_int4(w, g)
         tensors[mod + ".qweight"] = q[:, 0::2] | (q[:, 1::2] << 4)
         tensors[mod + ".scales"], tensors[mod + ".zeros"] = s.bfloat16(), z.bfloat16()
+    used = ", ".join(f"{g} for {n} layers" for g, n in sorted(chosen.items()))
     if bits == 4 and group_size and set(chosen) != {group_size}:
-        print(f"note: group size {group_size} does not divide every layer's input size; used "
-              + ", ".join(f"{g} for {n} layers" for g, n in sorted(chosen.items())), file=sys.stderr)
+        print(f"note: group size {group_size} does not divide every layer's input size; used {used}", file=sys.stderr)
+    elif bits == 4 and not group_size:
+        print(f"group size chosen per layer (the largest whose error stays within 1.5x of group 32's): {used}",
+              file=sys.stderr)
     cfg = m.config.to_hf_dict()
     cfg["quantization_config"] = {"quant_method": QUANT_METHOD, "bits": bits,
-                                  "group_size": (group_size or 128) if bits == 4 else None}
+                                  "group_size": (group_size or max(chosen)) if bits == 4 else None}
     src_dir = Path(src) if src is not None and Path(src).is_dir() else None
     return export_hf(out, cfg, tensors, m.tokenizer, dtype=torch.bfloat16, generation_config=m.generation_config,
                      copy_from=src_dir)
