@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -24,9 +26,12 @@ from .test_engine import PROMPTS, greedy
 
 def test_kernels_build_and_share_torchs_thread_pool():
     assert native.lib() is not None, native.failure  # the suite needs a C compiler (dev.sh installs one)
-    with open("/proc/self/maps") as f:
-        gomp = {line.split()[-1] for line in f if "libgomp" in line}
-    assert len(gomp) == 1, gomp  # one OpenMP runtime: torch's
+    # in a fresh process (other packages vendor their own renamed libgomp): one OpenMP runtime, torch's
+    code = ("import torch, qianwen.fast.native as n; assert n.lib() is not None\n"
+            "print(sorted({l.split()[-1] for l in open('/proc/self/maps') if 'libgomp' in l}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    gomp = eval(out)
+    assert len(gomp) == 1 and "torch" in gomp[0], gomp
 
 
 def _int4(n: int, k: int, g: int, planes: int, bias: bool) -> Int4Linear:
