@@ -17,7 +17,7 @@ from qianwen.engine import LLM
 from qianwen.engine.cache_manager import BatchCache, CacheManager
 from qianwen.fast import StaticKVCache, native, optimize
 from qianwen.loading.hf import load_hf_weights
-from qianwen.quant.linear import Int4Linear
+from qianwen.quant.linear import Int4Linear, Int8Linear
 from qianwen.quant.quantize import quantize_folder
 
 from .conftest import save_tiny
@@ -58,6 +58,23 @@ def test_q4_gemm_matches_the_dequantized_weight(n, k, g, planes, bias):
     assert lin.native_matmul(x, acc, accumulate=True)
     assert torch.allclose(acc, base + out, atol=1e-5)
     assert torch.allclose(lin(x), out, atol=1e-5)  # the module's forward takes the same kernel
+
+
+@pytest.mark.parametrize("n,k,g,bias", [(101, 256, 16, True), (64, 96, 32, False), (30, 128, 128, True)])
+def test_q8_gemm_matches_the_dequantized_weight(n, k, g, bias):
+    """int8 with block scales: GGUF Q6_K (16), Q8_0 (32), per channel (K); rows not a multiple of 4."""
+    torch.manual_seed(n)
+    lin = Int8Linear(torch.randint(-128, 128, (n, k), dtype=torch.int8), torch.rand(n, k // g) * 0.01,
+                     torch.randn(n) if bias else None)
+    x = torch.randn(5, k)
+    want = x @ lin.dequantize().T + (lin.bias if bias else 0)
+    out = torch.empty(5, n)
+    assert lin.native_matmul(x, out)
+    assert (out - want).abs().max().item() <= 1e-5 * want.abs().max().item()
+    for i in range(5):  # each row as it would be alone
+        alone = torch.empty(1, n)
+        lin.native_matmul(x[i:i + 1].clone(), alone)
+        assert torch.equal(alone[0], out[i])
 
 
 def test_q4_gemm_rows_do_not_depend_on_the_batch():

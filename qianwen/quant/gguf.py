@@ -7,7 +7,8 @@ int4 kernel's `(q - 8) * scale + zero` (scales then held in bf16, the kernel's d
 - Q4_K: w = d*sc * q - dmin*m (8 groups/256) -> scale d*sc, zero 8*d*sc - dmin*m
 - Q8_0: w = d * q8, q8 in -128..127          -> Int8Linear, block scales d in fp32 (exact); as int4
         planes (`planes_from_gguf`), q8 + 128 = 16 * hi + lo: hi scale 16d zero 0, lo scale d zero 8d
-Other types (F32, F16, Q6_K, ...) are left to the float loader.
+- Q6_K: w = d*sc * (q6 - 32) (16 groups/256) -> Int8Linear with groups of 16, scales d*sc (exact)
+Other types (F32, F16, Q5_*, ...) are left to the float loader.
 """
 
 from __future__ import annotations
@@ -66,13 +67,29 @@ def _q4_k(blocks: np.ndarray) -> list[Plane]:
     return [(q, scale, zero)]
 
 
+def _q6_k_int8(blocks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q6_K blocks [N, nb, 210] -> q int8 [N, nb*256] in -32..31 and scales fp32 [N, nb*16] (ggml's
+    dequantize_row_q6_K: ql[128], qh[64], 16 int8 scales, fp16 d; each half of 128 weights takes 64 ql
+    bytes and 32 qh bytes, weight 16 t + i has scale t)."""
+    n, nb, _ = blocks.shape
+    ql = blocks[..., 0:128].reshape(n, nb, 2, 64)
+    qh = blocks[..., 128:192].reshape(n, nb, 2, 32)
+    lo, hi = ql[..., :32], ql[..., 32:]
+    q = np.stack([(lo & 15) | ((qh & 3) << 4), (hi & 15) | (((qh >> 2) & 3) << 4),
+                  (lo >> 4) | (((qh >> 4) & 3) << 4), (hi >> 4) | (((qh >> 6) & 3) << 4)], 3)  # [N, nb, 2, 4, 32]
+    q = torch.from_numpy(q.reshape(n, nb * 256).astype(np.int8) - 32)
+    sc = torch.from_numpy(np.ascontiguousarray(blocks[..., 192:208]).view(np.int8).astype(np.float32))
+    return q, (_f16(blocks[..., 208:210])[..., None] * sc).view(n, nb * 16)
+
+
 _DECODERS = {"Q4_0": (_q4_0, 32, 18), "Q4_1": (_q4_1, 32, 20), "Q8_0": (_q8_0, 32, 34), "Q4_K": (_q4_k, 256, 144)}
-SUPPORTED_TYPES = tuple(_DECODERS)
+_INT8_ONLY = {"Q6_K": (256, 210)}  # no int4-plane form: held as int8 only
+SUPPORTED_TYPES = (*_DECODERS, *_INT8_ONLY)
 
 
 def supports(tensor) -> bool:
     """Whether a GGUF reader tensor is a 2-D weight in a format we keep quantized."""
-    return tensor.tensor_type.name in _DECODERS and len(tensor.shape) == 2
+    return tensor.tensor_type.name in SUPPORTED_TYPES and len(tensor.shape) == 2
 
 
 def planes_from_gguf(tensor, row_order: np.ndarray | None = None) -> list[Plane]:
@@ -108,11 +125,16 @@ def quantized_linear_from_gguf(tensor, row_order: np.ndarray | None = None,
     preallocated buffers (so loading never holds more than one copy plus a chunk); Q8_0 blocks become
     an `Int8Linear` as they are."""
     kind = tensor.tensor_type.name
-    fn, block, nbytes = _DECODERS[kind]
+    block, nbytes = _INT8_ONLY[kind] if kind in _INT8_ONLY else _DECODERS[kind][1:]
     k, n = (int(x) for x in tensor.shape)
     raw = np.asarray(tensor.data).reshape(n, k // block, nbytes)
     if row_order is not None:
         raw = raw[row_order]
+    if kind == "Q6_K":  # a chunk of rows at a time: the 6-bit unpacking widens to several temporaries
+        q, scales = torch.empty(n, k, dtype=torch.int8), torch.empty(n, k // 16)
+        for start in range(0, n, CHUNK_ROWS):
+            q[start:start + CHUNK_ROWS], scales[start:start + CHUNK_ROWS] = _q6_k_int8(raw[start:start + CHUNK_ROWS])
+        return Int8Linear(q, scales, bias)
     if kind == "Q8_0":
         q = torch.from_numpy(np.ascontiguousarray(raw[..., 2:34]).view(np.int8).reshape(n, k))
         return Int8Linear(q, _f16(raw[..., 0:2]), bias)
@@ -127,7 +149,7 @@ def quantized_linear_from_gguf(tensor, row_order: np.ndarray | None = None,
             zero = _f16(part[..., 2:4]) + 8 * d if kind == "Q4_1" else torch.zeros_like(d)
             planes = [(torch.from_numpy(pack_q4_blocks(part[..., nbytes - 16:])), d, zero)]
         else:
-            planes = [(pack_int4(q), s, z) for q, s, z in fn(part)]
+            planes = [(pack_int4(q), s, z) for q, s, z in _DECODERS[kind][0](part)]
         if packed is None:
             groups = planes[0][1].shape[1]
             packed = torch.empty(len(planes), npad, k // 2, dtype=torch.uint8)
