@@ -15,10 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant.linear import Int4Linear, Int8Linear
+from ..quant.linear import NativeLinear
 from . import native
-
-KERNELS = {Int4Linear: "q4_gemm", Int8Linear: "q8_gemm"}
 
 
 class Projection:
@@ -26,7 +24,7 @@ class Projection:
 
     def __init__(self, mods: list[nn.Module]) -> None:
         self.mods = mods
-        self.native = native.lib() is not None and all(type(m) in KERNELS for m in mods)
+        self.native = native.lib() is not None and all(isinstance(m, NativeLinear) for m in mods)
         self.calls: list[tuple] = []
         self._anchor, self._ptr = next(mods[0].buffers(), None), None
 
@@ -37,7 +35,7 @@ class Projection:
         """The kernel calls' constant arguments, worked out once (Python is a real share of a step).
         They hold addresses: `_anchor` notices a copied model (deepcopy), whose weights moved."""
         lib = native.lib()
-        self.calls = [(getattr(lib, KERNELS[type(m)]), m.in_features, m.kernel_args(), 4 * m.out_features)
+        self.calls = [(getattr(lib, m.KERNEL), m.in_features, m.kernel_args(), 4 * m.out_features)
                       for m in self.mods]
         self._ptr = self._anchor.data_ptr()
 

@@ -46,7 +46,50 @@ def _sz(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     return pad_rows(torch.stack([scale, zero], -1).to(torch.bfloat16)).transpose(0, 1).contiguous()
 
 
-class Int4Linear(nn.Module):
+class NativeLinear(nn.Module):
+    """What the int4 and int8 layers share: their C kernel (qianwen/fast/kernels.c), named by `KERNEL`
+    and fed by `kernel_args()` (the weight's arguments after x, M, K)."""
+
+    KERNEL = ""
+    in_features: int
+    out_features: int
+    bias: nn.Parameter | None
+
+    def bias_ptr(self) -> int | None:
+        if self.bias is None:
+            return None
+        if getattr(self, "_bias32", None) is None:
+            self._bias32 = self.bias.detach().float().contiguous()
+        return self._bias32.data_ptr()
+
+    def kernel_args(self) -> tuple:
+        raise NotImplementedError
+
+    def native_matmul(self, x: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> bool:
+        """out (+)= self(x) for fp32 x [M, K] and out [M, N] (rows may be apart, e.g. a column slice of
+        a wider buffer) on the CPU, through the C kernel; False when the kernels are not built."""
+        from ..fast.native import lib  # here, not at the top: qianwen.fast imports this module
+
+        so = lib()
+        if so is None or x.device.type != "cpu":
+            return False
+        assert x.is_contiguous() and out.stride(1) == 1 and x.dtype == out.dtype == torch.float32
+        getattr(so, self.KERNEL)(x.data_ptr(), x.shape[0], self.in_features, *self.kernel_args(), out.data_ptr(),
+                                 out.stride(0), int(accumulate))
+        return True
+
+    def native_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The layer's output through the C kernel (fp32 inside, x's dtype out), or None without it."""
+        x32 = x.reshape(-1, self.in_features).float().contiguous()
+        y32 = x32.new_empty(x32.shape[0], self.out_features)
+        if not self.native_matmul(x32, y32):
+            return None
+        return y32.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+
+class Int4Linear(NativeLinear):
+    KERNEL = "q4_gemm"
+
     def __init__(self, in_features: int, out_features: int, group_size: int,
                  packed: torch.Tensor, scales_zeros: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -71,33 +114,16 @@ class Int4Linear(nn.Module):
         return cls.from_planes([(q, scale, zero)], group_size, bias)
 
     def kernel_args(self) -> tuple:
-        """The weight's arguments to the C kernel `q4_gemm` (qianwen/fast/kernels.c), after x, M, K."""
-        if self.bias is not None and getattr(self, "_bias32", None) is None:
-            self._bias32 = self.bias.detach().float().contiguous()
         p, sz = self.packed, self.scales_zeros
         return (p.data_ptr(), sz.data_ptr(), p.shape[0], p.stride(0), sz.stride(0), self.group_size,
-                self.out_features, p.shape[1], None if self.bias is None else self._bias32.data_ptr())
-
-    def native_matmul(self, x: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> bool:
-        """out (+)= self(x) for fp32 x [M, K] and out [M, N] (rows may be apart, e.g. a column slice of
-        a wider buffer) on the CPU, through the C kernel; False when the kernels are not built."""
-        from ..fast.native import lib  # here, not at the top: qianwen.fast imports this module
-
-        so = lib()
-        if so is None or x.device.type != "cpu":
-            return False
-        assert x.is_contiguous() and out.stride(1) == 1 and x.dtype == out.dtype == torch.float32
-        so.q4_gemm(x.data_ptr(), x.shape[0], self.in_features, *self.kernel_args(), out.data_ptr(), out.stride(0),
-                   int(accumulate))
-        return True
+                self.out_features, p.shape[1], self.bias_ptr())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if is_prefill(x):
             return prefill_matmul(x, self.dequantize_t(), self.bias)
-        x32 = x.reshape(-1, self.in_features).float().contiguous()
-        y32 = x32.new_empty(x32.shape[0], self.out_features)
-        if self.native_matmul(x32, y32):
-            return y32.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        y = self.native_forward(x)
+        if y is not None:
+            return y
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # the kernels need it
         mm = torch.ops.aten._weight_int4pack_mm_for_cpu
         y = mm(x2, self.packed[0], self.group_size, self.scales_zeros[0])
@@ -138,10 +164,12 @@ class Int4Linear(nn.Module):
                 f"group_size={self.group_size}, planes={self.packed.shape[0]}, bias={self.bias is not None}")
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(NativeLinear):
     """Symmetric int8 with a scale per output row and group of `group_size` inputs:
     w[n, k] = q[n, k] * scales[n, k // group_size]. Per channel (group_size = K) from `qianwen quantize
-    --bits 8`; blocks of 32 from GGUF Q8_0 (exact: the fp16 block scales are held in fp32)."""
+    --bits 8`; blocks of 32 from GGUF Q8_0 and 16 from Q6_K (exact: block scales are held in fp32)."""
+
+    KERNEL = "q8_gemm"
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -169,31 +197,14 @@ class Int8Linear(nn.Module):
         return cls(q, scales, bias)
 
     def kernel_args(self) -> tuple:
-        """The weight's arguments to the C kernel `q8_gemm` (qianwen/fast/kernels.c), after x, M, K."""
-        if self.bias is not None and getattr(self, "_bias32", None) is None:
-            self._bias32 = self.bias.detach().float().contiguous()
-        return (self.qweight.data_ptr(), self.scales.data_ptr(), self.group_size, self.out_features,
-                None if self.bias is None else self._bias32.data_ptr())
-
-    def native_matmul(self, x: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> bool:
-        """As `Int4Linear.native_matmul`, through the C kernel `q8_gemm`."""
-        from ..fast.native import lib  # here, not at the top: qianwen.fast imports this module
-
-        so = lib()
-        if so is None or x.device.type != "cpu":
-            return False
-        assert x.is_contiguous() and out.stride(1) == 1 and x.dtype == out.dtype == torch.float32
-        so.q8_gemm(x.data_ptr(), x.shape[0], self.in_features, *self.kernel_args(), out.data_ptr(), out.stride(0),
-                   int(accumulate))
-        return True
+        return (self.qweight.data_ptr(), self.scales.data_ptr(), self.group_size, self.out_features, self.bias_ptr())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if is_prefill(x):
             return prefill_matmul(x, self.dequantize().T.to(torch.bfloat16), self.bias)
-        x32 = x.reshape(-1, self.in_features).float().contiguous()
-        y32 = x32.new_empty(x32.shape[0], self.out_features)
-        if self.native_matmul(x32, y32):
-            return y32.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        y = self.native_forward(x)
+        if y is not None:
+            return y
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # the torch kernels want bf16
         if self.group_size == self.in_features:
             y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales[:, 0].to(torch.bfloat16))
