@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -22,6 +24,10 @@ def test_folder_has_the_hf_files(converted):
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                  "generation_config.json"):
         assert (converted / name).is_file(), name
+        # readable like any new file (safetensors and temp files would make them 0600)
+        mask = os.umask(0)
+        os.umask(mask)
+        assert (converted / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
 
 
 def test_round_trip_logits_equal_loading_the_gguf(converted, default_gguf):

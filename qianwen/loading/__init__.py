@@ -47,8 +47,9 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def load(model: str | Path | None = None, dtype: str | torch.dtype | None = None,
          device: str | torch.device | None = None, quantized: bool | None = None):  # -> qianwen.api.Model
-    """`quantized`: keep GGUF Q4_0/Q4_1/Q8_0/Q4_K weights quantized (qianwen.quant); by default on
-    when running bfloat16 on the CPU (the int4 kernels' own dtype), off otherwise (float reference)."""
+    """`quantized`: keep GGUF Q4_0/Q4_1/Q4_K/Q8_0/Q6_K weights quantized (qianwen.quant, run by the C
+    kernels of qianwen.fast); by default on when running bfloat16 on the CPU, off otherwise (the float
+    reference path)."""
     from ..api import Model
 
     path = resolve(model)

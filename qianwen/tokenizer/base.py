@@ -10,6 +10,8 @@ from collections.abc import Iterable, Sequence
 from functools import cached_property, lru_cache
 from pathlib import Path
 
+from ..paths import share_like_new_file
+
 
 class Tokenizer(ABC):
     """Text <-> token ids for one vocabulary.
@@ -103,6 +105,7 @@ def write_atomic(path: Path, data: bytes | str) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(raw)
+        share_like_new_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from ..paths import share_like_new_file
+
 
 def export_hf(folder: str | os.PathLike, config: dict[str, Any], state: dict[str, torch.Tensor], tokenizer,
               dtype: torch.dtype = torch.float32, generation_config: dict[str, Any] | None = None,
@@ -49,6 +51,8 @@ def export_hf(folder: str | os.PathLike, config: dict[str, Any], state: dict[str
     tokenizer.save(tmp)
     if copy_from is not None and (Path(copy_from) / "chat_template.jinja").is_file():
         shutil.copyfile(Path(copy_from) / "chat_template.jinja", tmp / "chat_template.jinja")
+    for f in tmp.iterdir():
+        share_like_new_file(f)
     swap_in(tmp, folder)
     return folder
 
