@@ -245,65 +245,147 @@ void kv_store(const float *qkv, int M, long row_stride, long k_off, long v_off, 
     }
 }
 
-static inline float dot_kv(const float *q, const void *k, int D, int bf16) {
+/* A cached K or V vector (bf16 or fp32) as fp32. */
+static inline void load_kv(float *dst, const void *src, int D, int bf16) {
+#ifdef __AVX512F__
+    if (bf16 && D % 16 == 0) {
+        for (int i = 0; i < D; i += 16) {
+            __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)src + i));
+            _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+        }
+        return;
+    }
+#endif
+    if (bf16) {
+        const uint16_t *h = src;
+        for (int i = 0; i < D; i++) dst[i] = bf16_to_f32(h[i]);
+    } else {
+        memcpy(dst, src, sizeof(float) * D);
+    }
+}
+
+static inline float dot(const float *a, const float *b, int D) {
 #ifdef __AVX512F__
     if (D % 16 == 0) {
         __m512 acc = _mm512_setzero_ps();
-        for (int i = 0; i < D; i += 16) {
-            __m512 kv = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
-                                   _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)k + i))), 16))
-                             : _mm512_loadu_ps((const float *)k + i);
-            acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), kv, acc);
-        }
+        for (int i = 0; i < D; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
         return _mm512_reduce_add_ps(acc);
     }
 #endif
     float s = 0;
-    for (int i = 0; i < D; i++) s += q[i] * (bf16 ? bf16_to_f32(((const uint16_t *)k)[i]) : ((const float *)k)[i]);
+    for (int i = 0; i < D; i++) s += a[i] * b[i];
     return s;
 }
 
-static inline void axpy_kv(float *out, float p, const void *v, int D, int bf16) {
-    if (bf16) {
-        const uint16_t *vh = v;
-#pragma omp simd
-        for (int i = 0; i < D; i++) out[i] += p * bf16_to_f32(vh[i]);
-    } else {
-        const float *vf = v;
-#pragma omp simd
-        for (int i = 0; i < D; i++) out[i] += p * vf[i];
+/* s[i] = exp(s[i] - mx), returning the sum (softmax numerators). */
+static inline float exp_sum(float *s, int n, float mx) {
+    float sum = 0;
+    int i = 0;
+#ifdef __AVX512F__
+    /* e^x = 2^k e^r, k = round(x log2 e), |r| <= ln2/2, e^r by a degree-6 Taylor polynomial (rel. err ~2e-7) */
+    const __m512 log2e = _mm512_set1_ps(1.44269504f), ln2 = _mm512_set1_ps(0.69314718f);
+    __m512 vsum = _mm512_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+        __m512 x = _mm512_max_ps(_mm512_sub_ps(_mm512_loadu_ps(s + i), _mm512_set1_ps(mx)), _mm512_set1_ps(-88.f));
+        __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m512 r = _mm512_fnmadd_ps(k, ln2, x);
+        __m512 p = _mm512_set1_ps(1.f / 720);
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+        __m512 e = _mm512_scalef_ps(p, k);
+        _mm512_storeu_ps(s + i, e);
+        vsum = _mm512_add_ps(vsum, e);
     }
+    sum = _mm512_reduce_add_ps(vsum);
+#endif
+    for (; i < n; i++) {
+        s[i] = expf(s[i] - mx);
+        sum += s[i];
+    }
+    return sum;
 }
 
 /* ---- decode attention: one query per row over its cache (positions 0 .. len[m] - 1, already
    holding this token's k and v). q at q + m * q_stride (Hq heads of D), out [M, Hq * D]. Query
-   head h reads kv head h / (Hq / Hkv). scale[m] multiplies the scores (1/sqrt(D), times LogN). */
+   heads h with the same kv head h / (Hq / Hkv) are done together (each K/V vector is read once), and
+   long caches in chunks of ATT_CHUNK positions on separate threads, merged by their softmax maxima
+   and sums (as flash-decoding does). The chunking depends only on the row's length: a row's result
+   is the same in any batch. scale[m] multiplies the scores (1/sqrt(D), times LogN). */
+#define ATT_CHUNK 256
 void attend(const float *q, int M, int Hq, int Hkv, int D, long q_stride, void **kb, void **vb,
             const int *len, const long *head_stride, int bf16, const float *scale, float *out) {
     int group = Hq / Hkv;
     size_t el = bf16 ? 2 : 4;
-#pragma omp parallel for schedule(static)
-    for (int task = 0; task < M * Hq; task++) {
-        int m = task / Hq, h = task % Hq, n = len[m];
-        float *o = out + (long)m * Hq * D + (long)h * D;
-        memset(o, 0, sizeof(float) * D);
-        if (!kb[m] || n <= 0) continue;
-        const float *qh = q + m * q_stride + (long)h * D;
-        const char *kh = (const char *)kb[m] + (size_t)(h / group) * head_stride[m] * el;
-        const char *vh = (const char *)vb[m] + (size_t)(h / group) * head_stride[m] * el;
-        float *s = malloc(sizeof(float) * n);
-        float mx = -INFINITY, sum = 0;
-        for (int t = 0; t < n; t++) {
-            s[t] = dot_kv(qh, kh + (size_t)t * D * el, D, bf16) * scale[m];
-            mx = s[t] > mx ? s[t] : mx;
+    int *first = malloc(sizeof(int) * (M + 1)); /* tasks of row m: first[m] .. first[m + 1] - 1 */
+    first[0] = 0;
+    for (int m = 0; m < M; m++) {
+        int chunks = kb[m] && len[m] > 0 ? (len[m] + ATT_CHUNK - 1) / ATT_CHUNK : 0;
+        first[m + 1] = first[m] + chunks * Hkv;
+    }
+    int tasks = first[M];
+    size_t per = (size_t)group * (D + 2); /* per task and query head: max, sum, D partial outputs */
+    float *part = malloc(sizeof(float) * (tasks ? tasks : 1) * per);
+#pragma omp parallel
+    {
+        float *kv = malloc(sizeof(float) * D);
+        float *s = malloc(sizeof(float) * group * ATT_CHUNK);
+#pragma omp for schedule(static)
+        for (int task = 0; task < tasks; task++) {
+            int m = 0;
+            while (first[m + 1] <= task) m++;
+            int kvh = (task - first[m]) % Hkv, c = (task - first[m]) / Hkv;
+            int t0 = c * ATT_CHUNK, t1 = t0 + ATT_CHUNK < len[m] ? t0 + ATT_CHUNK : len[m], n = t1 - t0;
+            const char *kh = (const char *)kb[m] + (size_t)kvh * head_stride[m] * el;
+            const char *vh = (const char *)vb[m] + (size_t)kvh * head_stride[m] * el;
+            const float *qh = q + m * q_stride + (long)kvh * group * D;
+            float *pt = part + (size_t)task * per;
+            for (int t = 0; t < n; t++) {
+                load_kv(kv, kh + (size_t)(t0 + t) * D * el, D, bf16);
+                for (int g = 0; g < group; g++) s[g * ATT_CHUNK + t] = dot(qh + g * D, kv, D) * scale[m];
+            }
+            for (int g = 0; g < group; g++) {
+                float mx = -INFINITY;
+                for (int t = 0; t < n; t++) mx = s[g * ATT_CHUNK + t] > mx ? s[g * ATT_CHUNK + t] : mx;
+                pt[g * (D + 2)] = mx;
+                pt[g * (D + 2) + 1] = exp_sum(s + g * ATT_CHUNK, n, mx);
+                memset(pt + g * (D + 2) + 2, 0, sizeof(float) * D);
+            }
+            for (int t = 0; t < n; t++) {
+                load_kv(kv, vh + (size_t)(t0 + t) * D * el, D, bf16);
+                for (int g = 0; g < group; g++) {
+                    float p = s[g * ATT_CHUNK + t], *o = pt + g * (D + 2) + 2;
+#pragma omp simd
+                    for (int i = 0; i < D; i++) o[i] += p * kv[i];
+                }
+            }
         }
-        for (int t = 0; t < n; t++) {
-            s[t] = expf(s[t] - mx);
-            sum += s[t];
-        }
-        for (int t = 0; t < n; t++) axpy_kv(o, s[t] / sum, vh + (size_t)t * D * el, D, bf16);
+        free(kv);
         free(s);
     }
+    for (int m = 0; m < M; m++) /* merge the chunks of each query head, in chunk order */
+        for (int h = 0; h < Hq; h++) {
+            float *o = out + (long)m * Hq * D + (long)h * D;
+            memset(o, 0, sizeof(float) * D);
+            int chunks = (first[m + 1] - first[m]) / Hkv, kvh = h / group, g = h % group;
+            float mx = -INFINITY, sum = 0;
+            for (int c = 0; c < chunks; c++) {
+                float cm = part[(size_t)(first[m] + c * Hkv + kvh) * per + g * (D + 2)];
+                mx = cm > mx ? cm : mx;
+            }
+            for (int c = 0; c < chunks; c++) {
+                const float *pt = part + (size_t)(first[m] + c * Hkv + kvh) * per + g * (D + 2);
+                float w = expf(pt[0] - mx);
+                sum += w * pt[1];
+                for (int i = 0; i < D; i++) o[i] += w * pt[2 + i];
+            }
+            for (int i = 0; i < D && sum > 0; i++) o[i] /= sum;
+        }
+    free(part);
+    free(first);
 }
 
 /* ---- SwiGLU: out[m, i] = silu(gu[m, i]) * gu[m, I + i] ----------------------------------------- */
