@@ -201,3 +201,15 @@ def test_a_copied_model_decodes_on_its_own_weights(quantized):
     gc.collect()  # the kernels' cached addresses must follow the copy, not the freed original
     got = _decode(other, ids, steps, StaticKVCache.for_model(other, 1, 32))
     assert torch.equal(got, want)
+
+
+def test_fused_decode_over_a_long_cache_merges_its_chunks(tmp_path):
+    """Over 256 cached positions attention runs in chunks on separate threads, merged by softmax sums."""
+    src = save_tiny(tmp_path / "src", "llama", max_position_embeddings=1024)
+    net = qianwen.load(str(quantize_folder(src, tmp_path / "q4", bits=4, group_size=32)), dtype=torch.float32).net
+    ids, steps = [(i * 7) % 300 + 3 for i in range(600)], [5, 17, 9]
+    fast = _decode(net, ids, steps, StaticKVCache.for_model(net, 1, 640))
+    fd, net.fast_decode = net.fast_decode, None
+    want = _decode(net, ids, steps, StaticKVCache.for_model(net, 1, 640))
+    net.fast_decode = fd
+    assert (fast - want).abs().max().item() <= 1e-4 * want.abs().max().item()
