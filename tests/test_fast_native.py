@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import subprocess
 import sys
 
@@ -212,4 +213,35 @@ def test_fused_decode_over_a_long_cache_merges_its_chunks(tmp_path):
     fd, net.fast_decode = net.fast_decode, None
     want = _decode(net, ids, steps, StaticKVCache.for_model(net, 1, 640))
     net.fast_decode = fd
+    assert (fast - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+
+
+@pytest.fixture
+def portable_kernels(tmp_path, monkeypatch):
+    """The kernels' plain C bodies (what CPUs without AVX-512, e.g. ARM or AVX2-only x86, run)."""
+    cc = native._compiler()
+    so = native.open_library(native.build(cc, tmp_path / "portable.so",
+                                          (["-O2", "-mno-avx512f", "-fno-math-errno", "-fopenmp"],)))
+    if shutil.which("objdump"):  # no 512-bit instruction in it
+        dis = subprocess.run(["objdump", "-d", str(tmp_path / "portable.so")], capture_output=True, text=True).stdout
+        assert "zmm" not in dis
+    monkeypatch.setattr(native, "lib", lambda: so)
+    return so
+
+
+def test_portable_kernels_compute_the_same(portable_kernels, quantized):
+    lin = _int4(100, 256, 32, 2, True)
+    x = torch.randn(5, 256)
+    out = torch.empty(5, 100)
+    assert lin.native_matmul(x, out)
+    assert (out - (x @ lin.dequantize().T + lin.bias)).abs().max().item() <= 1e-4 * out.abs().max().item()
+    q8 = Int8Linear(torch.randint(-128, 128, (30, 64), dtype=torch.int8), torch.rand(30, 4) * 0.01)
+    out8 = torch.empty(5, 30)
+    assert q8.native_matmul(x[:, :64].contiguous(), out8)
+    assert torch.allclose(out8, x[:, :64] @ q8.dequantize().T, atol=1e-4)
+    net = qianwen.load(str(quantized), dtype=torch.float32).net  # its decode step on the portable kernels
+    ids, steps = list(range(3, 30)), [5, 17, 9]
+    fast = _decode(net, ids, steps, StaticKVCache.for_model(net, 1, 40))
+    net.fast_decode = None
+    want = _decode(net, ids, steps, StaticKVCache.for_model(net, 1, 40))
     assert (fast - want).abs().max().item() <= 1e-4 * want.abs().max().item()

@@ -50,16 +50,17 @@ def _cpu_signature() -> str:
         return platform.processor()
 
 
-def _build(cc: str) -> Path:
-    src = SOURCE.read_bytes()
-    key = src + cc.encode() + platform.machine().encode() + _cpu_signature().encode()
-    tag = hashlib.sha256(key).hexdigest()[:16]
-    out = home() / "kernels" / f"kernels-{tag}.so"
-    if out.exists():
-        return out
+def build(cc: str, out: Path | None = None, flag_sets: tuple[list[str], ...] = FLAG_SETS) -> Path:
+    """Compile kernels.c (cached by source, compiler and CPU unless `out` is given); the first of
+    `flag_sets` that compiles wins."""
+    if out is None:
+        key = SOURCE.read_bytes() + cc.encode() + platform.machine().encode() + _cpu_signature().encode()
+        out = home() / "kernels" / f"kernels-{hashlib.sha256(key).hexdigest()[:16]}.so"
+        if out.exists():
+            return out
     out.parent.mkdir(parents=True, exist_ok=True)
     errors = []
-    for flags in FLAG_SETS:
+    for flags in flag_sets:
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
             tmp_so = Path(tmp) / out.name
             cmd = [cc, *flags, "-shared", "-fPIC", "-o", str(tmp_so), str(SOURCE), "-lm"]
@@ -69,6 +70,14 @@ def _build(cc: str) -> Path:
                 return out
             errors.append((proc.stderr.strip().splitlines() or ["?"])[-1])
     raise RuntimeError(f"{cc} failed: {errors[0]}")
+
+
+def open_library(path: Path) -> ctypes.CDLL:
+    so = ctypes.CDLL(str(path))
+    for name, args in SIGNATURES.items():
+        fn = getattr(so, name)
+        fn.argtypes, fn.restype = args, None
+    return so
 
 
 @cache
@@ -85,12 +94,8 @@ def lib() -> ctypes.CDLL | None:
         failure = "no C compiler found (set CC); using torch kernels"
         return None
     try:
-        so = ctypes.CDLL(str(_build(cc)))
+        return open_library(build(cc))
     except (OSError, RuntimeError) as e:
         failure = f"could not build the CPU kernels ({e}); using torch kernels"
         print(f"qianwen: {failure}", file=sys.stderr)
         return None
-    for name, args in SIGNATURES.items():
-        fn = getattr(so, name)
-        fn.argtypes, fn.restype = args, None
-    return so
