@@ -245,3 +245,26 @@ def test_portable_kernels_compute_the_same(portable_kernels, quantized):
     net.fast_decode = None
     want = _decode(net, ids, steps, StaticKVCache.for_model(net, 1, 40))
     assert (fast - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+
+
+def test_kernels_follow_torchs_thread_count_in_any_thread():
+    """A thread torch did not start (the server's engine thread) uses torch.set_num_threads too, even
+    when a kernel is the first parallel work it does (OpenMP's count is per thread)."""
+    import threading
+
+    lin = _int4(64, 64, 32, 1, False)
+    x, out, seen = torch.randn(1, 64), torch.empty(1, 64), []
+
+    def work():
+        lin.native_matmul(x, out)
+        seen.append(native.lib().get_threads())
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t = threading.Thread(target=work)
+        t.start()
+        t.join()
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1]

@@ -30,6 +30,7 @@ SIGNATURES = {
     "kv_store": [Ptr, Int, Long, Long, Long, Int, Int, Ptr, Ptr, Ptr, Ptr, Int],
     "attend": [Ptr, Int, Int, Int, Int, Long, Ptr, Ptr, Ptr, Ptr, Int, Ptr, Ptr],
     "silu_mul": [Ptr, Int, Int, Ptr],
+    "set_threads": [Int],
 }
 FLAG_SETS = (["-O3", "-march=native", "-fno-math-errno", "-fopenmp"],
              ["-O3", "-fno-math-errno", "-fopenmp"],
@@ -77,6 +78,7 @@ def open_library(path: Path) -> ctypes.CDLL:
     for name, args in SIGNATURES.items():
         fn = getattr(so, name)
         fn.argtypes, fn.restype = args, None
+    so.get_threads.argtypes, so.get_threads.restype = [], ctypes.c_int
     return so
 
 

@@ -74,6 +74,7 @@ class NativeLinear(nn.Module):
         if so is None or x.device.type != "cpu":
             return False
         assert x.is_contiguous() and out.stride(1) == 1 and x.dtype == out.dtype == torch.float32
+        so.set_threads(torch.get_num_threads())  # OpenMP's count is per thread: follow torch's setting
         getattr(so, self.KERNEL)(x.data_ptr(), x.shape[0], self.in_features, *self.kernel_args(), out.data_ptr(),
                                  out.stride(0), int(accumulate))
         return True
