@@ -268,3 +268,27 @@ def test_kernels_follow_torchs_thread_count_in_any_thread():
     finally:
         torch.set_num_threads(before)
     assert seen == [1]
+
+
+def test_one_call_layer_stack_equals_the_kernels_called_one_by_one(quantized):
+    """kernels.c decode_layers runs the same kernels in the same order as the Python step: bit for bit,
+    over engine caches of different capacities with a padding row."""
+    net = qianwen.load(str(quantized), dtype=torch.bfloat16).net
+    fd = net.fast_decode
+    assert fd.one_call
+    c = net.config
+    results = []
+    for one_call in (True, False):
+        fd.one_call = one_call
+        cm = CacheManager(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, torch.bfloat16,
+                          torch.device("cpu"), 4096, 16)
+        prompts = [list(range(3, 12)), list(range(20, 60))]
+        kvs = [cm.allocate(len(p) + 4) for p in prompts]
+        with torch.inference_mode():
+            for p, kv in zip(prompts, kvs, strict=True):
+                net.hidden_states(torch.tensor([p]), cache=BatchCache([kv], [0]))
+            steps = [net(torch.tensor([[7 + i], [8 + i], [0]]), torch.tensor([[9 + i], [40 + i], [0]]),
+                         BatchCache([*kvs, None], [9 + i, 40 + i, 0]))[:2] for i in range(3)]
+        results.append(torch.stack(steps))
+    fd.one_call = True
+    assert torch.equal(results[0], results[1])

@@ -65,6 +65,15 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.detach().float().contiguous()
 
 
+def _proj(mod: NativeLinear) -> native.Proj:
+    a = mod.kernel_args()
+    if mod.KERNEL == "q4_gemm":
+        w, s, planes, pstride, sstride, g, n, npad, bias = a
+        return native.Proj(4, mod.in_features, n, npad, planes, g, pstride, sstride, w, s, bias)
+    w, s, g, n, bias = a
+    return native.Proj(8, mod.in_features, n, 0, 1, g, 0, 0, w, s, bias)
+
+
 class NativeDecoder:
     def __init__(self, net: nn.Module) -> None:
         c = net.config
@@ -83,6 +92,29 @@ class NativeDecoder:
                 down=Projection([mlp.down_proj]),
                 q_norm=_f32(att.q_norm.weight) if qk_norm else None, k_norm=_f32(att.k_norm.weight) if qk_norm else None))
         self.norm = _f32(net.model.norm.weight)
+        # every projection has a kernel: the whole layer stack runs in one call (kernels.c decode_layers)
+        self.one_call = all(layer[k].native for layer in self.layers for k in ("qkv", "o", "gate_up", "down"))
+        self._c_layers, self._c_ptr = None, None
+
+    def __getstate__(self) -> dict:  # a copied or pickled model plans again: the layers hold addresses
+        return {**self.__dict__, "_c_layers": None, "_c_ptr": None}
+
+    def _plan(self):
+        """kernels.c `Layer` descriptors of every layer (their addresses follow a copied model)."""
+        layers = (native.Layer * len(self.layers))()
+        for c, layer in zip(layers, self.layers, strict=True):
+            c.ln1, c.ln2 = layer["ln1"].data_ptr(), layer["ln2"].data_ptr()
+            if layer["q_norm"] is not None:
+                c.q_norm, c.k_norm = layer["q_norm"].data_ptr(), layer["k_norm"].data_ptr()
+            qkv, gu = layer["qkv"].mods, layer["gate_up"].mods
+            c.n_qkv, c.n_gu = len(qkv), len(gu)
+            for i, mod in enumerate(qkv):
+                c.qkv[i] = _proj(mod)
+            for i, mod in enumerate(gu):
+                c.gu[i] = _proj(mod)
+            c.o, c.down = _proj(layer["o"].mods[0]), _proj(layer["down"].mods[0])
+        self._c_layers, self._c_ptr = layers, self.norm.data_ptr()
+        return layers
 
     def accepts(self, cache) -> bool:
         return hasattr(cache, "native_rows") and self.norm.device.type == "cpu"
@@ -111,25 +143,34 @@ class NativeDecoder:
         pos = (ctypes.c_int * m)(*(r.past if r else 0 for r in rows))
         lens = (ctypes.c_int * m)(*(r.past + 1 if r else 0 for r in rows))
         strides = (ctypes.c_long * m)(*(r.head_stride if r else 0 for r in rows))
-        for i, layer in enumerate(self.layers):
-            for j, r in enumerate(rows):
-                if r is not None:
-                    kb[j], vb[j] = r.k + i * r.layer_stride * es, r.v + i * r.layer_stride * es
-            lib.rms_norm(xp, hp, m, h, h, h, layer["ln1"].data_ptr(), eps)
-            layer["qkv"](hbuf, qkv)
-            if layer["q_norm"] is not None:  # Qwen3: per-head RMSNorm of q and k before rotary
-                for j in range(m):
-                    q0, k0 = qkvp + 4 * j * qkv_n, qkvp + 4 * (j * qkv_n + hq * d)
-                    lib.rms_norm(q0, q0, hq, d, d, d, layer["q_norm"].data_ptr(), eps)
-                    lib.rms_norm(k0, k0, hkv, d, d, d, layer["k_norm"].data_ptr(), eps)
-            lib.rope(qkvp, m, hq + hkv, d, qkv_n, cos.data_ptr(), sin.data_ptr())
-            lib.kv_store(qkvp, m, qkv_n, hq * d, (hq + hkv) * d, hkv, d, kb, vb, pos, strides, bf16)
-            lib.attend(qkvp, m, hq, hkv, d, qkv_n, kb, vb, lens, strides, bf16, scale.data_ptr(), attp)
-            layer["o"](att, x, accumulate=True)
+        if self.one_call:
+            layers = self._c_layers if self._c_ptr == self.norm.data_ptr() else self._plan()
+            k0 = (ctypes.c_void_p * m)(*(r.k if r else None for r in rows))
+            v0 = (ctypes.c_void_p * m)(*(r.v if r else None for r in rows))
+            layer_strides = (ctypes.c_long * m)(*(r.layer_stride if r else 0 for r in rows))
+            lib.decode_layers(layers, len(self.layers), m, h, hq, hkv, d, self.inter, eps, xp, hp, qkvp, attp, gup,
+                              actp, cos.data_ptr(), sin.data_ptr(), scale.data_ptr(), k0, v0, layer_strides,
+                              strides, pos, lens, bf16)
+        else:  # the same kernels, called one by one (some projection runs on torch)
+            for i, layer in enumerate(self.layers):
+                for j, r in enumerate(rows):
+                    if r is not None:
+                        kb[j], vb[j] = r.k + i * r.layer_stride * es, r.v + i * r.layer_stride * es
+                lib.rms_norm(xp, hp, m, h, h, h, layer["ln1"].data_ptr(), eps)
+                layer["qkv"](hbuf, qkv)
+                if layer["q_norm"] is not None:  # Qwen3: per-head RMSNorm of q and k before rotary
+                    for j in range(m):
+                        q0, k0 = qkvp + 4 * j * qkv_n, qkvp + 4 * (j * qkv_n + hq * d)
+                        lib.rms_norm(q0, q0, hq, d, d, d, layer["q_norm"].data_ptr(), eps)
+                        lib.rms_norm(k0, k0, hkv, d, d, d, layer["k_norm"].data_ptr(), eps)
+                lib.rope(qkvp, m, hq + hkv, d, qkv_n, cos.data_ptr(), sin.data_ptr())
+                lib.kv_store(qkvp, m, qkv_n, hq * d, (hq + hkv) * d, hkv, d, kb, vb, pos, strides, bf16)
+                lib.attend(qkvp, m, hq, hkv, d, qkv_n, kb, vb, lens, strides, bf16, scale.data_ptr(), attp)
+                layer["o"](att, x, accumulate=True)
 
-            lib.rms_norm(xp, hp, m, h, h, h, layer["ln2"].data_ptr(), eps)
-            layer["gate_up"](hbuf, gu)
-            lib.silu_mul(gup, m, self.inter, actp)
-            layer["down"](act, x, accumulate=True)
+                lib.rms_norm(xp, hp, m, h, h, h, layer["ln2"].data_ptr(), eps)
+                layer["gate_up"](hbuf, gu)
+                lib.silu_mul(gup, m, self.inter, actp)
+                layer["down"](act, x, accumulate=True)
         lib.rms_norm(xp, xp, m, h, h, h, self.norm.data_ptr(), eps)
         return x.view(m, 1, h)

@@ -22,6 +22,23 @@ from ..paths import home
 
 SOURCE = Path(__file__).with_name("kernels.c")
 Ptr, Int, Long, Flt = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
+class Proj(ctypes.Structure):
+    """kernels.c's `Proj`: one projection's kernel (4: q4_gemm, 8: q8_gemm) and its arguments."""
+
+    _fields_ = [("kind", ctypes.c_int), ("K", ctypes.c_int), ("N", ctypes.c_int), ("Npad", ctypes.c_int),
+                ("planes", ctypes.c_int), ("g", ctypes.c_int), ("pstride", ctypes.c_long),
+                ("sstride", ctypes.c_long), ("w", ctypes.c_void_p), ("s", ctypes.c_void_p),
+                ("bias", ctypes.c_void_p)]
+
+
+class Layer(ctypes.Structure):
+    """kernels.c's `Layer`: one decoder layer for `decode_layers`."""
+
+    _fields_ = [("ln1", ctypes.c_void_p), ("ln2", ctypes.c_void_p), ("q_norm", ctypes.c_void_p),
+                ("k_norm", ctypes.c_void_p), ("n_qkv", ctypes.c_int), ("n_gu", ctypes.c_int),
+                ("qkv", Proj * 3), ("o", Proj), ("gu", Proj * 2), ("down", Proj)]
+
+
 SIGNATURES = {
     "q4_gemm": [Ptr, Int, Int, Ptr, Ptr, Int, Long, Long, Int, Int, Int, Ptr, Ptr, Long, Int],
     "q8_gemm": [Ptr, Int, Int, Ptr, Ptr, Int, Int, Ptr, Ptr, Long, Int],
@@ -31,6 +48,8 @@ SIGNATURES = {
     "attend": [Ptr, Int, Int, Int, Int, Long, Ptr, Ptr, Ptr, Ptr, Int, Ptr, Ptr],
     "silu_mul": [Ptr, Int, Int, Ptr],
     "set_threads": [Int],
+    "decode_layers": [Ptr, Int, Int, Int, Int, Int, Int, Int, Flt, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr,
+                      Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Int],
 }
 FLAG_SETS = (["-O3", "-march=native", "-fno-math-errno", "-fopenmp"],
              ["-O3", "-fno-math-errno", "-fopenmp"],
