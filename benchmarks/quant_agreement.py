@@ -116,7 +116,7 @@ def compare(ref: list[torch.Tensor], got: list[torch.Tensor]) -> tuple[float, fl
 
 
 def held_as(net: torch.nn.Module) -> tuple[str, list[str]]:
-    """A short summary of the quantized layers (kind, group size, planes) and a line per kind naming them."""
+    """A short summary of the quantized layers (kind, group size) and a line per kind naming them."""
     names: dict[int, list[str]] = defaultdict(list)
     mods: dict[int, torch.nn.Module] = {}
     for name, mod in net.named_modules(remove_duplicate=False):
@@ -127,8 +127,7 @@ def held_as(net: torch.nn.Module) -> tuple[str, list[str]]:
     for key, mod in mods.items():
         label = "lm_head=embedding" if {"lm_head", "source"} <= set(names[key]) else names[key][0]
         if isinstance(mod, Int4Linear):
-            planes = mod.packed.shape[0]
-            kind = f"Int4Linear g{mod.group_size}" + (f" {planes} planes" if planes > 1 else "")
+            kind = f"Int4Linear g{mod.group_size}"
         elif isinstance(mod, Int8Linear):
             g = "per-row" if mod.group_size == mod.in_features else f"g{mod.group_size}"
             kind = f"Int8Linear {g}"

@@ -35,20 +35,15 @@ def test_kernels_build_and_share_torchs_thread_pool():
     assert len(gomp) == 1 and "torch" in gomp[0], gomp
 
 
-def _int4(n: int, k: int, g: int, planes: int, bias: bool) -> Int4Linear:
-    torch.manual_seed(n + k + g + planes)
-    lin = Int4Linear.from_float(torch.nn.Linear(k, n, bias=bias), g)
-    if planes == 2:  # a second plane, as GGUF Q8_0 is held
-        extra = Int4Linear.from_float(torch.nn.Linear(k, n, bias=False), g)
-        lin = Int4Linear(k, n, g, torch.cat([lin.packed, extra.packed]), torch.cat([lin.scales_zeros, extra.scales_zeros]),
-                         lin.bias)
-    return lin
+def _int4(n: int, k: int, g: int, bias: bool) -> Int4Linear:
+    torch.manual_seed(n + k + g)
+    return Int4Linear.from_float(torch.nn.Linear(k, n, bias=bias), g)
 
 
-@pytest.mark.parametrize("n,k,g,planes,bias", [(100, 256, 32, 1, True), (128, 192, 64, 1, False),
-                                               (64, 512, 128, 2, True), (320, 256, 256, 1, False)])
-def test_q4_gemm_matches_the_dequantized_weight(n, k, g, planes, bias):
-    lin = _int4(n, k, g, planes, bias)
+@pytest.mark.parametrize("n,k,g,bias", [(100, 256, 32, True), (128, 192, 64, False), (64, 512, 128, True),
+                                        (320, 256, 256, False)])
+def test_q4_gemm_matches_the_dequantized_weight(n, k, g, bias):
+    lin = _int4(n, k, g, bias)
     x = torch.randn(5, k)
     want = x @ lin.dequantize().T + (lin.bias.float() if bias else 0)
     out = torch.empty(5, n)
@@ -79,7 +74,7 @@ def test_q8_gemm_matches_the_dequantized_weight(n, k, g, bias):
 
 
 def test_q4_gemm_rows_do_not_depend_on_the_batch():
-    lin = _int4(192, 256, 32, 1, True)
+    lin = _int4(192, 256, 32, True)
     x = torch.randn(7, 256)
     batch = torch.empty(7, 192)
     lin.native_matmul(x, batch)
@@ -180,7 +175,7 @@ def test_fused_decode_with_qwen7b_ntk_and_logn(tmp_path):
 
 
 def test_without_the_kernels_torch_runs_the_same_layers(monkeypatch, quantized):
-    lin = _int4(128, 256, 32, 1, True)
+    lin = _int4(128, 256, 32, True)
     x = torch.randn(3, 256)
     want = lin(x)
     monkeypatch.setattr(native, "lib", lambda: None)
@@ -230,7 +225,7 @@ def portable_kernels(tmp_path, monkeypatch):
 
 
 def test_portable_kernels_compute_the_same(portable_kernels, quantized):
-    lin = _int4(100, 256, 32, 2, True)
+    lin = _int4(100, 256, 32, True)
     x = torch.randn(5, 256)
     out = torch.empty(5, 100)
     assert lin.native_matmul(x, out)
@@ -252,7 +247,7 @@ def test_kernels_follow_torchs_thread_count_in_any_thread():
     when a kernel is the first parallel work it does (OpenMP's count is per thread)."""
     import threading
 
-    lin = _int4(64, 64, 32, 1, False)
+    lin = _int4(64, 64, 32, False)
     x, out, seen = torch.randn(1, 64), torch.empty(1, 64), []
 
     def work():

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from qianwen.quant.gguf import _DECODERS, SUPPORTED_TYPES, planes_from_gguf, quantized_linear_from_gguf
+from qianwen.quant.gguf import _DECODERS, _INT8, SUPPORTED_TYPES, plane_from_gguf, quantized_linear_from_gguf
 from qianwen.quant.int4 import pack_int4, pick_group_size, unpack_int4_rows
 from qianwen.quant.linear import Int4Linear, Int8Linear, QuantEmbedding, fuse_linears
 
@@ -66,7 +66,7 @@ def test_int8_linear_matches_its_dequantized_weight():
 
 def _blocks(name: str, n: int, k: int, seed: int = 0) -> np.ndarray:
     """Random GGUF blocks with sane fp16 scale fields."""
-    block, nbytes = (256, 210) if name == "Q6_K" else _DECODERS[name][1:]
+    block, nbytes = _INT8[name] if name in _INT8 else _DECODERS[name][1:]
     rng = np.random.default_rng(seed)
     raw = rng.integers(0, 256, (n, k // block, nbytes), dtype=np.uint8)
     n_scales = 2 if name in ("Q4_1", "Q4_K") else 1
@@ -98,9 +98,9 @@ def test_gguf_repack_is_exact(name):
     lin = quantized_linear_from_gguf(t)
     if isinstance(lin, Int8Linear):  # Q8_0, Q6_K: int8 with fp32 block scales, exact
         assert torch.equal(lin.dequantize(), ref)
-    if name != "Q6_K":  # the int4-plane form (the torch kernels' layout)
-        planes = planes_from_gguf(t)
-        exact = sum((q.float() - 8) * s.repeat_interleave(32, 1) + z.repeat_interleave(32, 1) for q, s, z in planes)
+    else:  # 4-bit: the decoded blocks before the kernel layout's bf16 scales
+        q, s, z = plane_from_gguf(t)
+        exact = (q.float() - 8) * s.repeat_interleave(32, 1) + z.repeat_interleave(32, 1)
         assert torch.equal(exact, ref)  # the repacking itself loses nothing
     # int4 held with bf16 scales (torch's kernel dtype): close to gguf's own dequantization
     w = lin.dequantize()
@@ -116,7 +116,7 @@ def test_gguf_row_order_permutes_rows():
     assert torch.equal(quantized_linear_from_gguf(t, order).dequantize(), quantized_linear_from_gguf(t).dequantize()[order])
 
 
-@pytest.mark.parametrize("kind", ["int4", "int4x2", "q8_0", "int8"])
+@pytest.mark.parametrize("kind", ["int4", "q8_0", "int8"])
 def test_rows_do_not_depend_on_batch(kind):
     q = _quantized(kind, 256, 576)
     x = torch.randn(16, 576, dtype=torch.bfloat16)
@@ -142,12 +142,10 @@ def _quantized(kind: str, n: int = 320, k: int = 576):
         return Int8Linear.from_float(_linear(n, k, bias=True))
     if kind == "q8_0":  # int8 blocks of 32
         return quantized_linear_from_gguf(FakeTensor("Q8_0", _blocks("Q8_0", n, k), k))
-    if kind == "int4x2":  # the same Q8_0 blocks as two int4 planes
-        return Int4Linear.from_planes(planes_from_gguf(FakeTensor("Q8_0", _blocks("Q8_0", n, k), k)), 32)
     return Int4Linear.from_float(_linear(n, k, bias=True), 64)
 
 
-@pytest.mark.parametrize("kind", ["int4", "int4x2", "q8_0", "int8"])
+@pytest.mark.parametrize("kind", ["int4", "q8_0", "int8"])
 def test_prefill_dequantizes_on_the_fly_and_matches_the_kernel(kind):
     from qianwen.quant.linear import PREFILL_TOKENS
 
@@ -166,7 +164,7 @@ def test_prefill_dequantizes_on_the_fly_and_matches_the_kernel(kind):
 
 
 def test_transposed_bf16_dequantization_is_the_kernel_formula():
-    q = _quantized("int4x2", 192, 256)
+    q = _quantized("int4", 192, 256)
     want = q.dequantize()
     got = q.dequantize_t().float().T
     assert got.shape == want.shape
@@ -174,12 +172,12 @@ def test_transposed_bf16_dequantization_is_the_kernel_formula():
 
 
 @pytest.mark.parametrize("name", ["Q4_0", "Q4_1"])
-def test_direct_q4_packing_equals_repacking_the_planes(name):
+def test_direct_q4_packing_equals_repacking_the_decoded_values(name):
     n, k = 200, 256  # 200 rows: padded to 256 inside
     t = FakeTensor(name, _blocks(name, n, k, seed=3), k)
     direct = quantized_linear_from_gguf(t)
-    via_planes = Int4Linear.from_planes(planes_from_gguf(t), 32)
-    assert torch.equal(direct.packed, via_planes.packed)
-    assert torch.equal(direct.scales_zeros, via_planes.scales_zeros)
+    via_values = Int4Linear.from_q(*plane_from_gguf(t), 32)
+    assert torch.equal(direct.packed, via_values.packed)
+    assert torch.equal(direct.scales_zeros, via_values.scales_zeros)
     order = np.random.default_rng(2).permutation(n)
     assert torch.equal(quantized_linear_from_gguf(t, order).dequantize(), direct.dequantize()[order])

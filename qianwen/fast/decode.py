@@ -70,10 +70,10 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 def _proj(mod: NativeLinear) -> native.Proj:
     a = mod.kernel_args()
     if mod.KERNEL == "q4_gemm":
-        w, s, planes, pstride, sstride, g, n, npad, bias = a
-        return native.Proj(4, mod.in_features, n, npad, planes, g, pstride, sstride, w, s, bias)
+        w, s, g, n, npad, bias = a
+        return native.Proj(4, mod.in_features, n, npad, g, w, s, bias)
     w, s, g, n, bias = a
-    return native.Proj(8, mod.in_features, n, 0, 1, g, 0, 0, w, s, bias)
+    return native.Proj(8, mod.in_features, n, 0, g, w, s, bias)
 
 
 class NativeDecoder:

@@ -51,8 +51,7 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
 /* ---- int4 GEMM on torch's `_weight_int4pack_mm_for_cpu` layout ----------------------------------
    packed [Npad/64, K, 32] bytes: byte (blk, k, j) holds row 64 blk + j in its low nibble and row
    64 blk + 32 + j in its high nibble. sz [K/g, Npad, 2] bf16 (scale, zero): w = (q - 8) scale + zero.
-   `planes` weights (each `packed_stride` / `sz_stride` elements apart) are summed (GGUF Q8_0 is held
-   as two 4-bit planes). y[m, n] (+)= sum_k x[m, k] w[n, k] + bias[n]. */
+   y[m, n] (+)= sum_k x[m, k] w[n, k] + bias[n], rows of y `ldy` floats apart. */
 #ifdef __AVX512F__
 /* One group of one 64-row block for R rows of x at once: the nibbles are unpacked once and used by
    every row (a row's own operations are the same for any R). out[r] accumulates 64 outputs. */
@@ -89,9 +88,8 @@ static inline __attribute__((always_inline)) void q4_group(const uint8_t *wb, co
 }
 #endif
 
-void q4_gemm(const float *x, int M, int K, const uint8_t *packed, const uint16_t *sz, int planes,
-             long packed_stride, long sz_stride, int g, int N, int Npad, const float *bias, float *y, long ldy,
-             int accumulate) {
+void q4_gemm(const float *x, int M, int K, const uint8_t *packed, const uint16_t *sz, int g, int N, int Npad,
+             const float *bias, float *y, long ldy, int accumulate) {
     int G = K / g, nblk = Npad / 64;
     float *xs = malloc(sizeof(float) * (size_t)M * G); /* per-group sums of x, for the zero term */
     for (int m = 0; m < M; m++)
@@ -107,36 +105,34 @@ void q4_gemm(const float *x, int M, int K, const uint8_t *packed, const uint16_t
             float out[4][64] = {{0}};
             const float *xr[4];
             for (int r = 0; r < R; r++) xr[r] = x + (size_t)(m0 + r) * K;
-            for (int p = 0; p < planes; p++) {
-                const uint8_t *wb = packed + p * packed_stride + (size_t)blk * K * 32;
-                for (int gi = 0; gi < G; gi++) {
-                    const uint16_t *s = sz + p * sz_stride + ((size_t)gi * Npad + blk * 64) * 2;
-                    float xsum[4];
-                    for (int r = 0; r < R; r++) xsum[r] = xs[(m0 + r) * G + gi];
+            const uint8_t *wb = packed + (size_t)blk * K * 32;
+            for (int gi = 0; gi < G; gi++) {
+                const uint16_t *s = sz + ((size_t)gi * Npad + blk * 64) * 2;
+                float xsum[4];
+                for (int r = 0; r < R; r++) xsum[r] = xs[(m0 + r) * G + gi];
 #ifdef __AVX512F__
-                    if (R == 4)
-                        q4_group(wb, s, gi * g, g, xr, xsum, out, 4);
-                    else if (R == 2)
-                        q4_group(wb, s, gi * g, g, xr, xsum, out, 2);
-                    else
-                        q4_group(wb, s, gi * g, g, xr, xsum, out, 1);
+                if (R == 4)
+                    q4_group(wb, s, gi * g, g, xr, xsum, out, 4);
+                else if (R == 2)
+                    q4_group(wb, s, gi * g, g, xr, xsum, out, 2);
+                else
+                    q4_group(wb, s, gi * g, g, xr, xsum, out, 1);
 #else
-                    for (int r = 0; r < R; r++) {
-                        float acc[64] = {0};
-                        for (int k = gi * g; k < (gi + 1) * g; k++) {
-                            const uint8_t *wk = wb + k * 32;
-                            for (int j = 0; j < 32; j++) {
-                                acc[j] += (float)(wk[j] & 15) * xr[r][k];
-                                acc[j + 32] += (float)(wk[j] >> 4) * xr[r][k];
-                            }
-                        }
-                        for (int j = 0; j < 64; j++) {
-                            float sc = bf16_to_f32(s[2 * j]), zr = bf16_to_f32(s[2 * j + 1]);
-                            out[r][j] += acc[j] * sc + (zr - 8.f * sc) * xsum[r];
+                for (int r = 0; r < R; r++) {
+                    float acc[64] = {0};
+                    for (int k = gi * g; k < (gi + 1) * g; k++) {
+                        const uint8_t *wk = wb + k * 32;
+                        for (int j = 0; j < 32; j++) {
+                            acc[j] += (float)(wk[j] & 15) * xr[r][k];
+                            acc[j + 32] += (float)(wk[j] >> 4) * xr[r][k];
                         }
                     }
-#endif
+                    for (int j = 0; j < 64; j++) {
+                        float sc = bf16_to_f32(s[2 * j]), zr = bf16_to_f32(s[2 * j + 1]);
+                        out[r][j] += acc[j] * sc + (zr - 8.f * sc) * xsum[r];
+                    }
                 }
+#endif
             }
             for (int r = 0; r < R; r++) {
                 float *ym = y + (size_t)(m0 + r) * ldy;
@@ -422,8 +418,7 @@ void silu_mul(const float *gu, int M, int I, float *out) {
    out in Python, without a Python round trip per kernel (a fifth of a small model's step). ---------- */
 typedef struct {
     int kind; /* 4: q4_gemm, 8: q8_gemm (arguments as there) */
-    int K, N, Npad, planes, g;
-    long pstride, sstride;
+    int K, N, Npad, g;
     const void *w, *s;
     const float *bias;
 } Proj;
@@ -437,8 +432,7 @@ typedef struct {
 static void project(const Proj *p, int n, const float *x, int M, float *y, long ldy, int accumulate) {
     for (int i = 0; i < n; i++) { /* parts side by side in y */
         if (p[i].kind == 4)
-            q4_gemm(x, M, p[i].K, p[i].w, p[i].s, p[i].planes, p[i].pstride, p[i].sstride, p[i].g, p[i].N,
-                    p[i].Npad, p[i].bias, y, ldy, accumulate);
+            q4_gemm(x, M, p[i].K, p[i].w, p[i].s, p[i].g, p[i].N, p[i].Npad, p[i].bias, y, ldy, accumulate);
         else
             q8_gemm(x, M, p[i].K, p[i].w, p[i].s, p[i].g, p[i].N, p[i].bias, y, ldy, accumulate);
         y += p[i].N;

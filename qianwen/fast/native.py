@@ -26,9 +26,7 @@ class Proj(ctypes.Structure):
     """kernels.c's `Proj`: one projection's kernel (4: q4_gemm, 8: q8_gemm) and its arguments."""
 
     _fields_ = [("kind", ctypes.c_int), ("K", ctypes.c_int), ("N", ctypes.c_int), ("Npad", ctypes.c_int),
-                ("planes", ctypes.c_int), ("g", ctypes.c_int), ("pstride", ctypes.c_long),
-                ("sstride", ctypes.c_long), ("w", ctypes.c_void_p), ("s", ctypes.c_void_p),
-                ("bias", ctypes.c_void_p)]
+                ("g", ctypes.c_int), ("w", ctypes.c_void_p), ("s", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
 
 
 class Layer(ctypes.Structure):
@@ -40,7 +38,7 @@ class Layer(ctypes.Structure):
 
 
 SIGNATURES = {
-    "q4_gemm": [Ptr, Int, Int, Ptr, Ptr, Int, Long, Long, Int, Int, Int, Ptr, Ptr, Long, Int],
+    "q4_gemm": [Ptr, Int, Int, Ptr, Ptr, Int, Int, Int, Ptr, Ptr, Long, Int],
     "q8_gemm": [Ptr, Int, Int, Ptr, Ptr, Int, Int, Ptr, Ptr, Long, Int],
     "rms_norm": [Ptr, Ptr, Int, Int, Long, Long, Ptr, Flt],
     "rope": [Ptr, Int, Int, Int, Long, Ptr, Ptr],

@@ -1,12 +1,11 @@
-"""GGUF block formats repacked, without going through float, into `Int4Linear` planes (Q8_0: `Int8Linear`).
+"""GGUF block formats repacked, without going through float, into `Int4Linear` (Q8_0, Q6_K: `Int8Linear`).
 
-Every supported format has 32-weight groups with one scale and offset each, so it maps exactly onto the
-int4 kernel's `(q - 8) * scale + zero` (scales then held in bf16, the kernel's dtype):
+The 4-bit formats have 32-weight groups with one scale and offset each, so they map exactly onto the
+int4 kernel's `(q - 8) * scale + zero` (scales then held in bf16, torch's kernel dtype):
 - Q4_0: w = d * (q - 8)                      -> scale d, zero 0
 - Q4_1: w = d * q + m                        -> scale d, zero m + 8d
 - Q4_K: w = d*sc * q - dmin*m (8 groups/256) -> scale d*sc, zero 8*d*sc - dmin*m
-- Q8_0: w = d * q8, q8 in -128..127          -> Int8Linear, block scales d in fp32 (exact); as int4
-        planes (`planes_from_gguf`), q8 + 128 = 16 * hi + lo: hi scale 16d zero 0, lo scale d zero 8d
+- Q8_0: w = d * q8, q8 in -128..127          -> Int8Linear, block scales d in fp32 (exact)
 - Q6_K: w = d*sc * (q6 - 32) (16 groups/256) -> Int8Linear with groups of 16, scales d*sc (exact)
 Other types (F32, F16, Q5_*, ...) are left to the float loader.
 """
@@ -19,7 +18,7 @@ import torch
 from .int4 import BLOCK_N, pack_int4
 from .linear import Int4Linear, Int8Linear, _sz
 
-Plane = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # q uint8 [N, K], scale, zero float32 [N, K/32]
+Plane = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # q uint8 [N, K], scale, zero float32 [N, K/g]
 
 
 def _f16(b: np.ndarray) -> torch.Tensor:
@@ -33,27 +32,19 @@ def _nibbles(qs: np.ndarray) -> torch.Tensor:
     return torch.cat([t & 15, t >> 4], -1)
 
 
-def _q4_0(blocks: np.ndarray) -> list[Plane]:
+def _q4_0(blocks: np.ndarray) -> Plane:
     n, nb, _ = blocks.shape
     d = _f16(blocks[..., 0:2])
-    return [(_nibbles(blocks[..., 2:18]).view(n, nb * 32), d, torch.zeros_like(d))]
+    return _nibbles(blocks[..., 2:18]).view(n, nb * 32), d, torch.zeros_like(d)
 
 
-def _q4_1(blocks: np.ndarray) -> list[Plane]:
+def _q4_1(blocks: np.ndarray) -> Plane:
     n, nb, _ = blocks.shape
     d, m = _f16(blocks[..., 0:2]), _f16(blocks[..., 2:4])
-    return [(_nibbles(blocks[..., 4:20]).view(n, nb * 32), d, m + 8 * d)]
+    return _nibbles(blocks[..., 4:20]).view(n, nb * 32), d, m + 8 * d
 
 
-def _q8_0(blocks: np.ndarray) -> list[Plane]:
-    n, nb, _ = blocks.shape
-    d = _f16(blocks[..., 0:2])
-    u = (torch.from_numpy(np.ascontiguousarray(blocks[..., 2:34]).view(np.int8)).to(torch.int16) + 128).to(torch.uint8)
-    hi, lo = (u >> 4).view(n, nb * 32), (u & 15).view(n, nb * 32)
-    return [(hi, 16 * d, torch.zeros_like(d)), (lo, d, 8 * d)]
-
-
-def _q4_k(blocks: np.ndarray) -> list[Plane]:
+def _q4_k(blocks: np.ndarray) -> Plane:
     n, nb, _ = blocks.shape
     d, dmin = _f16(blocks[..., 0:2]), _f16(blocks[..., 2:4])
     s = torch.from_numpy(np.ascontiguousarray(blocks[..., 4:16])).to(torch.int32)  # [N, nb, 12]
@@ -64,7 +55,7 @@ def _q4_k(blocks: np.ndarray) -> list[Plane]:
     q = torch.stack([qs & 15, qs >> 4], 3).view(n, nb * 256)  # chunk c: 32 low nibbles, then 32 high
     scale = (d[..., None] * sc).view(n, nb * 8)
     zero = (8 * d[..., None] * sc - dmin[..., None] * mn).view(n, nb * 8)
-    return [(q, scale, zero)]
+    return q, scale, zero
 
 
 def _q6_k_int8(blocks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,9 +73,9 @@ def _q6_k_int8(blocks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     return q, (_f16(blocks[..., 208:210])[..., None] * sc).view(n, nb * 16)
 
 
-_DECODERS = {"Q4_0": (_q4_0, 32, 18), "Q4_1": (_q4_1, 32, 20), "Q8_0": (_q8_0, 32, 34), "Q4_K": (_q4_k, 256, 144)}
-_INT8_ONLY = {"Q6_K": (256, 210)}  # no int4-plane form: held as int8 only
-SUPPORTED_TYPES = (*_DECODERS, *_INT8_ONLY)
+_DECODERS = {"Q4_0": (_q4_0, 32, 18), "Q4_1": (_q4_1, 32, 20), "Q4_K": (_q4_k, 256, 144)}  # -> Int4Linear
+_INT8 = {"Q8_0": (32, 34), "Q6_K": (256, 210)}  # -> Int8Linear: block size, bytes per block
+SUPPORTED_TYPES = (*_DECODERS, *_INT8)
 
 
 def supports(tensor) -> bool:
@@ -92,8 +83,8 @@ def supports(tensor) -> bool:
     return tensor.tensor_type.name in SUPPORTED_TYPES and len(tensor.shape) == 2
 
 
-def planes_from_gguf(tensor, row_order: np.ndarray | None = None) -> list[Plane]:
-    """Decode a reader tensor's blocks into int4 planes; `row_order` permutes output rows first."""
+def plane_from_gguf(tensor, row_order: np.ndarray | None = None) -> Plane:
+    """Decode a 4-bit reader tensor's blocks into (q, scale, zero); `row_order` permutes output rows first."""
     fn, block, nbytes = _DECODERS[tensor.tensor_type.name]
     k, n = (int(x) for x in tensor.shape)  # GGUF lists the contiguous (input) dimension first
     raw = np.asarray(tensor.data).reshape(n, (k // block) * nbytes)
@@ -121,11 +112,11 @@ CHUNK_ROWS = 2048  # rows repacked at a time: bounds the temporaries for a large
 
 def quantized_linear_from_gguf(tensor, row_order: np.ndarray | None = None,
                                bias: torch.Tensor | None = None) -> Int4Linear | Int8Linear:
-    """An `Int4Linear` holding a GGUF tensor's blocks, repacked a chunk of rows at a time into
-    preallocated buffers (so loading never holds more than one copy plus a chunk); Q8_0 blocks become
-    an `Int8Linear` as they are."""
+    """An `Int4Linear` holding a 4-bit GGUF tensor's blocks, repacked a chunk of rows at a time into
+    preallocated buffers (so loading never holds more than one copy plus a chunk); Q8_0 and Q6_K blocks
+    become an `Int8Linear`."""
     kind = tensor.tensor_type.name
-    block, nbytes = _INT8_ONLY[kind] if kind in _INT8_ONLY else _DECODERS[kind][1:]
+    block, nbytes = _INT8[kind] if kind in _INT8 else _DECODERS[kind][1:]
     k, n = (int(x) for x in tensor.shape)
     raw = np.asarray(tensor.data).reshape(n, k // block, nbytes)
     if row_order is not None:
@@ -139,7 +130,9 @@ def quantized_linear_from_gguf(tensor, row_order: np.ndarray | None = None,
         q = torch.from_numpy(np.ascontiguousarray(raw[..., 2:34]).view(np.int8).reshape(n, k))
         return Int8Linear(q, _f16(raw[..., 0:2]), bias)
     npad = -(-n // BLOCK_N) * BLOCK_N
-    packed = scales = zeros = None
+    groups = k // 32  # every 4-bit format has 32-weight groups
+    packed = torch.empty(npad, k // 2, dtype=torch.uint8)
+    scales, zeros = torch.empty(npad, groups), torch.empty(npad, groups)
     for start in range(0, npad, CHUNK_ROWS):
         part = raw[start:start + CHUNK_ROWS]
         if len(part) % BLOCK_N:  # zero rows (scale 0) up to the packed block size
@@ -147,18 +140,13 @@ def quantized_linear_from_gguf(tensor, row_order: np.ndarray | None = None,
         if kind in ("Q4_0", "Q4_1"):  # straight from the nibble bytes, never one value per byte
             d = _f16(part[..., 0:2])
             zero = _f16(part[..., 2:4]) + 8 * d if kind == "Q4_1" else torch.zeros_like(d)
-            planes = [(torch.from_numpy(pack_q4_blocks(part[..., nbytes - 16:])), d, zero)]
+            q = torch.from_numpy(pack_q4_blocks(part[..., nbytes - 16:]))
         else:
-            planes = [(pack_int4(q), s, z) for q, s, z in _DECODERS[kind][0](part)]
-        if packed is None:
-            groups = planes[0][1].shape[1]
-            packed = torch.empty(len(planes), npad, k // 2, dtype=torch.uint8)
-            scales, zeros = torch.empty(len(planes), npad, groups), torch.empty(len(planes), npad, groups)
+            q, d, zero = _DECODERS[kind][0](part)
+            q = pack_int4(q)
         end = start + len(part)
-        for p, (q, s, z) in enumerate(planes):
-            packed[p, start:end], scales[p, start:end], zeros[p, start:end] = q, s, z
-    sz = torch.stack([_sz(scales[p], zeros[p]) for p in range(len(packed))])
-    return Int4Linear(k, n, k // scales.shape[2], packed, sz, bias)
+        packed[start:end], scales[start:end], zeros[start:end] = q, d, zero
+    return Int4Linear(k, n, 32, packed, _sz(scales, zeros), bias)
 
 
 def _is_linear_weight(name: str) -> bool:

@@ -1,14 +1,14 @@
-"""Linear layers whose weights stay quantized in memory and feed torch's CPU weight-only kernels.
+"""Linear layers whose weights stay quantized in memory: run by qianwen's C kernels (qianwen/fast,
+fp32 activations) where they are built, else by torch's CPU weight-only kernels (bf16 activations).
 
-- `Int4Linear`: group-wise int4 (`_weight_int4pack_mm_for_cpu`, groups 32/64/128/256). It may hold
-  several planes that are summed: an 8-bit block format (GGUF Q8_0) is held exactly as two 4-bit planes,
-  q = 16 * hi + lo, since the int8 kernel only takes one scale per output row.
-- `Int8Linear`: per-output-channel int8 (`_weight_int8pack_mm`).
-- `QuantEmbedding`: row lookup that dequantizes only the rows asked for, sharing an `Int4Linear`'s
+- `Int4Linear`: group-wise int4 in the layout of torch's `_weight_int4pack_mm_for_cpu` (groups
+  32/64/128/256).
+- `Int8Linear`: int8 with a scale per row and block (GGUF Q8_0, Q6_K) or per row (`_weight_int8pack_mm`).
+- `QuantEmbedding`: row lookup that dequantizes only the rows asked for, sharing a quantized linear's
   storage (a tied lm_head and embedding are held once).
 
-Activations go through the kernels in bf16 (their fast path); outputs come back in the input's dtype.
-Every output row is computed on its own, so a row's result does not depend on the batch size.
+Outputs come back in the input's dtype. Every output row is computed on its own, so a row's result does
+not depend on the batch size.
 
 Prefill: the weight-only kernels cost about linearly in rows (they unpack the weights per few rows),
 so a call with many tokens per sequence (`x` [B, T, K] with T >= PREFILL_TOKENS) instead dequantizes
@@ -95,29 +95,26 @@ class Int4Linear(NativeLinear):
                  packed: torch.Tensor, scales_zeros: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        self.register_buffer("packed", packed, persistent=False)  # [P, Npad, K/2] uint8
-        self.register_buffer("scales_zeros", scales_zeros, persistent=False)  # [P, K/g, Npad, 2] bf16
+        self.register_buffer("packed", packed, persistent=False)  # [Npad, K/2] uint8
+        self.register_buffer("scales_zeros", scales_zeros, persistent=False)  # [K/g, Npad, 2] bf16
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     @classmethod
-    def from_planes(cls, planes: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], group_size: int,
-                    bias: torch.Tensor | None = None) -> Int4Linear:
-        """planes: (q uint8 [N, K] in 0..15, scale [N, K/g], zero [N, K/g]); the weight is their sum."""
-        n, k = planes[0][0].shape
-        packed = torch.stack([pack_int4(pad_rows(q)) for q, _, _ in planes])
-        sz = torch.stack([_sz(s, z) for _, s, z in planes])
-        return cls(k, n, group_size, packed, sz, bias)
+    def from_q(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+               bias: torch.Tensor | None = None) -> Int4Linear:
+        """q uint8 [N, K] in 0..15, scale and zero [N, K/g]."""
+        n, k = q.shape
+        return cls(k, n, group_size, pack_int4(pad_rows(q)), _sz(scale, zero), bias)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, group_size: int) -> Int4Linear:
         q, scale, zero = quantize_int4(linear.weight.detach(), group_size)
         bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls.from_planes([(q, scale, zero)], group_size, bias)
+        return cls.from_q(q, scale, zero, group_size, bias)
 
     def kernel_args(self) -> tuple:
-        p, sz = self.packed, self.scales_zeros
-        return (p.data_ptr(), sz.data_ptr(), p.shape[0], p.stride(0), sz.stride(0), self.group_size,
-                self.out_features, p.shape[1], self.bias_ptr())
+        return (self.packed.data_ptr(), self.scales_zeros.data_ptr(), self.group_size, self.out_features,
+                self.packed.shape[0], self.bias_ptr())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if is_prefill(x):
@@ -126,10 +123,7 @@ class Int4Linear(NativeLinear):
         if y is not None:
             return y
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # the kernels need it
-        mm = torch.ops.aten._weight_int4pack_mm_for_cpu
-        y = mm(x2, self.packed[0], self.group_size, self.scales_zeros[0])
-        for p in range(1, self.packed.shape[0]):  # extra planes are summed in fp32
-            y = y.float() + mm(x2, self.packed[p], self.group_size, self.scales_zeros[p]).float()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_zeros)
         if y.shape[-1] != self.out_features:
             y = y[:, : self.out_features]
         y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
@@ -137,32 +131,24 @@ class Int4Linear(NativeLinear):
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Dequantized weight rows [len(idx), K] in float32, by the kernel's formula."""
-        out = None
         g_of_k = torch.arange(self.in_features, device=idx.device) // self.group_size
-        for p in range(self.packed.shape[0]):
-            q = unpack_int4_rows(self.packed[p], idx, self.in_features).float()
-            sz = self.scales_zeros[p][:, idx].float()  # [G, R, 2]
-            scale, zero = sz[g_of_k, :, 0].T, sz[g_of_k, :, 1].T
-            w = (q - 8) * scale + zero
-            out = w if out is None else out + w
-        return out
+        q = unpack_int4_rows(self.packed, idx, self.in_features).float()
+        sz = self.scales_zeros[:, idx].float()  # [G, R, 2]
+        return (q - 8) * sz[g_of_k, :, 0].T + sz[g_of_k, :, 1].T
 
     def dequantize(self) -> torch.Tensor:
         return self.rows(torch.arange(self.out_features))
 
     def dequantize_t(self) -> torch.Tensor:
-        """The transposed weight [K, N] in bf16, made on the fly for prefill (planes summed)."""
-        wt = dequantize_packed_t(self.packed[0], self.scales_zeros[0], self.group_size)
-        for p in range(1, self.packed.shape[0]):
-            wt += dequantize_packed_t(self.packed[p], self.scales_zeros[p], self.group_size)
-        return wt[:, : self.out_features]
+        """The transposed weight [K, N] in bf16, made on the fly for prefill."""
+        return dequantize_packed_t(self.packed, self.scales_zeros, self.group_size)[:, : self.out_features]
 
     def weight_bytes(self) -> int:
         return self.packed.nbytes + self.scales_zeros.nbytes
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"group_size={self.group_size}, planes={self.packed.shape[0]}, bias={self.bias is not None}")
+                f"group_size={self.group_size}, bias={self.bias is not None}")
 
 
 class Int8Linear(NativeLinear):
@@ -261,12 +247,11 @@ def fuse_linears(mods: list[nn.Module]) -> nn.Module | None:
         return fused
     if all(isinstance(m, Int4Linear) for m in mods):
         a = mods[0]
-        if any(m.group_size != a.group_size or m.packed.shape[0] != a.packed.shape[0]
-               or m.out_features % BLOCK_N or (m.bias is None) != (a.bias is None) for m in mods):
+        if any(m.group_size != a.group_size or m.out_features % BLOCK_N or (m.bias is None) != (a.bias is None) for m in mods):
             return None
         bias = None if a.bias is None else torch.cat([m.bias.data for m in mods])
         return Int4Linear(a.in_features, sum(m.out_features for m in mods), a.group_size,
-                          torch.cat([m.packed for m in mods], 1), torch.cat([m.scales_zeros for m in mods], 2), bias)
+                          torch.cat([m.packed for m in mods]), torch.cat([m.scales_zeros for m in mods], 1), bias)
     if all(isinstance(m, Int8Linear) for m in mods):
         if any((m.bias is None) != (mods[0].bias is None) or m.group_size != mods[0].group_size for m in mods):
             return None

@@ -96,7 +96,7 @@ def load_quantized_hf(folder: Path, config, dtype: torch.dtype, device: torch.de
             zeros = raw.pop(mod + ".zeros")
             n, k = q.shape[0], q.shape[1] * 2
             full = torch.stack([q & 15, q >> 4], -1).view(n, k)
-            lin = Int4Linear.from_planes([(full, scales.float(), zeros.float())], k // scales.shape[1])
+            lin = Int4Linear.from_q(full, scales.float(), zeros.float(), k // scales.shape[1])
         kept[mod + ".weight"] = lin
         weights[mod + ".weight"] = placeholder([lin.out_features, lin.in_features], dtype)
     weights.update({k: v.to(dtype) if v.is_floating_point() else v for k, v in raw.items()})

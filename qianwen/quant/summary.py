@@ -33,8 +33,7 @@ class WeightSummary:
 def _kind(mod: Int4Linear | Int8Linear) -> str:
     if isinstance(mod, Int8Linear):
         return "int8" if mod.group_size == mod.in_features else f"int8 g{mod.group_size}"
-    planes = mod.packed.shape[0]
-    return f"int4 g{mod.group_size}" if planes == 1 else f"{4 * planes}-bit ({planes} int4 planes)"
+    return f"int4 g{mod.group_size}"
 
 
 def weight_summary(net: nn.Module) -> WeightSummary:
