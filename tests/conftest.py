@@ -41,6 +41,15 @@ def make_tokenizer(folder: Path, vocab_size: int = 384, chat_template: str | Non
     return tok.get_vocab_size()
 
 
+def is_utf8(b: bytes) -> bool:
+    """Whether a token's bytes are whole UTF-8 on their own."""
+    try:
+        b.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
 def tiny_hf_config(model_type: str, vocab_size: int, **overrides):
     import transformers
 

@@ -18,6 +18,8 @@ from qianwen import artifacts
 from qianwen.errors import QianwenError
 from qianwen.tokenizer import HFTokenizer, StreamDecoder, TiktokenTokenizer, load_tokenizer
 
+from .conftest import is_utf8
+
 # Written out again here (from qwen-facts.md), so the reference does not share our constant.
 QWEN_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -157,7 +159,7 @@ def test_stream_decode_never_breaks_characters(qwen, name):
     text = TEXTS[name]
     ids = qwen.encode(text)
     # the test means something only if some tokens carry part of a character
-    partial = [i for i in ids if not _is_utf8(qwen.id_to_token_bytes(i))]
+    partial = [i for i in ids if not is_utf8(qwen.id_to_token_bytes(i))]
     assert partial, "no token splits a character"
     pieces = _stream(qwen, ids)
     assert "".join(pieces) == text
@@ -180,13 +182,6 @@ def test_stream_skip_special_and_invalid_bytes(qwen):
     assert sd.push(partial) == "" and sd.pending
     assert sd.flush() == "\ufffd" and not sd.pending
 
-
-def _is_utf8(b: bytes) -> bool:
-    try:
-        b.decode("utf-8")
-        return True
-    except UnicodeDecodeError:
-        return False
 
 
 # -- the same vocabulary as a Hugging Face tokenizer ------------------------------------------

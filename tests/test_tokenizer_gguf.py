@@ -9,6 +9,8 @@ from qianwen.errors import QianwenError
 from qianwen.tokenizer import HFTokenizer, StreamDecoder, load_tokenizer, tokenizer_from_gguf
 from qianwen.tokenizer.gguf_vocab import tokenizer_metadata
 
+from .conftest import is_utf8
+
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
@@ -89,7 +91,7 @@ def test_stream_decode(ours):
         assert "".join(pieces) == t
         assert all("\ufffd" not in p for p in pieces)
     # this English vocabulary splits CJK and emoji into bytes: the case that matters
-    assert any(not _is_utf8(ours.id_to_token_bytes(i)) for i in ours.encode(TEXTS[2]))
+    assert any(not is_utf8(ours.id_to_token_bytes(i)) for i in ours.encode(TEXTS[2]))
 
 
 def test_dict_metadata_and_save(ours, reader, ref, tmp_path):
@@ -117,10 +119,3 @@ def test_unsupported_metadata():
     with pytest.raises(QianwenError, match="no tokenizer.ggml.tokens"):
         tokenizer_from_gguf({"tokenizer.ggml.model": "gpt2"})
 
-
-def _is_utf8(b: bytes) -> bool:
-    try:
-        b.decode("utf-8")
-        return True
-    except UnicodeDecodeError:
-        return False
