@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,32 +99,13 @@ def _iter_file(path: Path, kind: str, text_field: str | None, text_unit: str, st
     if kind == "text":
         yield from _iter_text(path, text_unit)
     elif kind == "jsonl":
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except ValueError:
-                    stats.skip("malformed JSON line")
-                    continue
-                text = _text_of(obj, text_field)
-                if text is None:
-                    stats.skip(f"record without '{text_field or 'text'}'")
-                    continue
-                yield text
+        yield from _texts_of(_jsonl_records(path, stats), text_field, stats)
     elif kind == "json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except ValueError as e:
             raise QianwenError(f"{path} is not valid JSON: {e}") from None
-        records = data if isinstance(data, list) else [data]
-        for obj in records:
-            text = _text_of(obj, text_field)
-            if text is None:
-                stats.skip(f"record without '{text_field or 'text'}'")
-                continue
-            yield text
+        yield from _texts_of(data if isinstance(data, list) else [data], text_field, stats)
     elif kind == "parquet":
         try:
             import pyarrow.parquet as pq
@@ -143,6 +124,28 @@ def _iter_file(path: Path, kind: str, text_field: str | None, text_unit: str, st
                     yield text
                 else:
                     stats.skip("null text")
+
+
+def _jsonl_records(path: Path, stats: ReadStats) -> Iterator[Any]:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                stats.skip("malformed JSON line")
+                continue
+            yield obj
+
+
+def _texts_of(records: Iterable[Any], text_field: str | None, stats: ReadStats) -> Iterator[str]:
+    for obj in records:
+        text = _text_of(obj, text_field)
+        if text is None:
+            stats.skip(f"record without '{text_field or 'text'}'")
+            continue
+        yield text
 
 
 def _iter_text(path: Path, unit: str) -> Iterator[str]:
