@@ -10,7 +10,10 @@ import torch
 
 from .chat.template import ChatTemplate
 from .config import ModelConfig
-from .generation import SamplingParams, TokenStep, defaults_from_generation_config, make_params, stream_tokens
+from .generation.generate import stream_tokens
+from .generation.params import SamplingParams, defaults_from_generation_config, make_params
+from .generation.sampling import LogitsProcessor
+from .generation.step import TokenStep
 from .models.layers import Transformer
 
 # control tokens that end a chat turn in ChatML-style models (qwen-facts.md §3)
@@ -57,15 +60,20 @@ class Model:
     def params(self, **options: Any) -> SamplingParams:
         return make_params(self.sampling_defaults, self.stop_token_ids, **options)
 
-    def stream_tokens(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Iterator[TokenStep]:
-        return stream_tokens(self.net, self.tokenizer, prompt_ids, params or self.params(), self.context_length)
+    def stream_tokens(self, prompt_ids: list[int], params: SamplingParams | None = None,
+                      logits_processors: list[LogitsProcessor] | None = None) -> Iterator[TokenStep]:
+        """One TokenStep per new token. `logits_processors`: fn(prompt_ids, output_ids, logits[V] float32)
+        -> logits, run in order after the penalties, before sampling."""
+        return stream_tokens(self.net, self.tokenizer, prompt_ids, params or self.params(), self.context_length,
+                             logits_processors or ())
 
     def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
                     add_generation_prompt: bool = True) -> list[int]:
         return self.chat_template.encode(self.tokenizer, messages, add_generation_prompt, tools)
 
     def generate(self, prompt: str | list[str], stream: bool = False, **options: Any) -> Any:
-        """Complete `prompt` (raw text, no template). A list of prompts gives a list of completions."""
+        """Complete `prompt` (raw text, no template). A list of prompts gives a list of completions.
+        `options`: any sampling option of SamplingParams, and `logits_processors=[fn, ...]`."""
         if isinstance(prompt, list):
             if stream:
                 raise ValueError("stream=True takes a single prompt")
@@ -80,7 +88,8 @@ class Model:
         return self._run(self.encode_chat(messages), stream, options)
 
     def _run(self, ids: list[int], stream: bool, options: dict[str, Any]) -> Any:
-        steps = self.stream_tokens(ids, self.params(**options))
+        processors = options.pop("logits_processors", None)
+        steps = self.stream_tokens(ids, self.params(**options), processors)
         if stream:
             return (s.text for s in steps if s.text)
         return "".join(s.text for s in steps)

@@ -180,7 +180,7 @@ def test_stream_skip_special_and_invalid_bytes(qwen):
     sd = StreamDecoder(qwen)
     partial = rare[0]
     assert sd.push(partial) == "" and sd.pending
-    assert sd.flush() == "\ufffd" and not sd.pending
+    assert sd.flush() == "" and not sd.pending  # a character cut short at the end is dropped
 
 
 

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
+
+from ..errors import QianwenError
+from ..generation.params import OPTIONS, Option, check_option
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -13,24 +17,47 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
 
+class _CheckedOption(argparse.Action):
+    """Parse and check one sampling value with generation's `check_option`; a bad value is one line and exit 2."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        opt: Option = OPTIONS[self.dest]
+        try:
+            value = values if opt.kind is str else opt.kind(values)
+        except ValueError:
+            value = None
+            message = f"{values!r} is not {'an integer' if opt.kind is int else 'a number'}"
+        else:
+            try:
+                check_option(self.dest, value)
+                message = ""
+            except QianwenError as e:
+                message = str(e).removeprefix(self.dest + " ")
+        if message:
+            print(f"{parser.prog}: error: {option_string} {message}", file=sys.stderr)
+            parser.exit(2)
+        if opt.kind is str:  # repeatable
+            value = [*(getattr(namespace, self.dest, None) or []), value]
+        setattr(namespace, self.dest, value)
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """One flag per sampling option of SamplingParams (generation/params.py), checked as the server checks it."""
     g = p.add_argument_group("sampling (defaults from the model's generation_config.json)")
-    g.add_argument("--max-tokens", type=int, default=None, help="most new tokens per answer")
-    g.add_argument("--temperature", type=float, default=None, help="0 for greedy")
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--min-p", type=float, default=None)
-    g.add_argument("--repetition-penalty", type=float, default=None)
-    g.add_argument("--presence-penalty", type=float, default=None)
-    g.add_argument("--frequency-penalty", type=float, default=None)
-    g.add_argument("--seed", type=int, default=None, help="same seed, same output")
-    g.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
+    for name, opt in OPTIONS.items():
+        flag = opt.flag or "--" + name.replace("_", "-")
+        rng = opt.describe_range()
+        help_text = opt.help + (f"; {rng}" if rng else "") + ("; repeatable" if opt.kind is str else "")
+        if opt.kind is bool:
+            g.add_argument(flag, dest=name, action="store_const", const=True, default=None, help=opt.help)
+        else:
+            g.add_argument(flag, dest=name, action=_CheckedOption, default=None, help=help_text,
+                           metavar=name.upper())
 
 
 def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-            "frequency_penalty", "seed", "stop")
-    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    return {k: getattr(args, k) for k in OPTIONS if getattr(args, k, None) is not None}
 
 
 def load_model(args: argparse.Namespace):  # -> qianwen.api.Model

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
             raise QianwenError(f"--{name.replace('_', '-')} must be at least 1")
     if args.timeout <= 0:
         raise QianwenError("--timeout must be positive")
-    runner.check_args(args.task, args.data, args.limit, args.shots)
+    runner.check_args(args.task, args.data, args.limit, args.shots, args.temperature)
     if args.threads:
         import torch
 

@@ -54,9 +54,10 @@ class AsyncEngine:
                 t0 = time.perf_counter()
                 try:
                     outputs = self.engine.step()
-                except Exception as e:  # never leave clients hanging: end every sequence with the error
+                except Exception as e:  # the whole step failed (one sequence's failure ends only that one,
+                    # in LLMEngine.step): never leave clients hanging, end every sequence with the error
                     self.error = e
-                    outputs = self._fail_all()
+                    outputs = self._fail_all(e)
                 if self.on_step and outputs:
                     self.on_step(time.perf_counter() - t0, sum(o.token_id >= 0 for o in outputs))
                 for out in outputs:
@@ -70,12 +71,12 @@ class AsyncEngine:
                         except RuntimeError:  # that event loop is closed
                             self._targets.pop(out.seq_id, None)
 
-    def _fail_all(self) -> list[StepOutput]:
+    def _fail_all(self, error: Exception) -> list[StepOutput]:
         eng = self.engine
         outs = []
         for seq in list(eng.seqs.values()):
             eng.scheduler.finish(seq)
-            outs.append(StepOutput(seq.seq_id, -1, "", None, None, "error"))
+            outs.append(StepOutput(seq.seq_id, -1, "", None, None, "error", f"{type(error).__name__}: {error}"))
         eng.seqs.clear()
         return outs
 

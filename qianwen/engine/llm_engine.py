@@ -15,7 +15,8 @@ import torch
 
 from ..errors import QianwenError
 from ..generation.params import SamplingParams
-from ..tokenizer.stream import StreamDecoder
+from ..generation.sampling import LogitsProcessor
+from ..generation.step import TokenStepper, check_prompt
 from .cache_manager import CacheManager
 from .model_runner import ModelRunner
 from .scheduler import Scheduler, SchedulerConfig
@@ -50,27 +51,27 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ requests
 
-    def make_sequence(self, prompt_ids: list[int], params: SamplingParams, user_data: Any = None) -> Sequence:
-        """Validate and build a sequence (not yet queued). Raises QianwenError for prompts that can't run."""
+    def make_sequence(self, prompt_ids: list[int], params: SamplingParams, user_data: Any = None,
+                      logits_processors: Iterable[LogitsProcessor] = ()) -> Sequence:
+        """Validate and build a sequence (not yet queued). Raises QianwenError for prompts that can't run.
+        `logits_processors`: fn(prompt_ids, output_ids, logits[V] float32) -> logits, after the penalties."""
         n = len(prompt_ids)
-        if n == 0:
-            raise QianwenError("the prompt is empty")
-        if n >= self.context_length:
-            raise QianwenError(f"the prompt has {n} tokens; this model's context is {self.context_length} tokens")
+        check_prompt(n, self.context_length)
         if not self.scheduler.fits_ever(n + 1):
             raise QianwenError(f"the prompt has {n} tokens; the KV cache holds {self.cache.max_tokens}")
         # never more than the context, nor more than the whole cache budget could ever hold
         max_new = min(params.max_tokens, self.context_length - n, self.cache.max_tokens - n)
-        return Sequence(list(prompt_ids), params, max(1, max_new), StreamDecoder(self.model.tokenizer),
-                        user_data=user_data)
+        stepper = TokenStepper(self.model.tokenizer, prompt_ids, params, max(1, max_new), logits_processors)
+        return Sequence(stepper, user_data=user_data)
 
     def add(self, seq: Sequence) -> Sequence:
         with self._lock:
             self._inbox.append(seq)
         return seq
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, user_data: Any = None) -> Sequence:
-        return self.add(self.make_sequence(prompt_ids, params, user_data))
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, user_data: Any = None,
+                    logits_processors: Iterable[LogitsProcessor] = ()) -> Sequence:
+        return self.add(self.make_sequence(prompt_ids, params, user_data, logits_processors))
 
     def abort(self, seq_id: int) -> None:
         with self._lock:
@@ -108,20 +109,41 @@ class LLMEngine:
         if sched.empty:
             return outputs
         self.num_steps += 1
+        # a failure inside one sequence (its prefill, its token step) ends that sequence only
         for seq in sched.prefill:
-            logits = self.runner.prefill(seq)
-            outputs.append(self._sample(seq, logits))
+            try:
+                logits = self.runner.prefill(seq)
+            except Exception as e:
+                outputs.append(self._fail(seq, e))
+                continue
+            outputs += self._sample([seq], [logits])
         if sched.decode:
-            for seq, logits in zip(sched.decode, self.runner.decode(sched.decode), strict=True):
-                outputs.append(self._sample(seq, logits))
+            outputs += self._sample(sched.decode, self.runner.decode(sched.decode))
         return outputs
 
-    def _sample(self, seq: Sequence, logits: torch.Tensor) -> StepOutput:
-        out = self.runner.sample(seq, logits)
-        if out.finish_reason:
-            self.scheduler.finish(seq)
-            self.seqs.pop(seq.seq_id, None)
-        return out
+    def _sample(self, seqs: list[Sequence], rows: list[torch.Tensor]) -> list[StepOutput]:
+        """Each sequence's token step on its logits row. (A logits processor that needs the whole batch at
+        once, e.g. one grammar mask kernel for all rows, would run here, before the per-row steps.)"""
+        outputs = []
+        for seq, logits in zip(seqs, rows, strict=True):
+            try:
+                out = seq.step(logits)
+            except Exception as e:
+                outputs.append(self._fail(seq, e))
+                continue
+            if out.finish_reason:
+                self.scheduler.finish(seq)
+                self.seqs.pop(seq.seq_id, None)
+            outputs.append(out)
+        return outputs
+
+    def _fail(self, seq: Sequence, error: Exception) -> StepOutput:
+        """End `seq` with finish_reason "error"; the engine and the other sequences carry on."""
+        self.scheduler.finish(seq)
+        self.seqs.pop(seq.seq_id, None)
+        seq.finish_reason = "error"
+        message = str(error) if isinstance(error, QianwenError) else f"{type(error).__name__}: {error}"
+        return StepOutput(seq.seq_id, -1, "", None, None, "error", message)
 
     def run_until_done(self, on_output: Callable[[StepOutput], None] | None = None) -> None:
         while self.has_work():
@@ -143,6 +165,7 @@ class Completion:
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
     request: dict[str, Any] = field(default_factory=dict, repr=False)
+    error: str | None = None  # with finish_reason "error": why this request failed (the others still ran)
 
     @property
     def completion_tokens(self) -> int:
@@ -153,7 +176,9 @@ class LLM:
     """Offline batched generation: `LLM(model).generate(requests) -> completions`, in request order.
 
     A request is a prompt string, or a dict with `prompt` (text or token ids) or `messages` (chat),
-    plus any sampling option of `SamplingParams` (max_tokens, temperature, top_p, seed, stop, ...).
+    plus any sampling option of `SamplingParams` (max_tokens, temperature, top_p, seed, stop, ...) and
+    `logits_processors` (a list of fn(prompt_ids, output_ids, logits) -> logits). A request that fails
+    while generating comes back with finish_reason "error" and its `error`; the others are unaffected.
     """
 
     def __init__(self, model: Any = None, config: EngineConfig | None = None, **load_kwargs: Any) -> None:
@@ -183,8 +208,9 @@ class LLM:
         seqs = []
         for req in reqs:
             ids, options = self.encode(req)
+            processors = options.pop("logits_processors", None) or ()
             params = self.model.params(**options)
-            seqs.append(self.engine.add_request(ids, params))
+            seqs.append(self.engine.add_request(ids, params, logits_processors=processors))
         results: dict[int, StepOutput] = {}
         texts: dict[int, list[str]] = {s.seq_id: [] for s in seqs}
         lps: dict[int, list] = {s.seq_id: [] for s in seqs}
@@ -196,7 +222,8 @@ class LLM:
 
         def collect(out: StepOutput) -> None:
             texts[out.seq_id].append(out.text)
-            lps[out.seq_id].append((out.logprob, out.top_logprobs))
+            if out.token_id >= 0:
+                lps[out.seq_id].append((out.logprob, out.top_logprobs))
             if out.finish_reason:
                 results[out.seq_id] = out
                 if bar is not None:
@@ -213,7 +240,7 @@ class LLM:
                 finish_reason=results[seq.seq_id].finish_reason or "stop", prompt_tokens=len(seq.prompt_ids),
                 logprobs=[lp for lp, _ in lps[seq.seq_id]] if want_lp else None,
                 top_logprobs=[t for _, t in lps[seq.seq_id]] if want_lp else None,
-                request=req if isinstance(req, dict) else {"prompt": req}))
+                request=req if isinstance(req, dict) else {"prompt": req}, error=results[seq.seq_id].error))
         return completions
 
 

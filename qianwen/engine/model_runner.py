@@ -1,6 +1,7 @@
-"""Tensors in, logits out: prefill one sequence, decode a batch, sample each row with its own params.
+"""Tensors in, logits out: prefill one sequence, decode a batch (the engine samples each row with its
+sequence's token step).
 
-Batch invariance (conventions.md): a sequence's arithmetic must not depend on its neighbours.
+Batch invariance: a sequence's arithmetic must not depend on its neighbours.
 - Prefill runs each new sequence in its own forward, exactly as it would run alone.
 - Decode batches rows, and matmul kernels pick different code paths by row count. Measured on this
   CPU with torch 2.13 (docs/server.md): bf16 `F.linear` gives bitwise-equal rows for every count from
@@ -14,9 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from ..generation.sampling import apply_penalties, logprobs_of, sample
 from .cache_manager import BatchCache
-from .sequence import Sequence, StepOutput
+from .sequence import Sequence
 
 MAX_ROWS = 32  # rows per decode forward: bf16 kernels are row-invariant up to here
 MIN_ROWS = {torch.float32: 16, torch.float16: 16}  # pad small decode batches of these dtypes
@@ -74,16 +74,3 @@ class ModelRunner:
         for s in seqs:
             s.num_cached = s.num_tokens
         return logits[:len(seqs)].float().cpu()
-
-    @staticmethod
-    def sample(seq: Sequence, logits: torch.Tensor) -> StepOutput:
-        p = seq.params
-        scores = logits
-        if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
-            out_ids = torch.tensor(seq.output_ids, dtype=torch.long)
-            scores = apply_penalties(logits.clone(), torch.tensor(seq.all_ids, dtype=torch.long), out_ids, p)
-        for fn in seq.logits_processors:
-            scores = fn(seq.prompt_ids, seq.output_ids, scores.clone())
-        token = sample(scores, p, seq.generator)
-        lp, top = logprobs_of(logits, token, p.logprobs) if p.logprobs is not None else (None, None)
-        return seq.append(token, lp, top)

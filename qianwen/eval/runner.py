@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from .. import __version__
 from ..errors import QianwenError
+from ..generation.params import check_option, plain_options
 from . import data as D
 
 TASKS = ("mmlu", "cmmlu", "ceval", "gsm8k", "humaneval", "perplexity")
@@ -24,9 +25,9 @@ def _requests(model: Any, prompts: list[list[int]], stop: list[str], max_tokens:
               seeds: list[int | None]) -> list[dict[str, Any]]:
     # a prompt longer than the context keeps its end (as Qwen's scripts do), leaving room to answer
     keep = max(1, model.context_length - min(max_tokens, model.context_length // 2))
-    # benchmark decoding: plain greedy (or plain temperature sampling), none of the chat penalties
-    return [{"prompt": ids[-keep:], "max_tokens": max_tokens, "temperature": temperature, "top_p": 1.0, "top_k": 0,
-             "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+    # benchmark decoding: plain greedy (or plain temperature sampling), every other sampling option off
+    plain = plain_options()
+    return [{**plain, "prompt": ids[-keep:], "max_tokens": max_tokens, "temperature": temperature,
              "stop": list(stop), "seed": seed} for ids, seed in zip(prompts, seeds, strict=True)]
 
 
@@ -129,8 +130,10 @@ def run_perplexity(model: Any, path: str, window: int | None, stride: int | None
             "stride": stride or max(1, window // 2)}
 
 
-def check_args(task: str, data: str | None, limit: int | None = None, shots: int | None = None) -> None:
+def check_args(task: str, data: str | None, limit: int | None = None, shots: int | None = None,
+               temperature: float | None = None) -> None:
     """The checks that need no model, so that mistakes are reported before a slow load."""
+    check_option("temperature", temperature)
     if task not in TASKS:
         raise QianwenError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     if limit is not None and limit < 1:
@@ -151,7 +154,7 @@ def run(model: Any, task: str, data: str | None = None, limit: int | None = None
         workers: int | None = None, timeout_s: float = 10.0, window: int | None = None,
         stride: int | None = None, log: Callable[[str], Any] = print) -> dict[str, Any]:
     """Evaluate `model` on `task`; `limit` is per subject for multiple choice, the first N otherwise."""
-    check_args(task, data, limit, shots)
+    check_args(task, data, limit, shots, temperature)
     shots = DEFAULT_SHOTS[task] if shots is None else shots
     t0 = time.time()
     note = ""

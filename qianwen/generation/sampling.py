@@ -1,54 +1,111 @@
-"""Penalties and token choice for one row of logits; the decode loop and the engine share these."""
+"""Logits processors and token choice for one row of logits.
+
+A logits processor is `fn(prompt_ids, output_ids, logits[V] float32) -> logits[V]`; it may change its
+input in place. The penalties are processors too, and `make_logits_processors` lists the ones a
+SamplingParams asks for followed by the caller's (as mlx-lm's `make_logits_processors` does), so
+constrained decoding or a test's forcing plugs in with the same contract.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
+
 import torch
 
+from ..errors import QianwenError
 from .params import SamplingParams
 
+LogitsProcessor = Callable[[list[int], list[int], torch.Tensor], torch.Tensor]
 
-def apply_penalties(logits: torch.Tensor, context_ids: torch.Tensor, generated_ids: torch.Tensor,
-                    p: SamplingParams) -> torch.Tensor:
-    """logits [V] float32. Repetition penalty over prompt + output (as transformers and vLLM do);
-    presence and frequency penalties over the output only (as OpenAI defines them)."""
-    if p.repetition_penalty != 1.0 and context_ids.numel():
-        ids = context_ids.unique()
+
+class SamplingError(QianwenError):
+    """This sequence cannot choose a token (NaN logits, every token masked): it ends with an error."""
+
+
+def repetition_penalty(penalty: float) -> LogitsProcessor:
+    """Divide positive logits (multiply negative ones) of every token in prompt + output, as transformers
+    and vLLM do."""
+    def fn(prompt_ids: list[int], output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        ids = torch.tensor(prompt_ids + output_ids, dtype=torch.long).unique()
         vals = logits[ids]
-        logits[ids] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-    if (p.presence_penalty or p.frequency_penalty) and generated_ids.numel():
-        ids, counts = generated_ids.unique(return_counts=True)
-        logits[ids] -= p.presence_penalty + p.frequency_penalty * counts.to(logits.dtype)
-    return logits
+        logits[ids] = torch.where(vals > 0, vals / penalty, vals * penalty)
+        return logits
+    return fn
 
 
-def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
-    """Choose a token from a penalised logits row [V] float32."""
+def presence_frequency_penalty(presence: float, frequency: float) -> LogitsProcessor:
+    """Subtract `presence` once and `frequency` per occurrence for tokens in the output (OpenAI's definition)."""
+    def fn(prompt_ids: list[int], output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        if output_ids:
+            ids, counts = torch.tensor(output_ids, dtype=torch.long).unique(return_counts=True)
+            logits[ids] -= presence + frequency * counts.to(logits.dtype)
+        return logits
+    return fn
+
+
+def make_logits_processors(p: SamplingParams, extra: Iterable[LogitsProcessor] = ()) -> list[LogitsProcessor]:
+    """The processors `p` asks for (penalties), then `extra` in order."""
+    out: list[LogitsProcessor] = []
+    if p.repetition_penalty != 1.0:
+        out.append(repetition_penalty(p.repetition_penalty))
+    if p.presence_penalty or p.frequency_penalty:
+        out.append(presence_frequency_penalty(p.presence_penalty, p.frequency_penalty))
+    return out + list(extra)
+
+
+def apply_processors(processors: Sequence[LogitsProcessor], prompt_ids: list[int], output_ids: list[int],
+                     logits: torch.Tensor) -> torch.Tensor:
+    """Run the processors in order on a copy of `logits` [V] float32."""
+    scores = logits.clone() if processors else logits
+    for fn in processors:
+        scores = fn(prompt_ids, output_ids, scores)
+        if not isinstance(scores, torch.Tensor) or scores.shape != logits.shape:
+            raise SamplingError(f"logits processor {getattr(fn, '__name__', fn)!r} returned "
+                                f"{getattr(scores, 'shape', type(scores).__name__)}, not a tensor of {tuple(logits.shape)}")
+    return scores.float()
+
+
+def sample(scores: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
+    """Choose a token from a processed logits row [V] float32. Safe for every value: NaN or a row with every
+    token masked raises SamplingError; +inf logits (a penalty divided by a tiny number) leave only those tokens;
+    a tiny temperature never overflows (the best logit is subtracted before dividing)."""
+    best = scores.max()
+    if torch.isnan(best):
+        raise SamplingError("the logits contain NaN")
+    if best == float("-inf"):
+        raise SamplingError("every token is masked: no token can be chosen")
     if p.greedy:
-        return int(torch.argmax(logits))
-    logits = logits / p.temperature
-    if p.top_k > 0 and p.top_k < logits.numel():
+        return int(torch.argmax(scores))
+    if best == float("inf"):
+        logits = torch.where(scores == best, 0.0, float("-inf"))
+    else:
+        logits = (scores - best) / p.temperature  # <= 0, the best exactly 0
+    if 0 < p.top_k < logits.numel():
         kth = torch.topk(logits, p.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
+    probs = torch.softmax(logits, dim=-1)  # the best token has exp(0) = 1 in the sum: never 0/0
     if p.min_p > 0:
         probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
     if p.top_p < 1.0:
         sorted_p, idx = torch.sort(probs, descending=True)
         cum = torch.cumsum(sorted_p, dim=-1)
-        drop = cum - sorted_p > p.top_p  # keep the smallest set whose mass reaches top_p
+        drop = cum - sorted_p > p.top_p  # keep the smallest set whose mass reaches top_p (the best always)
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, idx, sorted_p)
     return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
 
 
 def logprobs_of(logits: torch.Tensor, token: int, top: int | None) -> tuple[float, list[tuple[int, float]] | None]:
-    """The model's log-probability of `token` (before sampling transforms) and the `top` best alternatives."""
+    """The model's log-probability of `token` (before processors) and the `top` best alternatives."""
     lp = torch.log_softmax(logits.float(), dim=-1)
     alts = None
     if top:
         v, i = torch.topk(lp, top)
         alts = list(zip(i.tolist(), v.tolist(), strict=True))
-    return float(lp[token]), alts
+    value = float(lp[token])
+    if value != value or (alts and any(x != x for _, x in alts)):
+        raise SamplingError("the model's logits are not finite: no log-probability")
+    return value, alts
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -56,5 +113,5 @@ def make_generator(seed: int | None) -> torch.Generator:
     if seed is None:
         g.seed()
     else:
-        g.manual_seed(seed)
+        g.manual_seed(seed % 2**64)  # any int64 (negative too) is a valid seed
     return g

@@ -3,9 +3,12 @@ for the OpenAPI schema FastAPI publishes."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
+
+from ..errors import QianwenError
+from ..generation.params import OPTIONS, Option, check_option
 
 
 class _Lenient(BaseModel):
@@ -76,23 +79,36 @@ class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
-class _SamplingFields(_Lenient):
+class _RequestFields(_Lenient):
     model: str = Field(description="The model id, as listed by GET /v1/models.")
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1, description="0 or -1: off")
-    min_p: float | None = Field(None, ge=0, le=1)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    repetition_penalty: float | None = Field(None, gt=0, le=10)
-    seed: int | None = None
-    stop: str | list[str] | None = None
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    ignore_eos: bool = False
+
+
+def _checker(name: str) -> Any:
+    def check(value: Any) -> Any:
+        try:
+            return check_option(name, value)
+        except QianwenError as e:
+            raise ValueError(str(e)) from None
+    return check
+
+
+def _request_field(name: str, opt: Option) -> tuple[Any, Any]:
+    """A request field for a sampling option: its type, `check_option` as validator, its range in the schema."""
+    kind = {str: str | list[str]}.get(opt.kind, opt.kind)
+    bounds = {"minimum": opt.ge, "exclusiveMinimum": opt.gt, "maximum": opt.le}
+    extra = {k: v for k, v in bounds.items() if v is not None}
+    default = False if opt.kind is bool else None
+    annotation = Annotated[kind if opt.kind is bool else kind | None, AfterValidator(_checker(name))]
+    return annotation, Field(default, description=opt.help, json_schema_extra=extra or None)
+
+
+# the sampling fields come from SamplingParams' declaration (generation/params.py), under their OpenAI names
+_SamplingFields = create_model("_SamplingFields", __base__=_RequestFields,
+                               **{opt.api or name: _request_field(name, opt) for name, opt in OPTIONS.items()})
 
 
 class ChatCompletionRequest(_SamplingFields):

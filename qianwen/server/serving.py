@@ -13,7 +13,7 @@ from typing import Any
 from ..engine.async_engine import AsyncEngine
 from ..engine.sequence import Sequence, StepOutput
 from ..errors import QianwenError
-from ..generation.params import SamplingParams
+from ..generation.params import OPTIONS, SamplingParams
 from .metrics import Metrics
 
 
@@ -92,27 +92,23 @@ class Serving:
 
     def sampling_params(self, req: Any, max_tokens: int, logprobs: int | None,
                         extra_stop: list[str] | None = None) -> SamplingParams:
-        stop = req.stop if isinstance(req.stop, list) else [req.stop] if req.stop else []
-        if any(not isinstance(s, str) or not s for s in stop):
-            raise APIError(400, "stop must be a non-empty string or a list of non-empty strings", param="stop")
-        if len(stop) > 16:
-            raise APIError(400, "at most 16 stop strings are allowed", param="stop")
-        top_k = req.top_k if req.top_k is None or req.top_k > 0 else 0
-        return self.model.params(
-            max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=top_k, min_p=req.min_p,
-            presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-            repetition_penalty=req.repetition_penalty, seed=req.seed, stop=stop + (extra_stop or []),
-            logprobs=logprobs, ignore_eos=req.ignore_eos or None)
+        """The request's sampling fields (already checked by the schema with generation's `check_option`)."""
+        options = {name: getattr(req, name, None) for name in OPTIONS}
+        options.update(max_tokens=max_tokens, logprobs=logprobs, ignore_eos=req.ignore_eos or None)
+        try:
+            params = self.model.params(**options)
+        except QianwenError as e:
+            raise APIError(400, str(e)) from None
+        return params.replace(stop=params.stop + (extra_stop or []))
 
     def make_sequences(self, prompt_ids: list[int], params: SamplingParams, n: int) -> list[Sequence]:
         seqs = []
         for i in range(n):
             p = params if params.seed is None or i == 0 else params.replace(seed=params.seed + i)
             try:
-                seq = self.engine.engine.make_sequence(prompt_ids, p)
+                seq = self.engine.engine.make_sequence(prompt_ids, p, logits_processors=self.logits_processors)
             except QianwenError as e:
                 raise APIError(400, str(e), param="messages") from None
-            seq.logits_processors = list(self.logits_processors)
             seqs.append(seq)
         return seqs
 
@@ -156,8 +152,9 @@ class Serving:
                 if out.finish_reason:
                     remaining -= 1
                     self.metrics.finished.inc(reason=out.finish_reason)
-                    if out.finish_reason == "error":
-                        raise APIError(500, f"generation failed: {self.engine.error}", type="server_error")
+                    if out.finish_reason == "error":  # this request only: the engine carries on
+                        raise APIError(500, f"generation failed: {out.error or self.engine.error}",
+                                       type="server_error")
                 yield index[out.seq_id], out
         finally:
             aborted = [s for s in seqs if not s.is_finished]

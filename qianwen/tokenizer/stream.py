@@ -12,7 +12,9 @@ class StreamDecoder:
 
     Works on token bytes, so a character split over several byte-level tokens comes out whole
     once its last byte arrives. Bytes that can never form a character become U+FFFD exactly as in
-    `tokenizer.decode`. Each push costs O(len(token)), independent of how much came before.
+    `tokenizer.decode`; the bytes of a character that is still unfinished when the text ends (cut by a
+    token budget or a stop) are dropped, so the text is always a prefix of the longer generation's.
+    Each push costs O(len(token)), independent of how much came before.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special: bool = False):
@@ -35,10 +37,10 @@ class StreamDecoder:
         return self._utf8.decode(data)
 
     def flush(self) -> str:
-        """The text still held back (an incomplete character becomes U+FFFD); starts afresh."""
-        tail = self._utf8.decode(b"", final=True)
+        """End the text: an unfinished character held back is dropped (never U+FFFD); starts afresh.
+        Returns what remains to emit, which is always "" (only unfinished characters are held)."""
         self.reset()
-        return tail
+        return ""
 
     @property
     def pending(self) -> bool:
