@@ -1,0 +1,164 @@
+"""One token step: processors compose, stream_tokens and the engine agree, sampling is safe for every accepted
+value, and the sampling options are declared once (CLI flags, server fields and eval derive from them)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import qianwen
+from qianwen.engine import LLM
+from qianwen.errors import QianwenError
+from qianwen.generation.params import OPTIONS, SamplingParams, check_option, plain_options
+from qianwen.generation.sampling import SamplingError, make_logits_processors, sample
+
+
+@pytest.fixture(scope="module")
+def model(tiny_qwen2_dir):
+    return qianwen.load(str(tiny_qwen2_dir), dtype="float32")
+
+
+def ban(token: int):
+    def fn(prompt_ids, output_ids, logits):
+        logits[token] = float("-inf")
+        return logits
+    return fn
+
+
+def test_processors_compose_and_both_paths_agree(model):
+    """The same processors in the Python API and the engine give the same tokens; they run in order after
+    the penalties, each seeing the previous one's output."""
+    kw = {"max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    plain = model.stream_tokens(model.encode_chat([{"role": "user", "content": "hi"}]), model.params(**kw))
+    first_two = [s.token_id for s in plain][:2]
+    procs = [ban(first_two[0]), ban(first_two[1])]
+    prompt = [{"role": "user", "content": "hi"}]
+    ids = model.encode_chat(prompt)
+    api = [s.token_id for s in model.stream_tokens(ids, model.params(**kw), logits_processors=procs)]
+    assert first_two[0] not in api and first_two[1] not in api
+    engine = LLM(model).generate([{"messages": prompt, **kw, "logits_processors": procs}])[0]
+    assert engine.token_ids == api
+    assert model.chat(prompt, **kw, logits_processors=procs) == engine.text
+    seen = []
+
+    def spy(prompt_ids, output_ids, logits):
+        seen.append((list(prompt_ids), list(output_ids), logits.dtype, tuple(logits.shape)))
+        return logits
+
+    model.generate("abc", max_tokens=3, temperature=0, ignore_eos=True, logits_processors=[spy])
+    assert [len(o) for _, o, _, _ in seen] == [0, 1, 2]
+    assert all(d == torch.float32 and s == (model.config.vocab_size,) for _, _, d, s in seen)
+    # penalties are processors too, listed first
+    p = SamplingParams(repetition_penalty=1.3, presence_penalty=0.5)
+    assert len(make_logits_processors(p, [spy])) == 3 and make_logits_processors(p, [spy])[-1] is spy
+    assert make_logits_processors(SamplingParams(), []) == []
+
+
+def test_sample_is_safe():
+    p = SamplingParams(temperature=1.0)
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(SamplingError, match="NaN"):
+        sample(torch.tensor([0.0, float("nan"), 1.0]), p, g)
+    with pytest.raises(SamplingError, match="masked"):
+        sample(torch.full((4,), float("-inf")), p, g)
+    with pytest.raises(SamplingError, match="NaN"):
+        sample(torch.tensor([0.0, float("nan")]), p.replace(temperature=0), g)
+    inf = torch.tensor([1.0, float("inf"), 2.0, float("inf")])
+    assert {sample(inf, p, g) for _ in range(50)} == {1, 3}
+    tiny_t = p.replace(temperature=1e-45)  # dividing the logits by it would overflow
+    assert all(sample(torch.tensor([1.0, 3.0, 2.0]), tiny_t, g) == 1 for _ in range(20))
+
+
+EXTREMES = [{"repetition_penalty": 5e-324}, {"repetition_penalty": 1e-30}, {"repetition_penalty": 10},
+            {"temperature": 1e-45}, {"temperature": 2}, {"top_p": 5e-324}, {"min_p": 1.0}, {"top_k": 10**9},
+            {"top_k": -1}, {"presence_penalty": -2, "frequency_penalty": 2}, {"seed": -2**63},
+            {"seed": 2**63 - 1}]
+
+
+@pytest.mark.parametrize("extreme", EXTREMES, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
+def test_every_accepted_value_samples(model, extreme):
+    """Issue 10: repetition_penalty 5e-324 gave "probability tensor contains inf, nan" and killed the server."""
+    for k, v in extreme.items():
+        assert check_option(k, v) == v  # accepted ...
+    opts = {"max_tokens": 6, "temperature": 1.0, "ignore_eos": True, "seed": 1, **extreme}
+    out = model.generate("the quick brown fox " * 3, **opts)  # ... and safe
+    assert isinstance(out, str)
+    assert LLM(model).generate([{"prompt": "the quick brown fox " * 3, **opts}])[0].finish_reason == "length"
+
+
+BAD = [("temperature", -1), ("temperature", 2.5), ("top_p", 5), ("top_p", 0), ("max_tokens", 0), ("top_k", -2),
+       ("min_p", 1.5), ("repetition_penalty", 0), ("presence_penalty", 3), ("frequency_penalty", -2.5),
+       ("seed", 2**64), ("temperature", math.nan), ("temperature", math.inf), ("max_tokens", 1.5),
+       ("stop", [""]), ("stop", ["a"] * 17), ("stop", 5), ("ignore_eos", 1)]
+
+
+@pytest.mark.parametrize("name,value", BAD)
+def test_one_validation_everywhere(model, name, value):
+    """The CLI, the Python API and the server reject the same values (issue 10: the CLI ran them silently)."""
+    from fastapi.testclient import TestClient
+
+    from qianwen.cli.main import build_parser
+    from qianwen.server import ServerConfig, create_app
+
+    with pytest.raises(QianwenError, match=name):
+        check_option(name, value)
+    with pytest.raises(QianwenError, match=name):
+        model.generate("hi", **{name: value})
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        flag = "--" + name.replace("_", "-")
+        with pytest.raises(SystemExit) as e:
+            build_parser().parse_args(["generate", "hi", flag, str(value)])
+        assert e.value.code == 2
+    app = create_app(model, config=ServerConfig(model_name="m"))
+    with TestClient(app) as c:
+        body = {"model": "m", "prompt": "hi", name: value}
+        r = c.post("/v1/completions", content=_json(body), headers={"content-type": "application/json"})
+        assert r.status_code == 400, r.text
+        assert name in r.json()["error"]["message"]
+
+
+def _json(body: dict) -> str:
+    import json
+
+    return json.dumps(body)  # NaN and Infinity as JavaScript literals: what a careless client sends
+
+
+def test_cli_bad_value_is_one_line(capsys):
+    from qianwen.cli.main import main
+
+    for args in (["--temperature", "-1"], ["--top-p", "5"], ["--max-tokens", "0"], ["--top-k", "x"]):
+        with pytest.raises(SystemExit) as e:
+            main(["generate", "hi", *args])  # rejected before any model is loaded
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and args[0] in err and "error" in err
+
+
+def test_sampling_options_declared_once():
+    """CLI flags, server request fields (with their ranges in the OpenAPI schema) and eval's plain decoding
+    all come from SamplingParams' declaration."""
+    from qianwen.cli.main import build_parser
+    from qianwen.eval.runner import _requests
+    from qianwen.server.schemas import ChatCompletionRequest, CompletionRequest
+
+    parser = build_parser()
+    for cmd in ("generate", "chat"):
+        args = parser.parse_args([cmd, "x"] if cmd == "generate" else [cmd])
+        assert set(OPTIONS) <= set(vars(args))
+    for schema in (ChatCompletionRequest, CompletionRequest):
+        props = schema.model_json_schema()["properties"]
+        for name, opt in OPTIONS.items():
+            field = props[opt.api or name]
+            assert field.get("description") == opt.help
+            assert field.get("minimum") == opt.ge and field.get("maximum") == opt.le
+            assert field.get("exclusiveMinimum") == opt.gt
+    plain = plain_options()
+    assert set(plain) == {n for n, o in OPTIONS.items() if o.off is not None} and "repetition_penalty" in plain
+
+    class Stub:
+        context_length = 100
+
+    req = _requests(Stub(), [[1, 2]], ["\n"], 5, 0.0, [None])[0]
+    assert {k: req[k] for k in plain if k != "temperature"} == {k: v for k, v in plain.items() if k != "temperature"}
