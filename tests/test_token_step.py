@@ -106,7 +106,7 @@ def test_one_validation_everywhere(model, name, value):
         check_option(name, value)
     with pytest.raises(QianwenError, match=name):
         model.generate("hi", **{name: value})
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+    if OPTIONS[name].kind in (int, float) and math.isfinite(value):  # on the command line
         flag = "--" + name.replace("_", "-")
         with pytest.raises(SystemExit) as e:
             build_parser().parse_args(["generate", "hi", flag, str(value)])

@@ -90,8 +90,7 @@ def test_cli_cut_by_max_tokens(model, longer, default_gguf, capsys):
 
     p = PROMPTS[0]
     for n in (1, 2, 4, 7):
-        assert main(["generate", p, "-m", str(default_gguf), "--max-tokens", str(n), "--temperature", "0",
-                     "--ignore-eos"]) == 0
+        assert main(["generate", p, "-m", str(default_gguf), "--max-tokens", str(n), "--temperature", "0"]) == 0
         out = capsys.readouterr().out
         assert out.endswith("\n")
         check_cut(out[:-1], longer[p])
