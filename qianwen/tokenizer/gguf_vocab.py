@@ -77,7 +77,14 @@ def tokenizer_from_gguf(source: Any) -> HFTokenizer:
     meta = tokenizer_metadata(source)
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
-        raise QianwenError(f"GGUF tokenizer type {kind!r} is not supported (only byte-level BPE, 'gpt2')")
+        raise QianwenError(f"GGUF tokenizer type {kind!r:.40} is not supported (only byte-level BPE, 'gpt2')")
+    for key, kinds in (("tokens", str), ("merges", str), ("token_type", int)):
+        v = meta.get(f"tokenizer.ggml.{key}")
+        if v is not None and (not isinstance(v, list) or not all(isinstance(x, kinds) for x in v)):
+            raise QianwenError(f"GGUF 'tokenizer.ggml.{key}' is not a list of {kinds.__name__}s")
+    for key in ("tokenizer.ggml.pre", "tokenizer.chat_template"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise QianwenError(f"GGUF '{key}' is {meta[key]!r:.40}; expected a string")
     tokens: list[str] = list(meta.get("tokenizer.ggml.tokens") or [])
     merges = meta.get("tokenizer.ggml.merges")
     if not tokens or not merges:
@@ -115,9 +122,9 @@ def tokenizer_from_gguf(source: Any) -> HFTokenizer:
     if user:
         tok.add_tokens(user)
 
-    def token_id(key: str) -> int | None:
+    def token_id(key: str) -> int | None:  # an id outside the vocabulary is ignored, as llama.cpp does
         i = meta.get(f"tokenizer.ggml.{key}")
-        return int(i) if i is not None and 0 <= int(i) < len(tokens) else None
+        return i if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(tokens) else None
 
     def name(key: str) -> str | None:
         i = token_id(key)
