@@ -122,7 +122,7 @@ class GGUFFile(Mapping):
             raise ModelLoadError(f"{self.path} is truncated or not a valid GGUF file (reading {self._where})") from None
 
     def _bad(self, msg: str) -> ModelLoadError:
-        return ModelLoadError(f"{self.path}: {msg}")
+        return ModelLoadError(f"{self.path}: GGUF {msg}")
 
     def _parse(self) -> tuple[dict[str, Any], list[GGUFTensor]]:
         from gguf import GGML_QUANT_SIZES, GGMLQuantizationType

@@ -99,8 +99,11 @@ def tokenizer_from_gguf(source: Any) -> HFTokenizer:
     pairs = [tuple(m.split(" ", 1)) for m in merges]
     if any(len(p) != 2 for p in pairs):
         raise QianwenError("GGUF tokenizer.ggml.merges has an entry that is not 'left right'")
-    tok = RustTokenizer(BPE(vocab, pairs, dropout=None, continuing_subword_prefix="", end_of_word_suffix="",
-                            fuse_unk=False))
+    try:
+        tok = RustTokenizer(BPE(vocab, pairs, dropout=None, continuing_subword_prefix="", end_of_word_suffix="",
+                                fuse_unk=False))
+    except Exception as e:  # tokenizers raises a bare Exception, e.g. for a merge of unknown tokens
+        raise QianwenError(f"GGUF tokenizer.ggml.tokens and merges do not agree: {e}") from None
     split = PRE_TOKENIZER_SPLITS.get(meta.get("tokenizer.ggml.pre"))
     if split is None:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
