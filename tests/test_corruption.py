@@ -18,6 +18,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,7 +128,6 @@ def gguf_cases(lay: Layout, seed: int = 0) -> list[dict]:
     for name, off, data in [("magic", 0, b"GGUX"), ("version 1", 4, u32(1)), ("version 4", 4, u32(4)),
                             ("version big-endian", 4, u32(3 << 24)), ("version 2^32-1", 4, u32(-1))]:
         c.add(f"header {name}", [ow(off, data)], must_fail=True)
-    c.add("header version 2", [ow(4, u32(2))])
     for n in (0, 1, lay.n_tensors - 1, lay.n_tensors + 1, 1 << 40, -1):
         c.add(f"tensor_count {n}", [ow(8, u64(n))], must_fail=True)
     for n in (0, 1, lay.n_kv - 1, lay.n_kv + 1, 1 << 40, -1):
@@ -145,18 +145,17 @@ def gguf_cases(lay: Layout, seed: int = 0) -> list[dict]:
         c.add(f"{key} as an array", c.set_value(key, ARRAY, u32(U32) + u64(30) + u32(9) * 30), must_fail=True)
         c.add(f"{key} as f32", c.set_value(key, F32, f32(9.5)), must_fail=True)
         c.add(f"{key} as a negative i64", c.set_value(key, I64, struct.pack("<q", -9)), must_fail=True)
-        c.add(f"{key} missing", c.delete(key), must_fail=key not in ("llama.vocab_size", "llama.context_length",
-                                                                      "llama.rope.dimension_count"))
+        if key not in ("llama.context_length", "llama.rope.dimension_count"):  # optional: one such case below
+            c.add(f"{key} missing", c.delete(key), must_fail=key != "llama.vocab_size")
     c.add("head_count 8 (not dividing 576)", c.set_value("llama.attention.head_count", U32, u32(8)), must_fail=True)
     c.add("head_count_kv 2 (not dividing 9)", c.set_value("llama.attention.head_count_kv", U32, u32(2)),
           must_fail=True)
     c.add("head_count as u64", c.set_value("llama.attention.head_count", U64, u64(9)))
     for key in ("llama.rope.freq_base", "llama.attention.layer_norm_rms_epsilon"):
-        for v in (0.0, -1.0, math.nan, math.inf):
-            c.add(f"{key} = {v}", c.set_value(key, F32, f32(v)), must_fail=v != 0 or "freq" in key)
+        for v in (0.0, -1.0, math.nan, math.inf) if "freq" in key else (-1.0, math.nan, math.inf, 1.5):
+            c.add(f"{key} = {v}", c.set_value(key, F32, f32(v)), must_fail=True)
         c.add(f"{key} as a string", c.set_value(key, STRING, gstr("1e-5")), must_fail=True)
         c.add(f"{key} as an array", c.set_value(key, ARRAY, u32(F32) + u64(2) + f32(1.0) * 2), must_fail=True)
-        c.add(f"{key} as u32", c.set_value(key, U32, u32(100000)))
     # strings
     arch = lay.fields["general.architecture"]
     c.add("architecture qwen2", [ow(arch[4], b"qwen2")], must_fail=True)  # its keys are then missing
@@ -205,11 +204,10 @@ def gguf_cases(lay: Layout, seed: int = 0) -> list[dict]:
     c.add("rope scaling yarn, original context -1", c.insert(
         kv(rs + "type", STRING, gstr("yarn")), kv(rs + "factor", F32, f32(4)),
         kv(rs + "original_context_length", I32, struct.pack("<i", -1))), must_fail=True)
-    for v in (0, 3, 64, 1 << 40):
+    for v in (0, 3, 1024, 1 << 40):  # the file's tensor sizes are multiples of 64: 1024 misaligns them
         c.add(f"alignment {v}", c.insert(kv("general.alignment", U64 if v > 1 << 32 else U32,
                                             u64(v) if v > 1 << 32 else u32(v))), must_fail=True)
     c.add("alignment as a string", c.insert(kv("general.alignment", STRING, gstr("32"))), must_fail=True)
-    c.add("alignment 32 (explicit)", c.insert(kv("general.alignment", U32, u32(32))))
     c.add("a duplicate key", c.insert(kv("llama.block_count", U32, u32(31))), must_fail=True)
     c.add("a key of 2^63 bytes", c.insert(u64(1 << 63)), must_fail=True)
     c.add("a value of type 99", c.insert(kv("x.y", 99, u32(1))), must_fail=True)
@@ -237,7 +235,6 @@ def gguf_cases(lay: Layout, seed: int = 0) -> list[dict]:
     for name, t in (("F32", 0), ("F16", 1), ("Q8_0", 8), ("I32", 26), ("type 9999", 9999)):
         c.add(f"q type {name}", [ow(q[4], u32(t))], must_fail=True)  # larger: overlaps the next tensor
     c.add("q type Q4_0", [ow(q[4], u32(2))])  # smaller: garbage weights, a valid file
-    c.add("norm type F16", [ow(norm[4], u32(1))])
     c.add("norm type I32", [ow(norm[4], u32(26))], must_fail=True)
     data_size = lay.size - lay.data_offset
     for name, off in (("misaligned +1", 1), ("misaligned +16", 16), ("past the end", data_size),
@@ -248,15 +245,14 @@ def gguf_cases(lay: Layout, seed: int = 0) -> list[dict]:
     c.add("last tensor one byte past the end", [ow(norm[5], u64(data_size - 2304 + 32))], must_fail=True)
 
     # seeded byte flips: header and small values, tensor infos, the vocabulary, tensor data
-    regions = [("header/values", 0, lay.fields["tokenizer.ggml.tokens"][0], 14),
-               ("tensor infos", lay.kv_end, lay.info_end, 20), ("vocabulary", tok[0], lay.kv_end, 6)]
+    regions = [("header/values", 0, lay.fields["tokenizer.ggml.tokens"][0], 10),
+               ("tensor infos", lay.kv_end, lay.info_end, 20), ("vocabulary", tok[0], lay.kv_end, 4)]
     for region, lo, hi, n in regions:
         for _ in range(n):
             off = rng.randrange(lo, hi)
             c.add(f"flip {region} @{off}", [ow(off, bytes([lay_bytes(lay, off, 1)[0] ^ (1 << rng.randrange(8))]))])
-    for _ in range(3):
-        off = rng.randrange(lay.data_offset, lay.size)
-        c.add(f"flip tensor data @{off}", flips=[(off, 0xFF)])
+    off = rng.randrange(lay.data_offset, lay.size)
+    c.add(f"flip tensor data @{off}", flips=[(off, 0xFF)])
     # truncations
     for cut in sorted({0, 3, 4, 12, 20, 100, tok[5] + 3, types[0] + 100, lay.kv_end + 5, lay.info_end - 1,
                        lay.data_offset + 10, lay.size - 1, *(rng.randrange(lay.size) for _ in range(6))}):
@@ -429,12 +425,22 @@ def run_cases(cases: list[dict], workdir: Path) -> list[dict]:
     """Each case's outcome: ok, error, traceback, hang or crash (see the module docstring)."""
     casefile, errfile = workdir / "cases.json", workdir / "worker.err"
     casefile.write_text(json.dumps(cases))
+    shm = Path("/dev/shm")  # GGUF cases are ~100 MB each: written to memory, not to the disk, where possible
+    scratch = Path(tempfile.mkdtemp(dir=shm if shm.is_dir() else workdir)) / "case.gguf"
+    try:
+        return _run(cases, casefile, errfile, scratch)
+    finally:
+        shutil.rmtree(scratch.parent)
+
+
+def _run(cases: list[dict], casefile: Path, errfile: Path, scratch: Path) -> list[dict]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "QIANWEN_DEBUG": "", "TQDM_DISABLE": "1"}
     results: dict[int, dict] = {}
     start = 0
     while start < len(cases):
         with open(errfile, "w") as err:
-            proc = subprocess.Popen([sys.executable, str(WORKER), str(casefile), str(start)], stdout=subprocess.PIPE,
+            proc = subprocess.Popen([sys.executable, str(WORKER), str(casefile), str(start), str(scratch)],
+                                    stdout=subprocess.PIPE,
                                     stderr=err, text=True, env=env, preexec_fn=_limit_memory)
         lines: queue.Queue = queue.Queue()
         threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
@@ -459,7 +465,9 @@ def run_cases(cases: list[dict], workdir: Path) -> list[dict]:
             else:
                 results[msg["i"]] = msg
         start = current + 1
-    return [{**case, **results[i]} for i, case in enumerate(cases)]
+    out = [{**case, **results[i]} for i, case in enumerate(cases)]
+    (casefile.parent / "results.json").write_text(json.dumps(out))  # for a look after a failure
+    return out
 
 
 def check(results: list[dict]) -> None:
@@ -492,7 +500,7 @@ def test_cli_info_on_a_corrupt_checkpoint_is_one_line(gguf_lay, tiny_qwen2_dir, 
 
     c = GGUFCases(gguf_lay)
     c.add("block_count", c.set_value("llama.block_count", U32, u32(-1)))
-    bad_gguf = build_gguf(json.loads(json.dumps(c.cases[0])), gguf_lay.path.read_bytes(), tmp_path / "bad.gguf")
+    bad_gguf = build_gguf(c.cases[0], memoryview(gguf_lay.path.read_bytes()), tmp_path / "bad.gguf")
     bad_hf = tmp_path / "hf"
     shutil.copytree(tiny_qwen2_dir, bad_hf)
     (bad_hf / "config.json").write_text("[1, 2]")

@@ -85,16 +85,18 @@ def _load_folder(path: Path, dtype: torch.dtype, device: torch.device) -> dict[s
     config = ModelConfig.from_dict(raw)
     tokenizer = load_tokenizer(path)
     check_vocabulary(tokenizer, config)
+    template = read_chat_template(path)
+    default_system = QWEN_DEFAULT_SYSTEM if config.model_type == "qwen" and template is None else None
+    chat_template = ChatTemplate(template, default_system, _special_strings(tokenizer))  # parsed before the weights
+    generation_config = read_generation_config(path)
     from ..quant.quantize import is_quantized_config, load_quantized_hf
 
     if is_quantized_config(raw):  # written by `qianwen quantize`
         net = load_quantized_hf(path, config, dtype, device)
     else:
         net = load_hf_weights(path, config, dtype, device)
-    template = read_chat_template(path)
-    default_system = QWEN_DEFAULT_SYSTEM if config.model_type == "qwen" and template is None else None
-    return dict(config=config, net=net, tokenizer=tokenizer, generation_config=read_generation_config(path),
-                chat_template=ChatTemplate(template, default_system, _special_strings(tokenizer)))
+    return dict(config=config, net=net, tokenizer=tokenizer, generation_config=generation_config,
+                chat_template=chat_template)
 
 
 def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, quantized: bool = False) -> dict[str, Any]:
@@ -107,15 +109,14 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, quantized: 
     check_tensors(reader, config)
     tokenizer = tokenizer_from_gguf(reader)
     check_vocabulary(tokenizer, config)
+    chat_template = ChatTemplate(meta.get("tokenizer.chat_template"), None, _special_strings(tokenizer))
     if quantized:
         from ..quant.gguf import load_gguf_quantized
 
         net = load_gguf_quantized(reader, config, dtype, device)
     else:
         net = load_gguf_weights(reader, config, dtype, device)
-    template = meta.get("tokenizer.chat_template")
-    return dict(config=config, net=net, tokenizer=tokenizer, generation_config={},
-                chat_template=ChatTemplate(template, None, _special_strings(tokenizer)))
+    return dict(config=config, net=net, tokenizer=tokenizer, generation_config={}, chat_template=chat_template)
 
 
 def check_vocabulary(tokenizer, config: ModelConfig) -> None:

@@ -39,6 +39,14 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _compare(expected: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]]) -> None:
+    for name, shape in expected.items():
+        if name not in shapes:
+            raise ModelLoadError(f"checkpoint is missing tensor '{name}'")
+        if tuple(shapes[name]) != shape:
+            raise ModelLoadError(f"tensor '{name}' has shape {tuple(shapes[name])}, expected {shape}")
+
+
 def check_shapes(config: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> None:
     """A checkpoint's tensors (our names -> shapes) against `config`: the layer count first, so a lying
     count never builds a model, then every tensor's presence and shape (so the vocabulary size agrees
@@ -48,12 +56,11 @@ def check_shapes(config: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> Non
         found = f"layers {layers[0]} to {layers[-1]}" if layers else "no layers"
         raise ModelLoadError(f"the config gives {config.num_hidden_layers} layers but the checkpoint has "
                              f"{len(layers)} ({found})")
+    c = config  # the sizes building allocates by (rotary frequencies: head_dim / 2) first, then the rest
+    _compare({"model.embed_tokens.weight": (c.vocab_size, c.hidden_size),
+              "model.layers.0.self_attn.q_proj.weight": (c.num_attention_heads * c.head_dim, c.hidden_size)}, shapes)
     expected = expected_shapes(config)
-    for name, shape in expected.items():
-        if name not in shapes:
-            raise ModelLoadError(f"checkpoint is missing tensor '{name}'")
-        if tuple(shapes[name]) != shape:
-            raise ModelLoadError(f"tensor '{name}' has shape {tuple(shapes[name])}, expected {shape}")
+    _compare(expected, shapes)
     unexpected = sorted(set(shapes) - set(expected) - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
     if unexpected:
         raise ModelLoadError(f"checkpoint has unexpected tensor '{unexpected[0]}' ({len(unexpected)} in all) "
