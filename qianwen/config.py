@@ -99,8 +99,9 @@ class ModelConfig:
         return (_qwen_v1(d) if model_type == "qwen" else _hf(d, model_type)).check("config.json")
 
     def check(self, source: str) -> ModelConfig:
-        """The facts that tie fields together (head counts dividing, rope scaling complete, token ids
-        inside the vocabulary); `source` names the file's fields in the error ('config.json', 'GGUF')."""
+        """The facts that tie fields together (head counts dividing, rope scaling complete); `source`
+        names the file in the error ('config.json', 'GGUF'). Token ids are only used as stop tokens: one
+        outside the vocabulary never matches (llama.cpp ignores such ids too)."""
         c = self
         if c.num_attention_heads % c.num_key_value_heads:
             raise ModelLoadError(f"{source}: {c.num_attention_heads} attention heads are not a multiple of the "
@@ -119,11 +120,6 @@ class ModelConfig:
             for key in ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
                 if s.get(key) is not None:
                     as_float(s[key], f"{what} '{key}'")
-        for name in ("bos_token_id", "pad_token_id"):
-            if (i := getattr(c, name)) is not None:
-                as_int(i, f"{source} '{name}'", 0, c.vocab_size - 1)
-        for i in c.eos_token_id:
-            as_int(i, f"{source} 'eos_token_id'", 0, c.vocab_size - 1)
         return self
 
     def to_hf_dict(self) -> dict[str, Any]:

@@ -185,7 +185,7 @@ def gguf_cases(lay: Layout, seed: int = 0) -> list[dict]:
     c.add("token_type count 2^40", [ow(types[4], u64(1 << 40))], must_fail=True)
     c.add("merges as u32", c.set_value("tokenizer.ggml.merges", U32, u32(0)), must_fail=True)
     for key in ("bos_token_id", "eos_token_id", "padding_token_id"):
-        c.add(f"{key} = 2^32-1", c.set_value(f"tokenizer.ggml.{key}", U32, u32(-1)), must_fail=True)
+        c.add(f"{key} = 2^32-1", c.set_value(f"tokenizer.ggml.{key}", U32, u32(-1)))  # ignored
         c.add(f"{key} as a string", c.set_value(f"tokenizer.ggml.{key}", STRING, gstr("2")), must_fail=True)
     c.add("bos_token_id as i32 -1", c.set_value("tokenizer.ggml.bos_token_id", I32, struct.pack("<i", -1)),
           must_fail=True)
@@ -310,6 +310,7 @@ def hf_cases(base: Path, root: Path, seed: int = 0) -> list[dict]:
     config("vocab_size below the tokenizer's", vocab_size=cfg0["vocab_size"] - 10)
     config("hidden_size 2^40", hidden_size=1 << 40)
     config("rms_norm_eps = 0", must_fail=False, rms_norm_eps=0)
+    config("eos_token_id beyond the vocabulary (never generated)", must_fail=False, eos_token_id=[2, 10**6])
     for v in (0, -5, "1e4", math.inf, [1.0]):  # the hub's key (transformers 5 writes rope_parameters)
         config(f"rope_theta = {v!r}", rope_theta=v, rope_parameters=DROP)
     for key, vals in [("rms_norm_eps", [-1, "x", math.nan, [1e-6], 1e300]),
@@ -319,8 +320,8 @@ def hf_cases(base: Path, root: Path, seed: int = 0) -> list[dict]:
                                         {"type": "magic", "factor": 2}]),
                       ("rope_parameters", [[1], "x", {"rope_theta": "x"}, {"rope_type": "yarn"}]),
                       ("model_type", [5, ["qwen2"], "bloom", None]),
-                      ("eos_token_id", ["x", [1, "a"], 10**12, -5, {"a": 1}]),
-                      ("bos_token_id", ["x", 10**12]), ("pad_token_id", [[0], -3]),
+                      ("eos_token_id", ["x", [1, "a"], -5, {"a": 1}]),
+                      ("bos_token_id", ["x", -2]), ("pad_token_id", [[0], -3]),
                       ("tie_word_embeddings", ["no", 5]),
                       ("quantization_config", ["x", {"quant_method": "qianwen"}, [1]])]:
         for v in vals:

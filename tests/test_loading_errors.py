@@ -114,7 +114,7 @@ def test_config_that_is_not_an_object(folder):
     ({"rope_scaling": "linear"}, r"'rope_scaling' is 'linear'; expected an object"),
     ({"rope_scaling": {"type": "linear"}}, r"rope scaling \(linear\) 'factor' is None"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, r"'low_freq_factor' is None"),
-    ({"eos_token_id": 100000}, r"'eos_token_id' is 100000; expected an integer from 0 to 383"),
+    ({"eos_token_id": [2, "a"]}, r"'eos_token_id' is 'a'; expected an integer from 0"),
     ({"tie_word_embeddings": "no"}, r"'tie_word_embeddings' is 'no'; expected true or false"),
 ])
 def test_bad_config_value_is_named(folder, changes, message):

@@ -180,7 +180,7 @@ class GGUFFile(Mapping):
             begin = start + offset
             if begin + n_bytes > c.size:
                 raise self._bad(f"tensor '{name}' ({n_bytes} bytes at {begin}) runs past the end of the file "
-                                f"({c.size} bytes): truncated or corrupt")
+                                f"({c.size} bytes): truncated or not a valid GGUF file")
             if gtype.name in _PLAIN_TENSORS:
                 arr = np.frombuffer(self._map, _PLAIN_TENSORS[gtype.name], n_el, begin).reshape(np_dims)
             else:  # raw blocks, shaped like gguf.GGUFReader's: [..., bytes per row]
