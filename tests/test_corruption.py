@@ -191,7 +191,7 @@ def gguf_cases(lay: Layout, seed: int = 0) -> list[dict]:
           must_fail=True)
     # keys that were not there: rope scaling, alignment, a vocab size beyond the embedding
     rs = "llama.rope.scaling."
-    c.add("rope scaling linear without factor", c.insert(kv(rs + "type", STRING, gstr("linear"))), must_fail=True)
+    c.add("rope scaling linear without factor (1)", c.insert(kv(rs + "type", STRING, gstr("linear"))))
     c.add("rope scaling factor a string", c.insert(kv(rs + "type", STRING, gstr("linear")),
                                                    kv(rs + "factor", STRING, gstr("x"))), must_fail=True)
     c.add("rope scaling factor 0", c.insert(kv(rs + "type", STRING, gstr("yarn")), kv(rs + "factor", F32, f32(0))),

@@ -105,7 +105,7 @@ def config_from_metadata(meta: dict[str, Any], tensor_names: set[str]) -> ModelC
     if stype and stype != "none":
         if stype not in ROPE_TYPES:
             raise ModelLoadError(f"unsupported GGUF rope scaling type '{stype:.40}' ({', '.join(ROPE_TYPES)} are)")
-        scaling = {"rope_type": stype, "factor": get("rope.scaling.factor", None)}
+        scaling = {"rope_type": stype, "factor": get("rope.scaling.factor", 1.0)}  # llama.cpp's default
         if (orig := get("rope.scaling.original_context_length", None)) is not None:
             scaling["original_max_position_embeddings"] = orig
 
