@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +12,45 @@ from .errors import ModelLoadError
 SUPPORTED_MODEL_TYPES = ("llama", "qwen", "qwen2", "qwen3")
 # checkpoints that are one of ours under another name
 MODEL_TYPE_ALIASES = {"mistral": "llama", "smollm": "llama"}
+ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3")
+MAX_SIZE = 2**31 - 1  # no real size or count comes near it; larger ones are corrupt values
+
+
+def _show(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def as_int(v: Any, what: str, lo: int = 1, hi: int = MAX_SIZE) -> int:
+    """`v` as an int in [lo, hi] (an integral float counts), else one ModelLoadError naming `what`."""
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ModelLoadError(f"{what} is {_show(v)}; expected an integer from {lo} to {hi}")
+    return v
+
+
+def as_float(v: Any, what: str, lo: float = 0.0, hi: float = math.inf, lo_open: bool = False) -> float:
+    """`v` as a finite float in [lo, hi] (or (lo, hi] with `lo_open`), else one ModelLoadError."""
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not ok or not (lo < v if lo_open else lo <= v) or v > hi:
+        low = f"{'>' if lo_open else '>='} {lo:g}"
+        raise ModelLoadError(f"{what} is {_show(v)}; expected a finite number {low}"
+                             + (f" and <= {hi:g}" if hi < math.inf else ""))
+    return float(v)
+
+
+def head_dim_of(hidden: int, heads: int, source: str) -> int:
+    """The head dimension a config without an explicit one implies: hidden size / attention heads."""
+    if hidden % heads:
+        raise ModelLoadError(f"{source}: hidden size {hidden} is not a multiple of the {heads} attention heads")
+    return hidden // heads
+
+
+def as_bool(v: Any, what: str) -> bool:
+    if not isinstance(v, bool):
+        raise ModelLoadError(f"{what} is {_show(v)}; expected true or false")
+    return v
 
 
 @dataclass
@@ -42,13 +82,45 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """From config.json's contents, every value read checked for its type and range (see `check`)."""
+        if not isinstance(d, dict):
+            raise ModelLoadError(f"config.json holds {type(d).__name__} {_show(d)}, not a JSON object")
         model_type = d.get("model_type")
         if model_type is None:
             raise ModelLoadError("config.json has no 'model_type'")
+        if not isinstance(model_type, str):
+            raise ModelLoadError(f"config.json 'model_type' is {_show(model_type)}; expected a string")
         model_type = MODEL_TYPE_ALIASES.get(model_type, model_type)
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ModelLoadError(f"unknown model_type '{model_type}'; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-        return _qwen_v1(d) if model_type == "qwen" else _hf(d, model_type)
+        if not isinstance(d.get("quantization_config") or {}, dict):
+            raise ModelLoadError(f"config.json 'quantization_config' is {_show(d['quantization_config'])}; "
+                                 "expected an object")
+        return (_qwen_v1(d) if model_type == "qwen" else _hf(d, model_type)).check("config.json")
+
+    def check(self, source: str) -> ModelConfig:
+        """The facts that tie fields together (head counts dividing, rope scaling complete); `source`
+        names the file in the error ('config.json', 'GGUF'). Token ids are only used as stop tokens: one
+        outside the vocabulary never matches (llama.cpp ignores such ids too)."""
+        c = self
+        if c.num_attention_heads % c.num_key_value_heads:
+            raise ModelLoadError(f"{source}: {c.num_attention_heads} attention heads are not a multiple of the "
+                                 f"{c.num_key_value_heads} key/value heads")
+        if c.head_dim % 2:
+            raise ModelLoadError(f"{source}: head dimension {c.head_dim} is odd; rotary embeddings need it even")
+        if c.rope_scaling is not None:
+            s, kind = c.rope_scaling, c.rope_scaling.get("rope_type")
+            what = f"{source} rope scaling ({kind})"
+            as_float(s.get("factor"), f"{what} 'factor'", lo_open=True)
+            if kind == "llama3":
+                for key in ("low_freq_factor", "high_freq_factor"):
+                    as_float(s.get(key), f"{what} '{key}'", lo_open=True)
+            if kind == "llama3" or s.get("original_max_position_embeddings") is not None:
+                as_int(s.get("original_max_position_embeddings"), f"{what} 'original_max_position_embeddings'")
+            for key in ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+                if s.get(key) is not None:
+                    as_float(s[key], f"{what} '{key}'")
+        return self
 
     def to_hf_dict(self) -> dict[str, Any]:
         """config.json in the Hugging Face layout (Qwen-7B is exported as qwen2: same math once mapped)."""
@@ -85,16 +157,41 @@ def _get(d: dict[str, Any], *keys: str, default: Any = ...) -> Any:
     return default
 
 
+def _int(d: dict[str, Any], *keys: str, default: Any = ..., lo: int = 1) -> int:
+    """An integer field (the first of `keys` present), checked for its type and range."""
+    key = next((k for k in keys if d.get(k) is not None), keys[0])
+    return as_int(_get(d, *keys, default=default), f"config.json '{key}'", lo)
+
+
+def _float(d: dict[str, Any], key: str, default: float, **limits: Any) -> float:
+    return as_float(_get(d, key, default=default), f"config.json '{key}'", **limits)
+
+
+def _bool(d: dict[str, Any], key: str) -> bool:
+    return as_bool(d.get(key, False), f"config.json '{key}'")
+
+
+def _token_id(d: dict[str, Any], key: str) -> int | None:
+    v = d.get(key)
+    if key == "pad_token_id" and v == -1:  # an old convention for "no pad token"
+        return None
+    return None if v is None else as_int(v, f"config.json '{key}'", 0)
+
+
 def _eos_list(v: Any) -> list[int]:
     if v is None:
         return []
-    return [int(x) for x in v] if isinstance(v, (list, tuple)) else [int(v)]
+    return [as_int(x, "config.json 'eos_token_id'", 0) for x in (v if isinstance(v, (list, tuple)) else [v])]
 
 
 def _rope(d: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     """Read rope settings from the hub keys (rope_theta, rope_scaling) or transformers 5's rope_parameters."""
     params = d.get("rope_parameters") or {}
-    theta = float(params.get("rope_theta") or d.get("rope_theta") or 10000.0)
+    for key, v in (("rope_parameters", params), ("rope_scaling", d.get("rope_scaling") or {})):
+        if not isinstance(v, dict):
+            raise ModelLoadError(f"config.json '{key}' is {_show(v)}; expected an object")
+    theta = params.get("rope_theta") if params.get("rope_theta") is not None else d.get("rope_theta")
+    theta = as_float(theta if theta is not None else 10000.0, "config.json 'rope_theta'", lo_open=True)
     scaling = d.get("rope_scaling") or {k: v for k, v in params.items() if k != "rope_theta"} or None
     if scaling:
         scaling = dict(scaling)
@@ -102,60 +199,60 @@ def _rope(d: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
         scaling["rope_type"] = rtype
         if rtype == "default":
             scaling = None
-        elif rtype not in ("linear", "dynamic", "yarn", "llama3"):
-            raise ModelLoadError(f"unsupported rope scaling type '{rtype}' (linear, dynamic, yarn, llama3 are)")
+        elif rtype not in ROPE_TYPES:
+            raise ModelLoadError(f"unsupported rope scaling type {_show(rtype)} ({', '.join(ROPE_TYPES)} are)")
     return theta, scaling
 
 
 def _hf(d: dict[str, Any], model_type: str) -> ModelConfig:
-    hidden = int(_get(d, "hidden_size"))
-    heads = int(_get(d, "num_attention_heads"))
+    hidden = _int(d, "hidden_size")
+    heads = _int(d, "num_attention_heads")
     theta, scaling = _rope(d)
     return ModelConfig(
         model_type=model_type,
-        vocab_size=int(_get(d, "vocab_size")),
+        vocab_size=_int(d, "vocab_size"),
         hidden_size=hidden,
-        intermediate_size=int(_get(d, "intermediate_size")),
-        num_hidden_layers=int(_get(d, "num_hidden_layers")),
+        intermediate_size=_int(d, "intermediate_size"),
+        num_hidden_layers=_int(d, "num_hidden_layers"),
         num_attention_heads=heads,
-        num_key_value_heads=int(_get(d, "num_key_value_heads", default=heads)),
-        head_dim=int(_get(d, "head_dim", default=hidden // heads)),
-        rms_norm_eps=float(_get(d, "rms_norm_eps", default=1e-6)),
+        num_key_value_heads=_int(d, "num_key_value_heads", default=heads),
+        head_dim=_int(d, "head_dim") if d.get("head_dim") is not None else head_dim_of(hidden, heads, "config.json"),
+        rms_norm_eps=_float(d, "rms_norm_eps", 1e-6, hi=1.0),
         rope_theta=theta,
         rope_scaling=scaling,
-        max_position_embeddings=int(_get(d, "max_position_embeddings", default=4096)),
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        attention_bias=True if model_type == "qwen2" else bool(d.get("attention_bias", False)),
-        o_bias=bool(d.get("attention_bias", False)) if model_type in ("llama", "qwen3") else False,
-        mlp_bias=bool(d.get("mlp_bias", False)) if model_type == "llama" else False,
+        max_position_embeddings=_int(d, "max_position_embeddings", default=4096),
+        tie_word_embeddings=_bool(d, "tie_word_embeddings"),
+        attention_bias=True if model_type == "qwen2" else _bool(d, "attention_bias"),
+        o_bias=_bool(d, "attention_bias") if model_type in ("llama", "qwen3") else False,
+        mlp_bias=_bool(d, "mlp_bias") if model_type == "llama" else False,
         qk_norm=model_type == "qwen3",
-        bos_token_id=d.get("bos_token_id"),
+        bos_token_id=_token_id(d, "bos_token_id"),
         eos_token_id=_eos_list(d.get("eos_token_id")),
-        pad_token_id=d.get("pad_token_id"),
+        pad_token_id=_token_id(d, "pad_token_id"),
     )
 
 
 def _qwen_v1(d: dict[str, Any]) -> ModelConfig:
     """The original Qwen-7B config, in either its v1.1 or v1.0 key names."""
-    hidden = int(_get(d, "hidden_size", "n_embd"))
-    heads = int(_get(d, "num_attention_heads", "n_head"))
-    seq_length = int(_get(d, "seq_length", default=_get(d, "max_position_embeddings", "n_positions", default=2048)))
+    hidden = _int(d, "hidden_size", "n_embd")
+    heads = _int(d, "num_attention_heads", "n_head")
+    seq_length = _int(d, "seq_length", default=_get(d, "max_position_embeddings", "n_positions", default=2048))
     return ModelConfig(
         model_type="qwen",
-        vocab_size=int(_get(d, "vocab_size", "padded_vocab_size")),
+        vocab_size=_int(d, "vocab_size", "padded_vocab_size"),
         hidden_size=hidden,
-        intermediate_size=int(_get(d, "intermediate_size", "ffn_hidden_size")) // 2,
-        num_hidden_layers=int(_get(d, "num_hidden_layers", "n_layer")),
+        intermediate_size=_int(d, "intermediate_size", "ffn_hidden_size", lo=2) // 2,
+        num_hidden_layers=_int(d, "num_hidden_layers", "n_layer"),
         num_attention_heads=heads,
         num_key_value_heads=heads,
-        head_dim=int(_get(d, "kv_channels", default=hidden // heads)),
-        rms_norm_eps=float(_get(d, "layer_norm_epsilon", default=1e-6)),
-        rope_theta=float(_get(d, "rotary_emb_base", default=10000.0)),
-        max_position_embeddings=int(_get(d, "max_position_embeddings", "n_positions", default=seq_length)),
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        head_dim=_int(d, "kv_channels") if d.get("kv_channels") is not None else head_dim_of(hidden, heads, "config.json"),
+        rms_norm_eps=_float(d, "layer_norm_epsilon", 1e-6, hi=1.0),
+        rope_theta=_float(d, "rotary_emb_base", 10000.0, lo_open=True),
+        max_position_embeddings=_int(d, "max_position_embeddings", "n_positions", default=seq_length),
+        tie_word_embeddings=_bool(d, "tie_word_embeddings"),
         attention_bias=True,  # c_attn always has a bias, whatever no_bias says
         seq_length=seq_length,
-        use_dynamic_ntk=bool(d.get("use_dynamic_ntk", False)),
-        use_logn_attn=bool(d.get("use_logn_attn", False)),
+        use_dynamic_ntk=_bool(d, "use_dynamic_ntk"),
+        use_logn_attn=_bool(d, "use_logn_attn"),
         eos_token_id=_eos_list(d.get("eos_token_id", 151643)),
     )

@@ -10,7 +10,7 @@ import torch
 
 from ..chat.template import QWEN_DEFAULT_SYSTEM, ChatTemplate
 from ..config import ModelConfig
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, QianwenError
 from .hub import resolve
 
 
@@ -55,13 +55,18 @@ def load(model: str | Path | None = None, dtype: str | torch.dtype | None = None
     path = resolve(model)
     dev = torch.device(device) if device is not None else default_device()
     dt = parse_dtype(dtype) if dtype is not None else default_dtype(dev)
-    if path.is_dir():
-        parts = _load_folder(path, dt, dev)
-    elif path.suffix == ".gguf" or _is_gguf(path):
-        keep = quantized if quantized is not None else (dev.type == "cpu" and dt == torch.bfloat16)
-        parts = _load_gguf(path, dt, dev, keep)
-    else:
-        raise ModelLoadError(f"{path} is neither a model folder nor a .gguf file")
+    try:
+        if path.is_dir():
+            parts = _load_folder(path, dt, dev)
+        elif path.suffix == ".gguf" or _is_gguf(path):
+            keep = quantized if quantized is not None else (dev.type == "cpu" and dt == torch.bfloat16)
+            parts = _load_gguf(path, dt, dev, keep)
+        else:
+            raise ModelLoadError(f"{path} is neither a model folder nor a .gguf file")
+    except QianwenError as e:  # every checkpoint error names the checkpoint
+        if str(path) in str(e):
+            raise
+        raise ModelLoadError(f"{path}: {e}") from None
     return Model(name=str(model) if model else path.name, path=path, **parts)
 
 
@@ -79,35 +84,46 @@ def _load_folder(path: Path, dtype: torch.dtype, device: torch.device) -> dict[s
     raw = read_json(path / "config.json")
     config = ModelConfig.from_dict(raw)
     tokenizer = load_tokenizer(path)
+    check_vocabulary(tokenizer, config)
+    template = read_chat_template(path)
+    default_system = QWEN_DEFAULT_SYSTEM if config.model_type == "qwen" and template is None else None
+    chat_template = ChatTemplate(template, default_system, _special_strings(tokenizer))  # parsed before the weights
+    generation_config = read_generation_config(path)
     from ..quant.quantize import is_quantized_config, load_quantized_hf
 
     if is_quantized_config(raw):  # written by `qianwen quantize`
         net = load_quantized_hf(path, config, dtype, device)
     else:
         net = load_hf_weights(path, config, dtype, device)
-    template = read_chat_template(path)
-    default_system = QWEN_DEFAULT_SYSTEM if config.model_type == "qwen" and template is None else None
-    return dict(config=config, net=net, tokenizer=tokenizer, generation_config=read_generation_config(path),
-                chat_template=ChatTemplate(template, default_system, _special_strings(tokenizer)))
+    return dict(config=config, net=net, tokenizer=tokenizer, generation_config=generation_config,
+                chat_template=chat_template)
 
 
 def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, quantized: bool = False) -> dict[str, Any]:
     from ..tokenizer.gguf_vocab import tokenizer_from_gguf
-    from .gguf import config_from_metadata, load_gguf_weights, metadata, open_reader
+    from .gguf import check_tensors, config_from_metadata, load_gguf_weights, metadata, open_reader
 
     reader = open_reader(path)
     meta = metadata(reader)
     config = config_from_metadata(meta, {t.name for t in reader.tensors})
+    check_tensors(reader, config)
     tokenizer = tokenizer_from_gguf(reader)
+    check_vocabulary(tokenizer, config)
+    chat_template = ChatTemplate(meta.get("tokenizer.chat_template"), None, _special_strings(tokenizer))
     if quantized:
         from ..quant.gguf import load_gguf_quantized
 
         net = load_gguf_quantized(reader, config, dtype, device)
     else:
         net = load_gguf_weights(reader, config, dtype, device)
-    template = meta.get("tokenizer.chat_template")
-    return dict(config=config, net=net, tokenizer=tokenizer, generation_config={},
-                chat_template=ChatTemplate(template, None, _special_strings(tokenizer)))
+    return dict(config=config, net=net, tokenizer=tokenizer, generation_config={}, chat_template=chat_template)
+
+
+def check_vocabulary(tokenizer, config: ModelConfig) -> None:
+    """Every id the tokenizer can produce has an embedding row."""
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ModelLoadError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding has "
+                             f"{config.vocab_size} rows (vocab_size)")
 
 
 def _special_strings(tokenizer) -> dict[str, str]:

@@ -12,11 +12,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..config import ModelConfig
+from ..config import ROPE_TYPES, ModelConfig, as_float, as_int, head_dim_of
 from ..errors import ModelLoadError
 from ..models import Transformer
 from .gguf_reader import GGUFFile
-from .weights import materialize
+from .weights import check_shapes, materialize
 
 GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
@@ -69,9 +69,10 @@ def metadata(reader) -> dict[str, Any]:
 
 
 def config_from_metadata(meta: dict[str, Any], tensor_names: set[str]) -> ModelConfig:
+    """The hyperparameters in a GGUF file's metadata, each checked for its type and range (then `ModelConfig.check`)."""
     arch = meta.get("general.architecture")
-    if arch not in GGUF_ARCHS:
-        raise ModelLoadError(f"unsupported GGUF architecture '{arch}'; supported: {', '.join(GGUF_ARCHS)}")
+    if not isinstance(arch, str) or arch not in GGUF_ARCHS:
+        raise ModelLoadError(f"unsupported GGUF architecture {arch!r:.40}; supported: {', '.join(GGUF_ARCHS)}")
 
     def get(key: str, default: Any = ...) -> Any:
         v = meta.get(f"{arch}.{key}")
@@ -81,37 +82,72 @@ def config_from_metadata(meta: dict[str, Any], tensor_names: set[str]) -> ModelC
             return default
         return v
 
-    heads = int(get("attention.head_count"))
-    hidden = int(get("embedding_length"))
-    vocab = int(get("vocab_size", 0)) or int(meta.get("_n_tokens", 0))
+    def num(key: str, default: Any = ..., lo: int = 1) -> int:
+        return as_int(get(key, default), f"GGUF '{arch}.{key}'", lo)
+
+    def real(key: str, default: float, **limits: Any) -> float:
+        return as_float(get(key, default), f"GGUF '{arch}.{key}'", **limits)
+
+    heads = num("attention.head_count")
+    hidden = num("embedding_length")
+    head_dim = num("attention.key_length") if get("attention.key_length", None) is not None \
+        else head_dim_of(hidden, heads, "GGUF")
+    if get("rope.dimension_count", None) is not None and num("rope.dimension_count") != head_dim:
+        raise ModelLoadError(f"GGUF '{arch}.rope.dimension_count' is {get('rope.dimension_count')}, not the head "
+                             f"dimension {head_dim}: partial rotary embeddings are not supported")
+    vocab = num("vocab_size") if get("vocab_size", None) is not None else meta.get("_n_tokens", 0)
     if not vocab:
         raise ModelLoadError("GGUF metadata has neither a vocab_size nor a token list")
     scaling = None
-    if (stype := get("rope.scaling.type", None)) and stype != "none":
-        scaling = {"rope_type": stype, "factor": float(get("rope.scaling.factor", 1.0))}
+    stype = get("rope.scaling.type", None)
+    if stype is not None and not isinstance(stype, str):
+        raise ModelLoadError(f"GGUF '{arch}.rope.scaling.type' is {stype!r:.40}; expected a string")
+    if stype and stype != "none":
+        if stype not in ROPE_TYPES:
+            raise ModelLoadError(f"unsupported GGUF rope scaling type '{stype:.40}' ({', '.join(ROPE_TYPES)} are)")
+        scaling = {"rope_type": stype, "factor": get("rope.scaling.factor", 1.0)}  # llama.cpp's default
         if (orig := get("rope.scaling.original_context_length", None)) is not None:
-            scaling["original_max_position_embeddings"] = int(orig)
-    eos = meta.get("tokenizer.ggml.eos_token_id")
+            scaling["original_max_position_embeddings"] = orig
+
+    def token_id(key: str) -> int | None:
+        v = meta.get(f"tokenizer.ggml.{key}")
+        return None if v is None else as_int(v, f"GGUF 'tokenizer.ggml.{key}'", 0)
+
+    eos = token_id("eos_token_id")
     return ModelConfig(
         model_type=GGUF_ARCHS[arch],
         vocab_size=vocab,
         hidden_size=hidden,
-        intermediate_size=int(get("feed_forward_length")),
-        num_hidden_layers=int(get("block_count")),
+        intermediate_size=num("feed_forward_length"),
+        num_hidden_layers=num("block_count"),
         num_attention_heads=heads,
-        num_key_value_heads=int(get("attention.head_count_kv", heads)),
-        head_dim=int(get("attention.key_length", hidden // heads)),
-        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
-        rope_theta=float(get("rope.freq_base", 10000.0)),
+        num_key_value_heads=num("attention.head_count_kv", heads),
+        head_dim=head_dim,
+        rms_norm_eps=real("attention.layer_norm_rms_epsilon", 1e-6, hi=1.0),
+        rope_theta=real("rope.freq_base", 10000.0, lo_open=True),
         rope_scaling=scaling,
-        max_position_embeddings=int(get("context_length", 4096)),
+        max_position_embeddings=num("context_length", 4096),
         tie_word_embeddings="output.weight" not in tensor_names,
         attention_bias="blk.0.attn_q.bias" in tensor_names,
         qk_norm=arch == "qwen3",
-        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-        eos_token_id=[int(eos)] if eos is not None else [],
-        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
-    )
+        bos_token_id=token_id("bos_token_id"),
+        eos_token_id=[eos] if eos is not None else [],
+        pad_token_id=token_id("padding_token_id"),
+    ).check("GGUF")
+
+
+_INT_TYPES = ("I8", "I16", "I32", "I64")
+
+
+def check_tensors(reader, config: ModelConfig) -> None:
+    """The file's tensors against `config` from their infos alone, before any is read: names, float or
+    quantized types, the layer count and every shape (`weights.check_shapes`)."""
+    shapes = {}
+    for t, name in named_tensors(reader, config, progress=False):
+        if t.tensor_type.name in _INT_TYPES:
+            raise ModelLoadError(f"GGUF tensor '{t.name}' holds integers ({t.tensor_type.name}), not weights")
+        shapes[name] = tuple(int(d) for d in reversed(t.shape))
+    check_shapes(config, shapes)
 
 
 def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -129,9 +165,9 @@ def dequantize(t) -> np.ndarray:
     return gg_dequantize(t.data, t.tensor_type)
 
 
-def named_tensors(reader, config: ModelConfig) -> Iterator[tuple[Any, str]]:
+def named_tensors(reader, config: ModelConfig, progress: bool = True) -> Iterator[tuple[Any, str]]:
     """Each GGUF tensor with our parameter name, under a progress bar; a tensor with no place is an error."""
-    for t in tqdm(reader.tensors, desc="Loading GGUF", unit="tensor", disable=None, leave=False):
+    for t in tqdm(reader.tensors, desc="Loading GGUF", unit="tensor", disable=None if progress else True, leave=False):
         name = hf_name(t.name)
         if name is None:
             if t.name.startswith("rope_freqs"):  # llama3 frequency factors: derived from the config

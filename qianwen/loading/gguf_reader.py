@@ -15,6 +15,7 @@ one `ModelLoadError`.
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from collections.abc import Iterator, Mapping
@@ -101,7 +102,11 @@ class _Cursor:
 
 
 class GGUFFile(Mapping):
-    """The metadata of a GGUF file as a mapping, and its tensors (`.tensors`, memory-mapped)."""
+    """The metadata of a GGUF file as a mapping, and its tensors (`.tensors`, memory-mapped).
+
+    Checked while reading, before any tensor is touched: every length and count against the bytes
+    left, keys unique, `general.alignment` a power of two, each tensor's type known and its data
+    inside the file, aligned and not overlapping another's."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -110,10 +115,14 @@ class GGUFFile(Mapping):
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except (OSError, ValueError) as e:  # ValueError: an empty file cannot be mapped
             raise ModelLoadError(f"cannot read GGUF file {self.path}: {e}") from None
+        self._where = "the header"
         try:
             self._meta, self.tensors = self._parse()
         except (_Corrupt, UnicodeDecodeError, struct.error, ValueError, OverflowError, KeyError, IndexError):
-            raise ModelLoadError(f"{self.path} is truncated or not a valid GGUF file") from None
+            raise ModelLoadError(f"{self.path} is truncated or not a valid GGUF file (reading {self._where})") from None
+
+    def _bad(self, msg: str) -> ModelLoadError:
+        return ModelLoadError(f"{self.path}: GGUF {msg}")
 
     def _parse(self) -> tuple[dict[str, Any], list[GGUFTensor]]:
         from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -128,42 +137,60 @@ class GGUFFile(Mapping):
             raise ModelLoadError(f"{self.path} is GGUF version {version}; versions 2 and 3 are supported")
         n_tensors, n_kv = c.u64(), c.u64()
         meta: dict[str, Any] = {}
-        for _ in range(n_kv):
+        for i in range(n_kv):
+            self._where = f"metadata entry {i} of {n_kv}"
             key = c.string()
+            self._where = f"the value of '{key}'"
+            if key in meta:
+                raise self._bad(f"metadata key '{key}' appears twice")
             meta[key] = c.value(c.u32())
         infos = []
-        for _ in range(n_tensors):
+        for i in range(n_tensors):
+            self._where = f"tensor info {i} of {n_tensors}"
             name = c.string()
+            self._where = f"the info of tensor '{name}'"
             n_dims = c.u32()
-            if n_dims > 8:
-                raise _Corrupt
-            dims = np.frombuffer(c.take(8 * n_dims), "<u8").copy()
+            if not 1 <= n_dims <= 4:  # GGML_MAX_DIMS
+                raise self._bad(f"tensor '{name}' has {n_dims} dimensions; GGUF tensors have 1 to 4")
+            dims = [int(d) for d in np.frombuffer(c.take(8 * n_dims), "<u8")]
             infos.append((name, dims, c.u32(), c.u64()))
         align = meta.get("general.alignment", 32)
-        if not isinstance(align, int) or align <= 0 or align & (align - 1):
-            raise _Corrupt
+        if isinstance(align, bool) or not isinstance(align, int) or align <= 0 or align & (align - 1):
+            raise self._bad(f"'general.alignment' is {align!r:.40}; expected a power of two")
         start = -(-c.off // align) * align
         tensors, seen = [], set()
         for name, dims, raw_type, offset in infos:
+            self._where = f"the data of tensor '{name}'"
             if name in seen:
-                raise ModelLoadError(f"{self.path} lists tensor '{name}' twice")
+                raise self._bad(f"tensor '{name}' is listed twice")
             seen.add(name)
-            gtype = GGMLQuantizationType(raw_type)
-            block, type_size = GGML_QUANT_SIZES[gtype]
-            n_el = int(np.prod(dims, dtype=np.uint64)) if len(dims) else 1
-            np_dims = [int(d) for d in reversed(dims)]
+            try:
+                gtype = GGMLQuantizationType(raw_type)
+                block, type_size = GGML_QUANT_SIZES[gtype]
+            except (ValueError, KeyError):
+                raise self._bad(f"tensor '{name}' has unknown type {raw_type}") from None
+            n_el = math.prod(dims)
+            np_dims = dims[::-1]
             if np_dims[-1] % block:
-                raise _Corrupt
+                raise self._bad(f"tensor '{name}' has rows of {np_dims[-1]} values, not whole {gtype.name} "
+                                f"blocks of {block}")
             n_bytes = n_el // block * type_size
+            if offset % align:
+                raise self._bad(f"tensor '{name}' data offset {offset} is not a multiple of the alignment {align}")
             begin = start + offset
             if begin + n_bytes > c.size:
-                raise _Corrupt
+                raise self._bad(f"tensor '{name}' ({n_bytes} bytes at {begin}) runs past the end of the file "
+                                f"({c.size} bytes): truncated or not a valid GGUF file")
             if gtype.name in _PLAIN_TENSORS:
                 arr = np.frombuffer(self._map, _PLAIN_TENSORS[gtype.name], n_el, begin).reshape(np_dims)
             else:  # raw blocks, shaped like gguf.GGUFReader's: [..., bytes per row]
                 np_dims[-1] = np_dims[-1] // block * type_size
                 arr = np.frombuffer(self._map, np.uint8, n_bytes, begin).reshape(np_dims)
-            tensors.append(GGUFTensor(name, gtype, dims, n_el, n_bytes, begin, arr))
+            tensors.append(GGUFTensor(name, gtype, np.array(dims, dtype=np.uint64), n_el, n_bytes, begin, arr))
+        spans = sorted((t.data_offset, t.data_offset + t.n_bytes, t.name) for t in tensors if t.n_bytes)
+        for (_, end, a), (begin, _, b) in zip(spans, spans[1:], strict=False):
+            if begin < end:
+                raise self._bad(f"the data of tensors '{a}' and '{b}' overlap")
         return meta, tensors
 
     def release(self, tensor: GGUFTensor) -> None:

@@ -11,26 +11,35 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
-from ..config import ModelConfig
+from ..config import ModelConfig, as_bool, as_float, as_int
 from ..errors import ModelLoadError
 from ..models import Transformer, get_model_class
+from ..tokenizer.hf_backend import pick_chat_template
 from .weights import materialize
 
 
 def read_json(path: Path) -> dict[str, Any]:
+    """A JSON file that holds an object (every file of a checkpoint folder does)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        out = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ModelLoadError(f"{path} not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ModelLoadError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(out, dict):
+        raise ModelLoadError(f"{path} holds {type(out).__name__} {str(out)[:40]!r}, not a JSON object")
+    return out
 
 
 def weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        names = sorted(set(read_json(index).get("weight_map", {}).values()))
-        files = [folder / n for n in names]
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map \
+                or not all(isinstance(v, str) and v.endswith(".safetensors") and Path(v).name == v
+                           for v in weight_map.values()):
+            raise ModelLoadError(f"{index}: 'weight_map' must map tensor names to .safetensors files in the folder")
+        files = [folder / n for n in sorted(set(weight_map.values()))]
         for f in files:
             if not f.exists():
                 raise ModelLoadError(f"shard {f.name} listed in {index.name} is missing from {folder}")
@@ -74,19 +83,36 @@ def read_chat_template(folder: Path) -> str | None:
     jinja = folder / "chat_template.jinja"
     if jinja.exists():
         return jinja.read_text(encoding="utf-8")
-    cfg = folder / "tokenizer_config.json"
-    if cfg.exists():
-        tpl = read_json(cfg).get("chat_template")
-        if isinstance(tpl, list):  # named templates: take "default"
-            tpl = next((t["template"] for t in tpl if t.get("name") == "default"), tpl[0]["template"] if tpl else None)
-        if tpl:
-            return tpl
-    cj = folder / "chat_template.json"
-    if cj.exists():
-        return read_json(cj).get("chat_template")
+    for name in ("tokenizer_config.json", "chat_template.json"):
+        if (folder / name).exists() and (tpl := read_json(folder / name).get("chat_template")) is not None:
+            if (source := pick_chat_template(tpl)) is None:
+                raise ModelLoadError(f"{folder / name}: 'chat_template' is neither a string nor a list of "
+                                     "named templates")
+            if source:
+                return source
     return None
+
+
+# generation_config.json keys we read (see generation.params): a checker each
+_GENERATION_KEYS = {
+    "do_sample": as_bool,
+    "temperature": as_float,
+    "top_p": lambda v, what: as_float(v, what, 0.0, 1.0, lo_open=True),
+    "top_k": lambda v, what: as_int(v, what, 0),
+    "repetition_penalty": lambda v, what: as_float(v, what, lo_open=True),
+    "max_new_tokens": lambda v, what: as_int(v, what, 0),
+}
 
 
 def read_generation_config(folder: Path) -> dict[str, Any]:
     path = folder / "generation_config.json"
-    return read_json(path) if path.exists() else {}
+    if not path.exists():
+        return {}
+    gen = read_json(path)
+    for key, check in _GENERATION_KEYS.items():
+        if gen.get(key) is not None:
+            check(gen[key], f"{path} '{key}'")
+    eos = gen.get("eos_token_id")
+    for i in eos if isinstance(eos, list) else [] if eos is None else [eos]:
+        as_int(i, f"{path} 'eos_token_id'", 0)
+    return gen

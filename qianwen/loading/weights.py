@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -28,24 +29,56 @@ def no_init() -> Iterator[None]:
             setattr(torch.nn.init, n, f)
 
 
-def materialize(config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
-                device: torch.device) -> Transformer:
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The parameter names and shapes `config` builds (on the meta device: nothing is allocated)."""
     with torch.device("meta"), no_init():
         net = build_model(config)
-    expected = {k: v.shape for k, v in net.state_dict().items()}
+    shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
     if config.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
-        weights.pop("lm_head.weight", None)
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def _compare(expected: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]]) -> None:
     for name, shape in expected.items():
-        if name not in weights:
+        if name not in shapes:
             raise ModelLoadError(f"checkpoint is missing tensor '{name}'")
-        if tuple(weights[name].shape) != tuple(shape):
-            raise ModelLoadError(f"tensor '{name}' has shape {tuple(weights[name].shape)}, expected {tuple(shape)}")
-    unexpected = sorted(set(weights) - set(expected))
+        if tuple(shapes[name]) != shape:
+            raise ModelLoadError(f"tensor '{name}' has shape {tuple(shapes[name])}, expected {shape}")
+
+
+def check_shapes(config: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> None:
+    """A checkpoint's tensors (our names -> shapes) against `config`: the layer count first, so a lying
+    count never builds a model, then every tensor's presence and shape (so the vocabulary size agrees
+    with the embedding rows). `lm_head.weight` of a tied model is ignored."""
+    layers = sorted({int(m[1]) for n in shapes if (m := re.match(r"model\.layers\.(\d+)\.", n))})
+    if len(layers) != config.num_hidden_layers or layers[-1] != len(layers) - 1:  # unique: so 0..n-1
+        found = f"layers {layers[0]} to {layers[-1]}" if layers else "no layers"
+        raise ModelLoadError(f"the config gives {config.num_hidden_layers} layers but the checkpoint has "
+                             f"{len(layers)} ({found})")
+    c = config  # the sizes building allocates by (rotary frequencies: head_dim / 2) first, then the rest
+    _compare({"model.embed_tokens.weight": (c.vocab_size, c.hidden_size),
+              "model.layers.0.self_attn.q_proj.weight": (c.num_attention_heads * c.head_dim, c.hidden_size)}, shapes)
+    expected = expected_shapes(config)
+    _compare(expected, shapes)
+    unexpected = sorted(set(shapes) - set(expected) - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
     if unexpected:
         raise ModelLoadError(f"checkpoint has unexpected tensor '{unexpected[0]}' ({len(unexpected)} in all) "
                              f"for model_type '{config.model_type}'")
-    state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in weights.items()}
+
+
+def materialize(config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
+                device: torch.device) -> Transformer:
+    if config.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)
+    check_shapes(config, {k: tuple(v.shape) for k, v in weights.items()})
+    for name, w in weights.items():
+        if not w.is_floating_point():
+            raise ModelLoadError(f"tensor '{name}' holds {str(w.dtype).removeprefix('torch.')}, not floating-point "
+                                 "weights")
+    with torch.device("meta"), no_init():
+        net = build_model(config)
+    state = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
     net.load_state_dict(state, strict=False, assign=True)
     # buffers we derive (rotary frequencies) were built on the meta device: rebuild them for real
     c = config

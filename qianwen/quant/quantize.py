@@ -86,6 +86,8 @@ def load_quantized_hf(folder: Path, config, dtype: torch.dtype, device: torch.de
     if device.type != "cpu":
         raise ModelLoadError("qianwen-quantized folders run on the CPU kernels only")
     raw = read_safetensors(weight_files(folder), None)
+    if not any(k.endswith(".qweight") for k in raw):
+        raise ModelLoadError("config.json has a qianwen quantization_config but no tensor is quantized (.qweight)")
     weights, kept = {}, {}
     for name in [k for k in raw if k.endswith(".qweight")]:
         mod = name.removesuffix(".qweight")

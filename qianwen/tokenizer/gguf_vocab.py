@@ -77,7 +77,14 @@ def tokenizer_from_gguf(source: Any) -> HFTokenizer:
     meta = tokenizer_metadata(source)
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
-        raise QianwenError(f"GGUF tokenizer type {kind!r} is not supported (only byte-level BPE, 'gpt2')")
+        raise QianwenError(f"GGUF tokenizer type {kind!r:.40} is not supported (only byte-level BPE, 'gpt2')")
+    for key, kinds in (("tokens", str), ("merges", str), ("token_type", int)):
+        v = meta.get(f"tokenizer.ggml.{key}")
+        if v is not None and (not isinstance(v, list) or not all(isinstance(x, kinds) for x in v)):
+            raise QianwenError(f"GGUF 'tokenizer.ggml.{key}' is not a list of {kinds.__name__}s")
+    for key in ("tokenizer.ggml.pre", "tokenizer.chat_template"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise QianwenError(f"GGUF '{key}' is {meta[key]!r:.40}; expected a string")
     tokens: list[str] = list(meta.get("tokenizer.ggml.tokens") or [])
     merges = meta.get("tokenizer.ggml.merges")
     if not tokens or not merges:
@@ -92,8 +99,11 @@ def tokenizer_from_gguf(source: Any) -> HFTokenizer:
     pairs = [tuple(m.split(" ", 1)) for m in merges]
     if any(len(p) != 2 for p in pairs):
         raise QianwenError("GGUF tokenizer.ggml.merges has an entry that is not 'left right'")
-    tok = RustTokenizer(BPE(vocab, pairs, dropout=None, continuing_subword_prefix="", end_of_word_suffix="",
-                            fuse_unk=False))
+    try:
+        tok = RustTokenizer(BPE(vocab, pairs, dropout=None, continuing_subword_prefix="", end_of_word_suffix="",
+                                fuse_unk=False))
+    except Exception as e:  # tokenizers raises a bare Exception, e.g. for a merge of unknown tokens
+        raise QianwenError(f"GGUF tokenizer.ggml.tokens and merges do not agree: {e}") from None
     split = PRE_TOKENIZER_SPLITS.get(meta.get("tokenizer.ggml.pre"))
     if split is None:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -115,9 +125,9 @@ def tokenizer_from_gguf(source: Any) -> HFTokenizer:
     if user:
         tok.add_tokens(user)
 
-    def token_id(key: str) -> int | None:
+    def token_id(key: str) -> int | None:  # an id outside the vocabulary is ignored, as llama.cpp does
         i = meta.get(f"tokenizer.ggml.{key}")
-        return int(i) if i is not None and 0 <= int(i) < len(tokens) else None
+        return i if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(tokens) else None
 
     def name(key: str) -> str | None:
         i = token_id(key)

@@ -107,6 +107,8 @@ class HFTokenizer(Tokenizer):
                 config = json.loads(Path(config_json).read_text(encoding="utf-8"))
             except (OSError, ValueError) as e:
                 raise QianwenError(f"cannot read {config_json}: {e}") from None
+            if not isinstance(config, dict):
+                raise QianwenError(f"{config_json} holds {type(config).__name__}, not a JSON object")
         return cls(tok, config=config, chat_template=chat_template)
 
     @classmethod
@@ -122,6 +124,8 @@ class HFTokenizer(Tokenizer):
     def _add_config_tokens(self) -> None:
         """Added tokens tokenizer_config.json lists that tokenizer.json lacks (older exports)."""
         entries = self.config.get("added_tokens_decoder") or {}
+        if not isinstance(entries, dict) or not all(str(k).isdigit() and isinstance(v, dict) for k, v in entries.items()):
+            raise QianwenError("tokenizer_config.json 'added_tokens_decoder' must map token ids to token entries")
         for i, entry in sorted(((int(k), v) for k, v in entries.items()), key=lambda kv: kv[0]):
             name = _token_name(entry)
             if name is None or self._tok.token_to_id(name) is not None:
