@@ -13,7 +13,7 @@ from .config import ModelConfig
 from .generation import SamplingParams, TokenStep, defaults_from_generation_config, make_params, stream_tokens
 from .models.layers import Transformer
 
-# control tokens that end a chat turn in ChatML-style models (qwen-facts.md §3)
+# control tokens that end a chat turn in ChatML-style models (docs/qwen-facts.md §3)
 CHAT_STOP_STRINGS = ("<|im_end|>", "<|im_start|>", "<|endoftext|>")
 
 

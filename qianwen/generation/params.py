@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-# conventions.md: chat defaults when the checkpoint has no generation_config.json
+# docs/conventions.md: chat defaults when the checkpoint has no generation_config.json
 DEFAULTS: dict[str, Any] = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05, "max_tokens": 512}
 
 
@@ -34,7 +34,7 @@ class SamplingParams:
 
 
 def defaults_from_generation_config(gen: dict[str, Any]) -> dict[str, Any]:
-    """Sampling defaults from a checkpoint's generation_config.json, conventions.md's where absent."""
+    """Sampling defaults from a checkpoint's generation_config.json, docs/conventions.md's where absent."""
     out = dict(DEFAULTS)
     if not gen:
         return out

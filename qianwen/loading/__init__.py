@@ -27,7 +27,7 @@ def default_device() -> torch.device:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """conventions.md: bfloat16 on GPUs and on CPUs with native bf16, float32 elsewhere."""
+    """docs/conventions.md: bfloat16 on GPUs and on CPUs with native bf16, float32 elsewhere."""
     if env := os.environ.get("QIANWEN_DTYPE"):
         return parse_dtype(env)
     if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()):
