@@ -10,7 +10,7 @@ import torch
 
 from ..chat.template import QWEN_DEFAULT_SYSTEM, ChatTemplate
 from ..config import ModelConfig
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, QianwenError
 from .hub import resolve
 
 
@@ -50,16 +50,16 @@ def parse_device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ModelLoadError(f"unknown device '{device}'; use cpu or cuda") from None
+        raise QianwenError(f"unknown device '{device}'; use cpu or cuda") from None
     if dev.type == "cpu":
         return dev
     backend = getattr(torch, dev.type, None)
     count = backend.device_count() if hasattr(backend, "device_count") and backend.is_available() else 0
     if count == 0:
-        raise ModelLoadError(f"device '{device}' is not available: this machine or PyTorch build has no "
+        raise QianwenError(f"device '{device}' is not available: this machine or PyTorch build has no "
                              f"{dev.type} device; use cpu")
     if dev.index is not None and dev.index >= count:
-        raise ModelLoadError(f"device '{device}' does not exist: {count} {dev.type} device(s) here")
+        raise QianwenError(f"device '{device}' does not exist: {count} {dev.type} device(s) here")
     return dev
 
 
