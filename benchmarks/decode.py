@@ -9,7 +9,7 @@ llama.cpp computes them), decode tokens/s over 128 greedy tokens, peak RSS and i
 `Model.stream_tokens` (sampling loop included). The roofline is the measured read bandwidth divided by
 the bytes each engine reads per token. It prints the ratios qianwen/llama.cpp and qianwen/transformers.
 llama-cpp-python is optional (pip install llama-cpp-python==0.3.36); its default AMX repack path crashes
-on some CPUs (shared/reference/cpu-performance.md), so it runs with `use_extra_bufts = False`
+on some CPUs (docs/cpu-performance.md), so it runs with `use_extra_bufts = False`
 ("llama.cpp"), and its stock default is tried separately ("llama.cpp stock"; a crash is reported).
 """
 
@@ -218,7 +218,7 @@ def main() -> int:
         try:
             r = results[engine] = _spawn(engine, args)
         except RuntimeError as e:
-            hint = " (its AMX repack path crashes on some CPUs; see cpu-performance.md)" if engine == "llama.cpp stock" else ""
+            hint = " (its AMX repack path crashes on some CPUs; see docs/cpu-performance.md)" if engine == "llama.cpp stock" else ""
             print(f"{engine:<16} failed: {e}{hint}", flush=True)
             continue
         r["roofline_tps"] = bw * 1e9 / r["bytes_per_token"]

@@ -4,7 +4,7 @@ streaming clients, for `qianwen serve` and (same GGUF, same threads) llama.cpp's
     python benchmarks/serve.py                          # qianwen only, default model
     python benchmarks/serve.py --llama-python /tmp/llamavenv/bin/python   # plus llama-cpp-python[server]
 
-llama.cpp's AMX repack path crashes on some CPUs (cpu-performance.md), so its server is started with
+llama.cpp's AMX repack path crashes on some CPUs (docs/cpu-performance.md), so its server is started with
 `use_extra_bufts = False`, the stock path. Each client sends chat requests one after another; a run
 ends when every client has sent `--rounds` requests. Prints a Markdown table.
 """

@@ -1,8 +1,12 @@
-"""Qianwen: Qwen-family language models in PyTorch."""
+"""Qianwen: Qwen-family language models in PyTorch.
+
+`import qianwen` is light (no torch): `load` and `Model` import the runtime on first use, so the CLI's
+commands that need no model (`--help`, `list`, usage errors) start at once.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
@@ -11,11 +15,19 @@ if TYPE_CHECKING:
 
 
 def load(model=None, dtype=None, device=None, quantized=None) -> Model:
-    """Load a model: a Hugging Face folder, a .gguf file, a hub id, or None for the default model.
-    `quantized` keeps GGUF block weights quantized (default: on for bfloat16 on the CPU)."""
+    """Load a model: a Hugging Face folder, a .gguf file, a name (`qianwen list`, a hub id), or None for the
+    default model. `quantized` keeps GGUF block weights quantized (default: on for bfloat16 on the CPU)."""
     from .loading import load as _load
 
     return _load(model, dtype=dtype, device=device, quantized=quantized)
 
 
-__all__ = ["__version__", "load"]
+def __getattr__(name: str) -> Any:
+    if name == "Model":
+        from .api import Model
+
+        return Model
+    raise AttributeError(f"module 'qianwen' has no attribute '{name}'")
+
+
+__all__ = ["__version__", "load", "Model"]

@@ -16,7 +16,7 @@ from .generation.sampling import LogitsProcessor
 from .generation.step import TokenStep
 from .models.layers import Transformer
 
-# control tokens that end a chat turn in ChatML-style models (qwen-facts.md §3)
+# control tokens that end a chat turn in ChatML-style models (docs/qwen-facts.md §3)
 CHAT_STOP_STRINGS = ("<|im_end|>", "<|im_start|>", "<|endoftext|>")
 
 

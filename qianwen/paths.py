@@ -24,3 +24,30 @@ def share_like_new_file(path: str | os.PathLike) -> None:
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(path, 0o666 & ~mask)
+
+
+def model_dir(name: str) -> Path:
+    """Where a hub name is cached: `Org/Name` -> `Org--Name`, `modelscope:Org/Name` -> `modelscope--Org--Name`."""
+    return models_dir() / name.replace("modelscope:", "modelscope--").replace("/", "--")
+
+
+def model_name(entry: Path) -> str:
+    """The name `model_dir` caches as `entry` (a file or a folder without `--` keeps its own name)."""
+    name = entry.name
+    if name.startswith("modelscope--"):
+        return "modelscope:" + name.removeprefix("modelscope--").replace("--", "/")
+    return name.replace("--", "/")
+
+
+def cached_models() -> list[tuple[str, int, Path]]:
+    """The models in `models_dir()`, as (name, size in bytes, path), sorted by name."""
+    root = models_dir()
+    if not root.is_dir():
+        return []
+    out = []
+    for p in sorted(root.iterdir()):
+        if p.name.startswith(".") or p.name.endswith(".partial"):
+            continue
+        size = p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+        out.append((model_name(p), size, p))
+    return out

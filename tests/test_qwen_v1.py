@@ -80,7 +80,7 @@ def test_qwen_layout_matches_qwen2_in_transformers(schema, qwen2_ref, tmp_path):
 
 def reference_forward(w: dict[str, torch.Tensor], ids: torch.Tensor, seq_length: int, alpha: float,
                       logn: bool) -> torch.Tensor:
-    """An independent Qwen-7B forward written from qwen-facts.md, on the original parameter names."""
+    """An independent Qwen-7B forward written from docs/qwen-facts.md, on the original parameter names."""
 
     def rms(x, g):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * g

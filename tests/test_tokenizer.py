@@ -20,7 +20,7 @@ from qianwen.tokenizer import HFTokenizer, StreamDecoder, TiktokenTokenizer, loa
 
 from .conftest import is_utf8
 
-# Written out again here (from qwen-facts.md), so the reference does not share our constant.
+# Written out again here (from docs/qwen-facts.md), so the reference does not share our constant.
 QWEN_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 

@@ -114,7 +114,7 @@ def _text(value: Any) -> str:
 
 def render_hermes(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
                   default_system: str = QWEN25_SYSTEM, add_generation_prompt: bool = True) -> str:
-    """The Qwen2.5-Instruct chat template (shared/reference/templates/qwen2.5-instruct.jinja), in Python."""
+    """The Qwen2.5-Instruct chat template (tests/data/qwen2.5-instruct.jinja), in Python."""
     out: list[str] = []
     has_system = bool(messages) and messages[0].get("role") == "system"
     system = _text(messages[0].get("content")) if has_system else default_system

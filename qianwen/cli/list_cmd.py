@@ -1,4 +1,4 @@
-"""`qianwen list`: models in the local cache, with their sizes."""
+"""`qianwen list`: models in the local cache, with their sizes. Every name it prints works with `-m`."""
 
 from __future__ import annotations
 
@@ -6,15 +6,14 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("list", help="list cached models")
+    p = sub.add_parser("list", help="list cached models (each NAME works with -m)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..loading.hub import list_models
-    from ..paths import models_dir
+    from ..paths import cached_models, models_dir
 
-    models = list_models()
+    models = cached_models()
     if not models:
         print(f"no models in {models_dir()} (run `qianwen pull` to fetch the default model)")
         return 0

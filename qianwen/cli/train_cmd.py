@@ -62,7 +62,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _finish(args: argparse.Namespace) -> None:
     from ..errors import QianwenError
+    from ..loading import parse_device
 
+    if args.device:
+        parse_device(args.device)  # one clear line for cuda on a machine without it
     if args.warmup is None:
         args.warmup = max(1, args.max_steps // 20)
     for name in ("seq_len", "global_batch", "micro_batch", "max_steps", "save_every"):

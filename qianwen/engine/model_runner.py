@@ -1,7 +1,7 @@
 """Tensors in, logits out: prefill one sequence, decode a batch (the engine samples each row with its
 sequence's token step).
 
-Batch invariance: a sequence's arithmetic must not depend on its neighbours.
+Batch invariance (docs/conventions.md): a sequence's arithmetic must not depend on its neighbours.
 - Prefill runs each new sequence in its own forward, exactly as it would run alone.
 - Decode batches rows, and matmul kernels pick different code paths by row count. Measured on this
   CPU with torch 2.13 (docs/server.md): bf16 `F.linear` gives bitwise-equal rows for every count from

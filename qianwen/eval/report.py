@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-# qwen-facts.md: Qwen-7B (v1.1) and Qwen-7B-Chat (BF16) as published
+# docs/qwen-facts.md: Qwen-7B (v1.1) and Qwen-7B-Chat (BF16) as published
 PUBLISHED = {
     "mmlu": {"Qwen-7B": 58.2, "Qwen-7B-Chat": 55.8},
     "ceval": {"Qwen-7B": 63.5, "Qwen-7B-Chat": 59.7},

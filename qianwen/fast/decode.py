@@ -6,7 +6,7 @@ ctypes overhead, most of a small model's step otherwise, all but vanish.
 
 Used for inference on the CPU when the kernels are built (native.py) and the cache can say where its
 rows live (`native_rows`: StaticKVCache, the engine's BatchCache); anything else runs the model's own
-forward. Each row goes through the same kernels whatever the batch (conventions.md: batch invariance)."""
+forward. Each row goes through the same kernels whatever the batch (docs/conventions.md: batch invariance)."""
 
 from __future__ import annotations
 

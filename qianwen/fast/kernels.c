@@ -1,7 +1,7 @@
 /* CPU decode kernels for qianwen.fast (compiled on first use by native.py, called through ctypes).
 
    Activations are fp32. Every output row is computed by the same sequence of operations whatever the
-   number of rows or threads, so a sequence's result never depends on its batch (conventions.md).
+   number of rows or threads, so a sequence's result never depends on its batch (docs/conventions.md).
    Threads come from OpenMP; the library links the libgomp that torch already loaded, so both share
    one thread pool and torch.set_num_threads applies to both.
 

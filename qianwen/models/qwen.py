@@ -1,5 +1,5 @@
 """The original Qwen-7B (`QWenLMHeadModel`): a Qwen2-style decoder with full multi-head attention,
-checkpoint names mapped at load, and two inference-only context extensions (qwen-facts.md):
+checkpoint names mapped at load, and two inference-only context extensions (docs/qwen-facts.md):
 
 - dynamic NTK: the rotary base grows with the prompt length, chosen once at prefill;
 - LogN: queries past `seq_length` are scaled by log(p + 1) / log(seq_length).

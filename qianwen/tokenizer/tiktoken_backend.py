@@ -1,4 +1,4 @@
-"""Qwen's original tokenizer: `qwen.tiktoken` ranks run by tiktoken (qwen-facts.md section 2)."""
+"""Qwen's original tokenizer: `qwen.tiktoken` ranks run by tiktoken (docs/qwen-facts.md section 2)."""
 
 from __future__ import annotations
 
