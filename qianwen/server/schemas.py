@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Lenient(BaseModel):
@@ -85,14 +85,22 @@ class _SamplingFields(_Lenient):
     min_p: float | None = Field(None, ge=0, le=1)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    repetition_penalty: float | None = Field(None, gt=0, le=10)
-    seed: int | None = None
+    # the lower bounds below keep float32 sampling finite (5e-324 gave NaN probabilities and a dead engine)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=10)
+    seed: int | None = Field(None, ge=-(2 ** 63), le=2 ** 63 - 1)  # torch.Generator takes 64 bits
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     ignore_eos: bool = False
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, t: float | None) -> float | None:
+        if t is not None and 0 < t < 0.01:
+            raise ValueError("temperature must be 0 (greedy) or at least 0.01")
+        return t
 
 
 class ChatCompletionRequest(_SamplingFields):
