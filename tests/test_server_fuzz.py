@@ -29,10 +29,10 @@ HOSTILE: list[Any] = [
     "你好" * 50, "x" * 20000, [], {}, [None], [1] * 300, [[1, 2], [3]], [[]], [""], ["a"] * 50, {"a": 1},
     [{"role": "user"}], [{"type": "function"}], {"type": "function", "function": {"name": ""}},
 ]
-# JSON numbers Python's json accepts but strict JSON does not
 # optional fields a valid body leaves out (only the mutations set them): the server refuses suffix, and
 # max_completion_tokens would override the short max_tokens valid bodies get
 RARE = {"suffix", "max_completion_tokens"}
+# JSON numbers Python's json accepts but strict JSON does not
 RAW_NUMBERS = ["NaN", "Infinity", "-Infinity", "1e999", "-1e999", "1" + "0" * 5000]
 
 

@@ -115,8 +115,10 @@ class ChatCompletionRequest(_SamplingFields):
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0, description="0 with echo: score the prompt, generate nothing")
     logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False
+    echo: bool = Field(False, description="Return the prompt before the completion (with logprobs: the "
+                                          "prompt tokens' logprobs too, the first one null)")
     suffix: str | None = None
 
 
