@@ -158,6 +158,29 @@ def test_scoring_runs_off_the_event_loop(tiny):
     assert r.json()["choices"][0]["logprobs"]["top_logprobs"] == [None, None]  # logprobs 0: no alternatives
 
 
+def test_tokenizer_routes_for_lm_eval(tiny):
+    """vLLM's /tokenize, /detokenize and /tokenizer_info, which lm-eval's remote tokenizer checks for and uses."""
+    model, client = tiny
+    tok = model.tokenizer
+    info = client.get("/tokenizer_info").json()
+    assert info["eos_token"] == "<|im_end|>" and info["model_max_length"] == model.context_length
+    text = "Hello <|im_end|> 你好"
+    r = client.post("/tokenize", json={"prompt": text, "add_special_tokens": False}).json()
+    assert r["tokens"] == tok.encode(text) and r["count"] == len(r["tokens"])  # plain text, as completions encode
+    assert tok.eos_id not in r["tokens"]
+    assert client.post("/detokenize", json={"tokens": r["tokens"]}).json() == {"prompt": text}
+    for bad in ({"tokens": [-1]}, {"tokens": [tok.vocab_size]}, {"tokens": "x"}, {"prompt": 5}, {}):
+        route = "/detokenize" if "tokens" in bad else "/tokenize"
+        e = client.post(route, json=bad)
+        assert e.status_code == 400 and set(e.json()["error"]) == {"message", "type", "param", "code"}
+    assert client.post("/tokenize", json={"model": "other", "prompt": "x"}).status_code == 404
+    with TestClient(create_app(model, EngineConfig(), ServerConfig(model_name=NAME, api_keys=["k"]))) as locked:
+        assert locked.post("/tokenize", json={"prompt": "x"}).status_code == 401
+        assert locked.get("/tokenizer_info").status_code == 401
+        ok = locked.post("/tokenize", json={"prompt": "x"}, headers={"Authorization": "Bearer k"})
+        assert ok.status_code == 200
+
+
 def lm_eval_parse_logprobs(out: dict, ctxlens: list[int]) -> list[tuple[float, bool]]:
     """lm-eval 0.4.13's LocalCompletionsAPI.parse_logprobs, verbatim in substance."""
     res = []
