@@ -194,10 +194,11 @@ def lm_eval_parse_logprobs(out: dict, ctxlens: list[int]) -> list[tuple[float, b
 
 def reference_loglikelihood(model, ids: list[int], ctxlen: int) -> tuple[float, bool]:
     """What lm-eval computes from the answer, from Model.logits instead: the log-prob of ids[ctxlen:]
-    given what precedes it, and whether each of those tokens is the argmax."""
+    given what precedes it, and whether each of those tokens is a most likely one (lm-eval compares
+    logprobs, so ties count as greedy)."""
     lp = torch.log_softmax(model.logits(ids).float(), dim=-1)
     rows = range(ctxlen - 1, len(ids) - 1)
-    return sum(float(lp[k, ids[k + 1]]) for k in rows), all(int(lp[k].argmax()) == ids[k + 1] for k in rows)
+    return sum(float(lp[k, ids[k + 1]]) for k in rows), all(lp[k, ids[k + 1]] == lp[k].max() for k in rows)
 
 
 def lm_eval_requests(model, name: str, pairs: list[tuple[str, str]]) -> tuple[dict, dict, list[int]]:
