@@ -76,12 +76,12 @@ def test_echo_logprobs_string_prompt_max_tokens_0(tiny):
 
 def test_echo_logprobs_token_prompts_n_and_generation(tiny):
     model, client = tiny
-    prompts = [[10, 40, 80, 120, 160], [7, 300, 42]]
+    prompts = [[10, 40, 80, 120, 160], [7, 300, 42], [99]]  # a one-token prompt has only the null entry
     r = client.post("/v1/completions", json={"model": NAME, "prompt": prompts, "echo": True, "logprobs": 2,
                                              "max_tokens": 3, "temperature": 0, "n": 2, "ignore_eos": True})
     assert r.status_code == 200, r.text
     choices = r.json()["choices"]
-    assert [c["index"] for c in choices] == [0, 1, 2, 3]
+    assert [c["index"] for c in choices] == [0, 1, 2, 3, 4, 5]
     plain = client.post("/v1/completions", json={"model": NAME, "prompt": prompts, "logprobs": 2, "max_tokens": 3,
                                                  "temperature": 0, "ignore_eos": True}).json()["choices"]
     for i, c in enumerate(choices):
