@@ -53,6 +53,8 @@ def valid(spec: dict, schema: dict, rng: random.Random, name: str = "", depth: i
     if "const" in schema:
         return schema["const"]
     t = schema.get("type")
+    if t == "null":
+        return None
     if name == "model":
         return NAME
     if t == "object" or "properties" in schema:
@@ -81,7 +83,7 @@ def valid(spec: dict, schema: dict, rng: random.Random, name: str = "", depth: i
         hi = int(schema.get("maximum", lo + 8))
         if name in ("max_tokens", "max_completion_tokens", "n"):
             hi = min(hi, lo + 4)
-        if name == "prompt":
+        if name in ("prompt", "tokens"):  # token ids: the tiny vocabulary's
             lo, hi = 0, 383
         return rng.randint(lo, max(lo, hi))
     if t == "number":
@@ -126,15 +128,17 @@ def cases(spec: dict, rng: random.Random) -> list[tuple[str, bytes, dict[str, st
     j = {"content-type": "application/json"}
     routes = [(p, op["requestBody"]["content"]["application/json"]["schema"])
               for p, item in spec["paths"].items() for m, op in item.items() if m == "post" and "requestBody" in op]
+    weights = [len(all_fields(spec, schema)) for _, schema in routes]  # richer routes get more requests
     out: list[tuple[str, bytes, dict[str, str]]] = []
     while len(out) < N_REQUESTS:
-        path, schema = rng.choice(routes)
+        path, schema = rng.choices(routes, weights)[0]
         body = valid(spec, schema, rng)
         kind = rng.random()
         if kind < 0.3:  # in-range values only (sampling edge values included)
             pass
         elif kind < 0.75:  # one to three fields hostile
-            for f in rng.sample(all_fields(spec, schema), rng.randint(1, 3)):
+            fields = all_fields(spec, schema)
+            for f in rng.sample(fields, min(len(fields), rng.randint(1, 3))):
                 set_path(body, f, rng.choice(HOSTILE))
         elif kind < 0.85:  # a field missing
             set_path(body, rng.choice(all_fields(spec, schema)), None, delete=True)
@@ -193,7 +197,7 @@ def test_fuzz_openapi_no_5xx(client):
                 failures.append("bad stream: " + what)
         else:
             data = r.json()
-            if not data.get("choices"):
+            if path.startswith("/v1/") and not data.get("choices"):
                 failures.append("no choices: " + what)
     assert not failures, f"{len(failures)} bad responses (statuses {statuses}):\n" + "\n".join(failures[:30])
     assert statuses.get(200, 0) >= N_REQUESTS // 10, statuses  # the fuzz also reaches generation
