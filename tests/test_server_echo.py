@@ -132,6 +132,10 @@ def test_echo_without_logprobs_and_max_tokens_0_rules(tiny):
     r = client.post("/v1/completions", json={"model": NAME, "prompt": "abc", "echo": True, "logprobs": 21,
                                              "max_tokens": 0})
     assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
+    for empty in ("", ["a", ""], [[]], [[5], []]):  # nothing to score or to continue
+        r = client.post("/v1/completions", json={"model": NAME, "prompt": empty, "echo": True, "logprobs": 1,
+                                                 "max_tokens": 0})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", (empty, r.text)
     # a prompt that fills the context cannot be scored either: a clear 400, not an allocation
     r = client.post("/v1/completions", json={"model": NAME, "prompt": [5] * (model.context_length + 1),
                                              "echo": True, "logprobs": 1, "max_tokens": 0})

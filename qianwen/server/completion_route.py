@@ -29,9 +29,11 @@ def _prompts(serving: Serving, req: CompletionRequest) -> list[tuple[str | None,
         if isinstance(item, str):
             out.append((item, bos + tok.encode(item)))
         else:
-            if not item or any(t < 0 or t >= vocab for t in item):
+            if any(t < 0 or t >= vocab for t in item):
                 raise APIError(400, f"token ids must be in [0, {vocab})", param="prompt")
             out.append((None, list(item)))
+        if not out[-1][1]:
+            raise APIError(400, "a prompt must have at least one token", param="prompt")
     return out
 
 
