@@ -25,13 +25,19 @@ from .schemas import (
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenizerInfo,
 )
 from .serving import APIError, ServerConfig, Serving
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503)}
+PROTECTED = ("/v1", "/tokenize", "/detokenize", "/tokenizer_info")  # routes that need a key when keys are set
 WEB_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
              ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png"}
 
@@ -131,7 +137,7 @@ def create_app(model: Any, engine_config: EngineConfig | None = None,
     @app.middleware("http")
     async def auth_and_count(request: Request, call_next: Any) -> Response:
         path = request.url.path
-        if path.startswith("/v1") and config.api_keys and not _authorized(request, config.api_keys):
+        if path.startswith(PROTECTED) and config.api_keys and not _authorized(request, config.api_keys):
             response: Response = _error(APIError(
                 401, "Incorrect API key provided. Pass it as 'Authorization: Bearer <key>'.",
                 code="invalid_api_key"))
@@ -168,6 +174,34 @@ def create_app(model: Any, engine_config: EngineConfig | None = None,
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": serving.created,
                                             "owned_by": "qianwen", "max_model_len": serving.context_length}]}
+
+    # vLLM's tokenizer routes: lm-evaluation-harness's local-completions finds and uses them, so it scores
+    # with the served model's own tokenizer (text is encoded as plain text, as /v1/completions does)
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS, summary="Text to token ids")
+    async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
+        if req.model is not None:
+            serving.check_model(req.model)
+        tok = model.tokenizer
+        ids = tok.encode(req.prompt)
+        if req.add_special_tokens and tok.add_bos and tok.bos_id is not None:
+            ids = [tok.bos_id, *ids]
+        return {"count": len(ids), "max_model_len": serving.context_length, "tokens": ids}
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS, summary="Token ids to text")
+    async def detokenize(req: DetokenizeRequest) -> dict[str, Any]:
+        if req.model is not None:
+            serving.check_model(req.model)
+        vocab = model.tokenizer.vocab_size
+        if any(t < 0 or t >= vocab for t in req.tokens):
+            raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens")
+        return {"prompt": model.tokenizer.decode(req.tokens)}
+
+    @app.get("/tokenizer_info", response_model=TokenizerInfo, summary="The tokenizer's special tokens")
+    async def tokenizer_info() -> dict[str, Any]:
+        tok = model.tokenizer
+        name = lambda i: None if i is None else tok.id_to_token_bytes(i).decode("utf-8", errors="replace")
+        return {"tokenizer_class": type(tok).__name__, "eos_token": name(tok.eos_id), "bos_token": name(tok.bos_id),
+                "pad_token": name(tok.pad_id), "add_bos_token": tok.add_bos, "model_max_length": serving.context_length}
 
     @app.get("/health", summary="200 while the engine runs")
     async def health() -> JSONResponse:

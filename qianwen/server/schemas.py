@@ -123,12 +123,45 @@ class ChatCompletionRequest(_SamplingFields):
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0, description="0 with echo: score the prompt, generate nothing")
     logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False
+    echo: bool = Field(False, description="Return the prompt before the completion (with logprobs: the "
+                                          "prompt tokens' logprobs too, the first one null)")
     suffix: str | None = None
 
 
+class TokenizeRequest(_Lenient):
+    """vLLM's /tokenize (what lm-evaluation-harness's remote tokenizer calls)."""
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = Field(True, description="Put the BOS token first where the model expects one")
+
+
+class DetokenizeRequest(_Lenient):
+    model: str | None = None
+    tokens: list[int]
+
+
 # ---------------------------------------------------------------- responses
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class TokenizerInfo(BaseModel):
+    tokenizer_class: str
+    eos_token: str | None
+    bos_token: str | None
+    pad_token: str | None
+    add_bos_token: bool
+    model_max_length: int
+
 
 class Usage(BaseModel):
     prompt_tokens: int

@@ -7,8 +7,11 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 from ..engine.async_engine import AsyncEngine
 from ..engine.sequence import Sequence, StepOutput
@@ -49,6 +52,8 @@ class Serving:
         self.created = int(time.time())
         # applied to every sequence (constrained decoding hooks; tests force exact outputs with them)
         self.logits_processors: list[Any] = []
+        # prompt scoring (echo + logprobs) runs here, off the event loop, one request at a time
+        self.scorer = ThreadPoolExecutor(1, thread_name_prefix="qianwen-score")
 
     @property
     def context_length(self) -> int:
@@ -112,6 +117,11 @@ class Serving:
             seqs.append(seq)
         return seqs
 
+    async def score(self, prompts: list[list[int]], top: int) -> list[tuple[list[float], list]]:
+        """prompt_logprobs of each prompt, computed on the scoring thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.scorer, lambda: [prompt_logprobs(self.model, p, top) for p in prompts])
+
     # ---------------------------------------------------------------- outputs
 
     def token_text(self, token_id: int) -> tuple[str, list[int]]:
@@ -161,6 +171,31 @@ class Serving:
             if aborted:
                 self.metrics.aborted.inc(len(aborted))
             self.engine.release(seqs)
+
+
+SCORE_ROWS = 256  # logits rows computed at once when scoring a prompt
+
+
+@torch.inference_mode()
+def prompt_logprobs(model: Any, ids: list[int], top: int) -> tuple[list[float], list[list[tuple[int, float]] | None]]:
+    """The log-probability of each token of `ids` after the first, given the tokens before it, and the
+    `top` most likely tokens at each of those positions: one forward over the prompt, as `Model.logits`
+    does (float32 logits), with the vocabulary projection SCORE_ROWS rows at a time so that memory stays
+    SCORE_ROWS x vocab whatever the prompt's length."""
+    net = model.net
+    hidden = net.hidden_states(torch.tensor([ids], dtype=torch.long, device=model.device))[0, :-1]
+    targets = torch.tensor(ids[1:], dtype=torch.long, device=hidden.device)
+    lps: list[float] = []
+    tops: list[list[tuple[int, float]] | None] = []
+    for i in range(0, len(ids) - 1, SCORE_ROWS):
+        lp = torch.log_softmax(net.lm_head(hidden[i:i + SCORE_ROWS]).float(), dim=-1)
+        lps += lp.gather(1, targets[i:i + SCORE_ROWS, None])[:, 0].tolist()
+        if top:
+            values, idx = lp.topk(top, dim=-1)
+            tops += [list(zip(j, v, strict=True)) for j, v in zip(idx.tolist(), values.tolist(), strict=True)]
+        else:
+            tops += [None] * lp.shape[0]
+    return lps, tops
 
 
 def new_id(prefix: str) -> str:
