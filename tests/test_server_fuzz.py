@@ -47,7 +47,9 @@ def valid(spec: dict, schema: dict, rng: random.Random, name: str = "", depth: i
     schema = resolve(spec, schema)
     if "anyOf" in schema:
         options = [s for s in schema["anyOf"] if s.get("type") != "null" or rng.random() < 0.2]
-        return valid(spec, rng.choice(options or schema["anyOf"]), rng, name, depth)
+        # bounds written beside anyOf (the sampling fields derived from SamplingParams) apply to each option
+        bounds = {k: v for k, v in schema.items() if k in ("minimum", "exclusiveMinimum", "maximum")}
+        return valid(spec, {**resolve(spec, rng.choice(options or schema["anyOf"])), **bounds}, rng, name, depth)
     if "enum" in schema:
         return rng.choice(schema["enum"])
     if "const" in schema:

@@ -101,7 +101,7 @@ def check_option(name: str, value: Any) -> Any:
     numeric = (int,) if opt.kind is int else (int, float)
     if isinstance(value, bool) or not isinstance(value, numeric):
         raise QianwenError(f"{name} must be {'an integer' if opt.kind is int else 'a number'}, got {value!r}")
-    ok = math.isfinite(value) and not (
+    ok = (isinstance(value, int) or math.isfinite(value)) and not (  # math.isfinite overflows on huge ints
         (opt.ge is not None and value < opt.ge) or (opt.gt is not None and value <= opt.gt)
         or (opt.le is not None and value > opt.le))
     if not ok:
