@@ -165,7 +165,7 @@ class CoreWatch:
 
     Measured, at most once every `interval` seconds, from the kernel's per-core busy and idle time
     (/proc/stat, steal time counting as busy) less this process's own CPU time: one small file read per
-    interval. `free` stays None until two readings exist, or where /proc/stat cannot be read."""
+    interval. `free` is None before the first reading, or where /proc/stat cannot be read."""
 
     def __init__(self, interval: float = 0.25, stat: str = "/proc/stat",
                  clock: Callable[[], float] = time.monotonic, cpu_time: Callable[[], float] = time.process_time):
@@ -186,17 +186,22 @@ class CoreWatch:
         return out
 
     def sample(self) -> int | None:
-        """Take a reading; with an earlier one, update `free` from what happened in between."""
+        """Take a reading. `free`: the cores this process may use, less those other processes kept
+        busy since the last reading (the last measured value when no clock tick passed in between)."""
         now, own, cores = self.clock(), self.cpu_time(), self.counters()
-        if self.last is not None and now > self.last[0]:
-            t0, own0, cores0 = self.last
-            mine = os.sched_getaffinity(0) & cores.keys() & cores0.keys()
+        mine = os.sched_getaffinity(0) & cores.keys()
+        cap = max(1, len(mine))
+        last, self.last = self.last, (now, own, cores)
+        if last is not None and now > last[0]:
+            t0, own0, cores0 = last
+            mine &= cores0.keys()
             total = sum(cores[c][1] - cores0[c][1] for c in mine)
-            if mine and total > 0:
+            if total > 0:
                 busy = sum(cores[c][0] - cores0[c][0] for c in mine) / total * len(mine)  # cores in use
                 others = busy - (own - own0) / (now - t0)
-                self.free = max(1, min(len(mine), math.floor(len(mine) - others + SLACK)))
-        self.last = (now, own, cores)
+                self.free = max(1, min(cap, math.floor(len(mine) - others + SLACK)))
+                return self.free
+        self.free = cap if self.free is None else min(cap, self.free)
         return self.free
 
     def threads(self, want: int) -> int:
@@ -209,7 +214,7 @@ class CoreWatch:
             except (OSError, ValueError):  # no /proc (not Linux): keep the count asked for
                 self.enabled = False
                 return want
-        return want if self.free is None else min(want, self.free)
+        return min(want, self.free)
 
 
 watch = CoreWatch()
