@@ -223,7 +223,8 @@ class Busy:
 
 def run_busy(args: argparse.Namespace, levels: list[int]) -> int:
     """Decode tokens/s beside 0, 1, 2, ... busy processes, for qianwen (and with fixed threads) and llama.cpp."""
-    engines = ["qianwen", FIXED] + [e for e in _wanted(args) if e == "llama.cpp"]
+    skip = {x.strip() for x in args.skip.split(",")}
+    engines = [e for e in ("qianwen", FIXED) if e not in skip] + [e for e in _wanted(args) if e == "llama.cpp"]
     print(f"model {os.path.basename(args.model)}, {args.threads} threads, {os.cpu_count()} CPUs, decode up to "
           f"{N_DECODE} tokens or {args.decode_seconds:g} s; load average {os.getloadavg()[0]:.1f}", flush=True)
     started, table = time.perf_counter(), {}
@@ -263,7 +264,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-llama", action="store_true", help="leave out llama-cpp-python (both of its runs)")
     ap.add_argument("--skip-transformers", action="store_true", help="leave out transformers")
-    ap.add_argument("--skip", default="", help="comma-separated engines to leave out: " + ", ".join(list(ENGINES)[1:]))
+    ap.add_argument("--skip", default="", help="comma-separated engines to leave out: "
+                    + ", ".join([*list(ENGINES)[1:], FIXED + " (--busy)"]))
     ap.add_argument("--timeout", type=float, default=900, help="seconds one engine may take (default 900)")
     ap.add_argument("--busy", default=None, help="comma-separated counts of busy processes to run beside the engines")
     ap.add_argument("--decode-seconds", type=float, default=math.inf,
