@@ -1,6 +1,7 @@
 """Decode benchmark: qianwen vs llama-cpp-python vs transformers' GGUF loading, in one run.
 
     .venv/bin/python benchmarks/decode.py [--model FILE.gguf] [--threads 2] [--skip-llama] [--skip-transformers]
+    .venv/bin/python benchmarks/decode.py --busy 0,1,2     # decode beside 0, 1 and 2 busy processes
 
 Each engine runs in its own subprocess (so peak RSS is its own) on the same GGUF, thread count and
 prompt: load time, prefill tokens/s on a 200-token prompt (logits of the last position only, as
@@ -11,6 +12,12 @@ the bytes each engine reads per token. It prints the ratios qianwen/llama.cpp an
 llama-cpp-python is optional (pip install llama-cpp-python==0.3.36); its default AMX repack path crashes
 on some CPUs (docs/cpu-performance.md), so it runs with `use_extra_bufts = False`
 ("llama.cpp"), and its stock default is tried separately ("llama.cpp stock"; a crash is reported).
+
+`--busy N[,N...]`: a shared machine. For each N, N processes spinning in Python (`while True: pass`) run
+beside qianwen, qianwen with its thread count fixed (QIANWEN_ADAPT_THREADS=0, as before it followed the
+free cores) and llama.cpp, each in turn, started before the engine loads and killed after it; decode
+stops after `--decode-seconds`. It also measures qianwen on one thread with nothing beside it, and prints
+a table of decode tokens/s.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import resource
 import subprocess
@@ -28,6 +36,7 @@ TEXT = ("The history of tea in China spans thousands of years. 中国的茶文�
         "到宋代的点茶，再到明清的散茶冲泡。Tea spread along the Silk Road to Central Asia and later by sea "
         "to Europe, where it changed daily life. 今天，茶仍然是世界上最受欢迎的饮料之一。") * 6
 N_PROMPT, N_DECODE = 200, 128
+DECODE_SECONDS = math.inf  # a child's decode stops after this long (--decode-seconds)
 
 
 def _rss_mb() -> float:
@@ -66,20 +75,22 @@ def run_qianwen(path: str, threads: int) -> dict:
         t0 = time.perf_counter()
         tok = prefill(cache)
         prefill_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for _ in range(N_DECODE):
+        n, t0 = 0, time.perf_counter()
+        while n < N_DECODE and time.perf_counter() - t0 < DECODE_SECONDS:
             tok = int(net(torch.tensor([[tok]]), cache=cache)[0, -1].argmax())
+            n += 1
         decode = time.perf_counter() - t0
+    out = dict(load_s=load, prefill_tps=len(ids) / prefill_s, decode_tps=n / decode, rss_mb=_rss_mb(),
+               rss_growth_mb=_rss_mb() - base, bytes_per_token=weight_summary(net).bytes_held)
+    if DECODE_SECONDS < math.inf:  # --busy: the raw step only
+        return out
     params = m.params(max_tokens=N_DECODE + 1, temperature=0, ignore_eos=True)
     steps, t0 = 0, time.perf_counter()
     for _ in m.stream_tokens(ids, params):
         steps += 1
         if steps == 1:  # the first token comes from the prefill
             t0 = time.perf_counter()
-    api_decode = (steps - 1) / (time.perf_counter() - t0)
-    return dict(load_s=load, prefill_tps=len(ids) / prefill_s, decode_tps=N_DECODE / decode, rss_mb=_rss_mb(),
-                rss_growth_mb=_rss_mb() - base, bytes_per_token=weight_summary(net).bytes_held,
-                api_decode_tps=api_decode)
+    return {**out, "api_decode_tps": (steps - 1) / (time.perf_counter() - t0)}
 
 
 def run_llama(path: str, threads: int, stock: bool) -> dict:
@@ -103,12 +114,13 @@ def run_llama(path: str, threads: int, stock: bool) -> dict:
     t0 = time.perf_counter()
     llm.eval(ids)
     prefill = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(N_DECODE):
+    n, t0 = 0, time.perf_counter()
+    while n < N_DECODE and time.perf_counter() - t0 < DECODE_SECONDS:
         tok = int(llm.scores[llm.n_tokens - 1].argmax())
         llm.eval([tok])
+        n += 1
     decode = time.perf_counter() - t0
-    return dict(load_s=load, prefill_tps=len(ids) / prefill, decode_tps=N_DECODE / decode, rss_mb=_rss_mb(),
+    return dict(load_s=load, prefill_tps=len(ids) / prefill, decode_tps=n / decode, rss_mb=_rss_mb(),
                 rss_growth_mb=_rss_mb() - base, bytes_per_token=os.path.getsize(path))
 
 
@@ -155,16 +167,22 @@ def bandwidth_gbs(threads: int) -> float:
 
 ENGINES = {"bandwidth": lambda p, t: {"gbs": bandwidth_gbs(t)}, "qianwen": run_qianwen, "llama.cpp": lambda p, t: run_llama(p, t, False),
            "llama.cpp stock": lambda p, t: run_llama(p, t, True), "transformers": run_transformers}
+FIXED = "qianwen fixed"  # --busy: qianwen with QIANWEN_ADAPT_THREADS=0
 
 
 def child(engine: str, path: str, threads: int) -> None:
     print("RESULT " + json.dumps(ENGINES[engine](path, threads)), flush=True)
 
 
-def _spawn(engine: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--model", args.model, "--threads", str(args.threads), "--child", engine]
+def _spawn(engine: str, args: argparse.Namespace, threads: int | None = None) -> dict:
+    threads = threads or args.threads
+    env = {**os.environ, "QIANWEN_THREADS": str(threads)}
+    if engine == FIXED:
+        engine, env["QIANWEN_ADAPT_THREADS"] = "qianwen", "0"
+    cmd = [sys.executable, __file__, "--model", args.model, "--threads", str(threads), "--child", engine,
+           "--decode-seconds", str(args.decode_seconds)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"did not finish within {args.timeout} s") from None
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -188,26 +206,96 @@ def _wanted(args: argparse.Namespace) -> list[str]:
     return engines
 
 
+class Busy:
+    """`n` processes spinning in Python while the block runs."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __enter__(self) -> None:
+        self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(self.n)]
+
+    def __exit__(self, *exc) -> None:
+        for p in self.procs:
+            p.kill()
+            p.wait()
+
+
+def run_busy(args: argparse.Namespace, levels: list[int]) -> int:
+    """Decode tokens/s beside 0, 1, 2, ... busy processes, for qianwen (and with fixed threads) and llama.cpp."""
+    skip = {x.strip() for x in args.skip.split(",")}
+    engines = [e for e in ("qianwen", FIXED) if e not in skip] + [e for e in _wanted(args) if e == "llama.cpp"]
+    print(f"model {os.path.basename(args.model)}, {args.threads} threads, {os.cpu_count()} CPUs, decode up to "
+          f"{N_DECODE} tokens or {args.decode_seconds:g} s; load average {os.getloadavg()[0]:.1f}", flush=True)
+    started, table = time.perf_counter(), {}
+    try:
+        one = _spawn("qianwen", args, threads=1)["decode_tps"]
+        print(f"qianwen, 1 thread, nothing beside it: decode {one:.1f} tok/s", flush=True)
+    except RuntimeError as e:
+        one = None
+        print(f"qianwen, 1 thread: failed: {e}", flush=True)
+    for n in levels:
+        for engine in engines:
+            load = os.getloadavg()[0]
+            with Busy(n):
+                try:
+                    r = _spawn(engine, args)
+                except RuntimeError as e:
+                    print(f"busy {n}  {engine:<14} failed: {e}", flush=True)
+                    continue
+            table[n, engine] = r["decode_tps"]
+            print(f"busy {n}  {engine:<14} decode {r['decode_tps']:6.1f} tok/s  prefill {r['prefill_tps']:6.1f} tok/s  "
+                  f"(load average before: {load:.1f})", flush=True)
+    print(f"\n| busy processes | {' | '.join(engines)} |\n|---:|" + "---:|" * len(engines))
+    for n in levels:
+        print(f"| {n} | " + " | ".join(f"{table[n, e]:.1f}" if (n, e) in table else "-" for e in engines) + " |")
+    if one and (1, "qianwen") in table:
+        q = table[1, "qianwen"]
+        vs = f", llama.cpp {table[1, 'llama.cpp']:.1f}" if (1, "llama.cpp") in table else ""
+        print(f"\nbusy 1: qianwen {q:.1f} tok/s = {q / one:.2f}x its own 1-thread speed with nothing beside it "
+              f"({one:.1f}; goal >= 0.8){vs}")
+    print(f"total {time.perf_counter() - started:.0f} s, load average now {os.getloadavg()[0]:.1f}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="a .gguf file (default: the default model)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-llama", action="store_true", help="leave out llama-cpp-python (both of its runs)")
     ap.add_argument("--skip-transformers", action="store_true", help="leave out transformers")
-    ap.add_argument("--skip", default="", help="comma-separated engines to leave out: " + ", ".join(list(ENGINES)[1:]))
+    ap.add_argument("--skip", default="", help="comma-separated engines to leave out: "
+                    + ", ".join([*list(ENGINES)[1:], FIXED + " (--busy)"]))
     ap.add_argument("--timeout", type=float, default=900, help="seconds one engine may take (default 900)")
+    ap.add_argument("--busy", default=None, help="comma-separated counts of busy processes to run beside the engines")
+    ap.add_argument("--decode-seconds", type=float, default=math.inf,
+                    help="stop each decode after this many seconds (default with --busy: 15)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    levels = None
+    if args.busy is not None:
+        try:
+            levels = [int(x) for x in args.busy.split(",")]
+        except ValueError:
+            levels = [-1]
+        if not levels or min(levels) < 0:
+            ap.error("--busy takes counts like 0,1,2")
+        if args.decode_seconds == math.inf:
+            args.decode_seconds = 15.0
     if args.model is None:
         from qianwen.artifacts import DEFAULT_GGUF, fetch
 
         args.model = str(fetch(DEFAULT_GGUF))
     if args.child:
+        global DECODE_SECONDS
+        DECODE_SECONDS = args.decode_seconds
         child(args.child, args.model, args.threads)
         return 0
     if not os.path.isfile(args.model):
         print(f"error: {args.model} is not a file", file=sys.stderr)
         return 1
+    if levels is not None:
+        return run_busy(args, levels)
     engines = _wanted(args)
     started = time.perf_counter()
     results: dict[str, dict] = {}

@@ -2,6 +2,7 @@
 thread settings. Inference-time transforms only: the stored checkpoint keeps its Hugging Face names."""
 
 from .cache import StaticKVCache
-from .optimize import optimize, set_threads
+from .native import set_threads
+from .optimize import optimize
 
 __all__ = ["StaticKVCache", "optimize", "set_threads"]

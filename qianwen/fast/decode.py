@@ -124,7 +124,7 @@ class NativeDecoder:
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         """input_ids, positions [B, 1] -> final hidden states [B, 1, hidden] (fp32)."""
         lib, net = native.lib(), self.net
-        lib.set_threads(torch.get_num_threads())  # this thread's OpenMP count follows torch's setting
+        native.kernel_threads()  # this thread's OpenMP count: torch's setting, fewer while cores are busy
         m, hq, hkv, d, h, eps = input_ids.shape[0], self.hq, self.hkv, self.d, self.h, self.eps
         qkv_n = (hq + 2 * hkv) * d
         x = net.model.embed_tokens(input_ids).reshape(m, h).float().contiguous()

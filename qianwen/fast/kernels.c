@@ -3,7 +3,8 @@
    Activations are fp32. Every output row is computed by the same sequence of operations whatever the
    number of rows or threads, so a sequence's result never depends on its batch (docs/conventions.md).
    Threads come from OpenMP; the library links the libgomp that torch already loaded, so both share
-   one thread pool and torch.set_num_threads applies to both.
+   one thread pool and torch.set_num_threads applies to both. native.py sets the calling thread's count
+   before each call (fewer threads while other processes keep cores busy); no result depends on it.
 
    Each kernel has an AVX-512 body and a plain C body for other CPUs (auto-vectorised by -O3). */
 
@@ -32,6 +33,17 @@ int get_threads(void) {
 #else
     return 1;
 #endif
+}
+
+/* The number of threads a parallel region opened by the calling thread really gets (for tests). */
+int team_size(void) {
+    int n = 1;
+#ifdef _OPENMP
+#pragma omp parallel
+#pragma omp single
+    n = omp_get_num_threads();
+#endif
+    return n;
 }
 
 static inline float bf16_to_f32(uint16_t h) {

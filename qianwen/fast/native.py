@@ -3,21 +3,31 @@ $QIANWEN_HOME/kernels, loaded with ctypes. Without a compiler (or with QIANWEN_N
 and everything runs on torch's own kernels, just slower.
 
 The library is linked with -fopenmp, and torch has already loaded its libgomp.so.1 by then, so the
-dynamic loader binds ours to that same runtime: one thread pool, sized by torch.set_num_threads."""
+dynamic loader binds ours to that same runtime: one thread pool, sized by torch.set_num_threads (or
+$QIANWEN_THREADS, applied at load by `set_threads`).
+
+On a shared machine the kernels use fewer threads while other processes keep cores busy (`CoreWatch`):
+a decode step is some 150 short parallel regions, and each one waits at its closing barrier for every
+thread of the team; a thread the scheduler has put aside holds the step up for a whole time slice."""
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
+from ..errors import QianwenError
 from ..paths import home
 
 SOURCE = Path(__file__).with_name("kernels.c")
@@ -46,6 +56,7 @@ SIGNATURES = {
     "attend": [Ptr, Int, Int, Int, Int, Long, Ptr, Ptr, Ptr, Ptr, Int, Ptr, Ptr],
     "silu_mul": [Ptr, Int, Int, Ptr],
     "set_threads": [Int],
+    "team_size": [],
     "decode_layers": [Ptr, Int, Int, Int, Int, Int, Int, Int, Flt, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr,
                       Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Int],
 }
@@ -95,7 +106,8 @@ def open_library(path: Path) -> ctypes.CDLL:
     for name, args in SIGNATURES.items():
         fn = getattr(so, name)
         fn.argtypes, fn.restype = args, None
-    so.get_threads.argtypes, so.get_threads.restype = [], ctypes.c_int
+    for name in ("get_threads", "team_size"):
+        getattr(so, name).restype = ctypes.c_int
     return so
 
 
@@ -118,3 +130,108 @@ def lib() -> ctypes.CDLL | None:
         failure = f"could not build the CPU kernels ({e}); using torch kernels"
         print(f"qianwen: {failure}", file=sys.stderr)
         return None
+
+
+def env_threads() -> int | None:
+    """$QIANWEN_THREADS as a thread count (None when unset)."""
+    raw = os.environ.get("QIANWEN_THREADS", "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise QianwenError(f"QIANWEN_THREADS must be a positive whole number of threads, not {raw!r}")
+    return int(raw)
+
+
+def set_threads(n: int | None = None) -> int:
+    """Use `n` threads for torch and the kernels (default: $QIANWEN_THREADS; without either, torch's own
+    count stays). Returns the count in effect. `qianwen.load` calls this, so the variable applies at load."""
+    import torch
+
+    n = n or env_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        watch.sample()  # the first reading: the first decode steps then know what loading saw
+    except (OSError, ValueError):
+        watch.enabled = False
+    return torch.get_num_threads()
+
+
+SLACK = 0.25  # a core counts as free while other processes use less than this much of it
+
+
+class CoreWatch:
+    """How many of the cores this process may run on (sched_getaffinity) other processes leave free.
+
+    Measured, at most once every `interval` seconds, from the kernel's per-core busy and idle time
+    (/proc/stat, steal time counting as busy) less this process's own CPU time: one small file read per
+    interval. `free` is None before the first reading, or where /proc/stat cannot be read."""
+
+    def __init__(self, interval: float = 0.25, stat: str = "/proc/stat",
+                 clock: Callable[[], float] = time.monotonic, cpu_time: Callable[[], float] = time.process_time):
+        self.interval, self.stat, self.clock, self.cpu_time = interval, stat, clock, cpu_time
+        self.enabled = os.environ.get("QIANWEN_ADAPT_THREADS", "1") != "0"
+        self.free: int | None = None
+        self.last: tuple[float, float, dict[int, tuple[int, int]]] | None = None
+
+    def counters(self) -> dict[int, tuple[int, int]]:
+        """Per core: (busy, total) clock ticks since boot."""
+        out = {}
+        with open(self.stat) as f:
+            for line in f:
+                if line.startswith("cpu") and line[3:4].isdigit():
+                    name, *fields = line.split()
+                    v = [int(x) for x in fields[:8]]  # user nice system idle iowait irq softirq steal
+                    out[int(name[3:])] = (sum(v) - v[3] - v[4], sum(v))
+        return out
+
+    def sample(self) -> int | None:
+        """Take a reading. `free`: the cores this process may use, less those other processes kept
+        busy since the last reading (the last measured value when no clock tick passed in between)."""
+        now, own, cores = self.clock(), self.cpu_time(), self.counters()
+        mine = os.sched_getaffinity(0) & cores.keys()
+        cap = max(1, len(mine))
+        last, self.last = self.last, (now, own, cores)
+        if last is not None and now > last[0]:
+            t0, own0, cores0 = last
+            mine &= cores0.keys()
+            total = sum(cores[c][1] - cores0[c][1] for c in mine)
+            if total > 0:
+                busy = sum(cores[c][0] - cores0[c][0] for c in mine) / total * len(mine)  # cores in use
+                others = busy - (own - own0) / (now - t0)
+                self.free = max(1, min(cap, math.floor(len(mine) - others + SLACK)))
+                return self.free
+        self.free = cap if self.free is None else min(cap, self.free)
+        return self.free
+
+    def threads(self, want: int) -> int:
+        """`want` threads, or as many as there are free cores if fewer."""
+        if not self.enabled or want <= 1:
+            return want
+        if self.last is None or self.clock() - self.last[0] >= self.interval:
+            try:
+                self.sample()
+            except (OSError, ValueError):  # no /proc (not Linux): keep the count asked for
+                self.enabled = False
+                return want
+        return min(want, self.free)
+
+
+watch = CoreWatch()
+_asked = threading.local()  # per thread (OpenMP's count is): what torch was set to, what we applied
+
+
+def kernel_threads() -> int:
+    """Set the calling thread's OpenMP thread count for the next kernel calls and return it: torch's
+    setting, or fewer while other processes keep cores busy (`watch`). OpenMP's count is per thread,
+    and torch's own ops in this thread follow it too; torch.get_num_threads() then reports it, so a
+    value other than the one applied last is a new setting from the user."""
+    import torch
+
+    now = torch.get_num_threads()  # in a thread torch did not start, this is torch.set_num_threads's value
+    if getattr(_asked, "applied", None) != now:
+        _asked.want = now
+    n = watch.threads(_asked.want)
+    lib().set_threads(n)
+    _asked.applied = n
+    return n

@@ -4,8 +4,6 @@ do not depend on the batch (the fused matmul's columns are the separate ones sid
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
@@ -66,10 +64,3 @@ def optimize(net: torch.nn.Module) -> torch.nn.Module:
     if hasattr(net, "fast_decode") and native.lib() is not None:
         net.fast_decode = NativeDecoder(net)
     return net
-
-
-def set_threads(n: int | None = None) -> int:
-    """Use `n` intra-op threads (default: $QIANWEN_THREADS, else the cores this process may use)."""
-    n = n or int(os.environ.get("QIANWEN_THREADS", 0)) or len(os.sched_getaffinity(0))
-    torch.set_num_threads(n)
-    return n

@@ -69,7 +69,9 @@ def load(model: str | Path | None = None, dtype: str | torch.dtype | None = None
     kernels of qianwen.fast); by default on when running bfloat16 on the CPU, off otherwise (the float
     reference path)."""
     from ..api import Model
+    from ..fast.native import set_threads
 
+    set_threads()  # $QIANWEN_THREADS
     dev = parse_device(device) if device is not None else default_device()
     dt = parse_dtype(dtype) if dtype is not None else default_dtype(dev)
     path = resolve(model)

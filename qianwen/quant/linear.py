@@ -68,13 +68,14 @@ class NativeLinear(nn.Module):
     def native_matmul(self, x: torch.Tensor, out: torch.Tensor, accumulate: bool = False) -> bool:
         """out (+)= self(x) for fp32 x [M, K] and out [M, N] (rows may be apart, e.g. a column slice of
         a wider buffer) on the CPU, through the C kernel; False when the kernels are not built."""
-        from ..fast.native import lib  # here, not at the top: qianwen.fast imports this module
+        # here, not at the top: qianwen.fast imports this module
+        from ..fast.native import kernel_threads, lib
 
         so = lib()
         if so is None or x.device.type != "cpu":
             return False
         assert x.is_contiguous() and out.stride(1) == 1 and x.dtype == out.dtype == torch.float32
-        so.set_threads(torch.get_num_threads())  # OpenMP's count is per thread: follow torch's setting
+        kernel_threads()  # this thread's OpenMP count: torch's setting, fewer while cores are busy
         getattr(so, self.KERNEL)(x.data_ptr(), x.shape[0], self.in_features, *self.kernel_args(), out.data_ptr(),
                                  out.stride(0), int(accumulate))
         return True

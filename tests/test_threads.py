@@ -1,0 +1,175 @@
+"""Threads on a shared machine: $QIANWEN_THREADS takes effect at load (torch and the kernels' OpenMP
+pool), the kernels' thread count follows the cores other processes leave free (qianwen.fast.native's
+CoreWatch), and results are bit for bit the same whatever the thread count."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import qianwen
+from qianwen.errors import QianwenError
+from qianwen.fast import StaticKVCache, native
+from qianwen.quant.quantize import quantize_folder
+
+from .conftest import save_tiny
+
+CPUS = sorted(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_qianwen_threads_sets_torch_and_the_kernel_pool_at_load(tiny_qwen2_dir, n):
+    """In a fresh process (libgomp reads its settings once): the parallel regions the kernels open really
+    get n threads, in the loading thread and in a thread started later (the server's engine thread)."""
+    code = (f"import threading, torch, qianwen\nfrom qianwen.fast import native\n"
+            f"qianwen.load({str(tiny_qwen2_dir)!r}, dtype='float32')\n"
+            "seen = [torch.get_num_threads(), native.lib().team_size()]\n"
+            "def later():\n    native.kernel_threads()\n    seen.append(native.lib().team_size())\n"
+            "t = threading.Thread(target=later)\nt.start()\nt.join()\nprint(seen)\n")
+    env = {**os.environ, "QIANWEN_THREADS": str(n), "QIANWEN_ADAPT_THREADS": "0"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert eval(out.stdout.strip().splitlines()[-1]) == [n, n, n]
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two", "1.5"])
+def test_bad_qianwen_threads_is_one_clear_error(tiny_qwen2_dir, monkeypatch, value):
+    monkeypatch.setenv("QIANWEN_THREADS", value)
+    with pytest.raises(QianwenError, match="QIANWEN_THREADS must be a positive whole number"):
+        qianwen.load(str(tiny_qwen2_dir), dtype="float32")
+
+
+class FakeStat:
+    """A /proc/stat the test writes, a clock and this process's CPU time the test moves."""
+
+    def __init__(self, path):
+        self.path, self.now, self.own = path, 100.0, 5.0
+        self.ticks = {c: [0] * 8 for c in CPUS}  # user nice system idle iowait irq softirq steal
+        self.write()
+
+    def write(self):
+        lines = ["cpu  0 0 0 0 0 0 0 0 0 0"] + [f"cpu{c} " + " ".join(map(str, t)) + " 0 0" for c, t in self.ticks.items()]
+        self.path.write_text("\n".join(lines) + "\nintr 0\n")
+
+    def advance(self, seconds: float, busy_cores: int, own_cpu: float, field: int = 0):
+        """`seconds` pass with `busy_cores` cores busy (counted in `field`) and the rest idle; this
+        process used `own_cpu` seconds of CPU in that time."""
+        for i, c in enumerate(CPUS):
+            self.ticks[c][field if i < busy_cores else 3] += int(100 * seconds)
+        self.now += seconds
+        self.own += own_cpu
+        self.write()
+
+    def watch(self, interval: float = 0.25) -> native.CoreWatch:
+        w = native.CoreWatch(interval, str(self.path), clock=lambda: self.now, cpu_time=lambda: self.own)
+        w.enabled = True
+        return w
+
+
+def test_thread_count_follows_the_cores_other_processes_keep_busy(tmp_path):
+    fake = FakeStat(tmp_path / "stat")
+    w, n = fake.watch(), len(CPUS)
+    assert w.threads(n) == n  # one reading only: nothing measured yet, the count asked for
+    fake.advance(1.0, busy_cores=n, own_cpu=n)  # every core busy, all of it this process
+    assert w.threads(n) == n
+    fake.advance(1.0, busy_cores=n, own_cpu=n - 1)  # another process kept one core busy
+    assert w.threads(n) == max(1, n - 1) and w.threads(64) == max(1, n - 1)
+    fake.advance(0.1, busy_cores=0, own_cpu=0)  # within the interval: no new reading
+    assert w.threads(n) == max(1, n - 1)
+    fake.advance(1.0, busy_cores=0, own_cpu=0)  # the others stopped
+    assert w.threads(n) == n
+    fake.advance(1.0, busy_cores=n, own_cpu=0, field=7)  # the hypervisor gave our cores away (steal)
+    assert w.threads(n) == 1
+    assert w.threads(1) == 1
+
+
+def test_a_core_used_a_little_by_others_still_counts_as_free(tmp_path):
+    fake = FakeStat(tmp_path / "stat")
+    w = fake.watch()
+    w.threads(2)
+    fake.advance(1.0, busy_cores=len(CPUS), own_cpu=len(CPUS) - 0.1)  # others: 0.1 of a core
+    assert w.threads(len(CPUS)) == len(CPUS)
+
+
+def test_thread_count_follows_the_cpu_affinity():
+    """Fewer cores allowed (taskset, a container's cpuset): at most that many threads."""
+    if len(CPUS) < 2:
+        pytest.skip("needs two CPUs")
+    w = native.CoreWatch(interval=0)
+    w.enabled = True
+    try:
+        os.sched_setaffinity(0, CPUS[:1])
+        w.threads(len(CPUS))
+        assert w.threads(len(CPUS)) == 1
+    finally:
+        os.sched_setaffinity(0, CPUS)
+
+
+def test_busy_processes_on_every_core_leave_one_thread():
+    """The real /proc/stat: with a spinning process per core, the other processes fill the machine."""
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in CPUS]
+    try:
+        w = native.CoreWatch(interval=0)
+        w.enabled = True
+        w.sample()
+        time.sleep(0.5)  # what they do meanwhile is measured
+        assert w.threads(len(CPUS) + 1) == 1
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+
+
+def test_kernels_use_the_free_cores_and_come_back_to_torchs_setting(monkeypatch):
+    """kernel_threads sets the calling thread's OpenMP count (torch's ops in it follow too) and
+    remembers what torch was set to, so the count comes back once the cores are free again."""
+    free = {"n": None}
+    monkeypatch.setattr(native.watch, "threads", lambda want: want if free["n"] is None else min(want, free["n"]))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        free["n"] = 1
+        assert native.kernel_threads() == 1
+        assert native.lib().team_size() == 1 and torch.get_num_threads() == 1
+        free["n"] = None
+        assert native.kernel_threads() == 3 and native.lib().team_size() == 3
+        torch.set_num_threads(2)  # a new setting from the user
+        assert native.kernel_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", params=[4, 8])
+def wide(request, tmp_path_factory):
+    """A tiny model wide enough that the kernels split its projections (64-row blocks) and its
+    attention (256-position chunks) over threads."""
+    src = save_tiny(tmp_path_factory.mktemp("src"), "qwen2", hidden_size=256, intermediate_size=512,
+                    max_position_embeddings=2048)
+    return quantize_folder(src, tmp_path_factory.mktemp(f"q{request.param}"), bits=request.param,
+                           group_size=32 if request.param == 4 else None)
+
+
+def test_decode_is_bit_identical_whatever_the_thread_count(wide, monkeypatch):
+    monkeypatch.setattr(native.watch, "enabled", False)
+    net = qianwen.load(str(wide), dtype=torch.bfloat16).net
+    assert net.fast_decode is not None
+    ids = [3 + i % 300 for i in range(600)]
+    before, results = torch.get_num_threads(), []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(1)  # the prefill (torch's bf16 matmul) the same each time
+            cache = StaticKVCache.for_model(net, 2, 620)
+            with torch.inference_mode():
+                net.hidden_states(torch.tensor([ids, ids[::-1]]), cache=cache)
+                torch.set_num_threads(n)
+                steps = [net(torch.tensor([[t], [t + 1]]), cache=cache)[:, -1].float() for t in (5, 17, 9)]
+            assert native.lib().get_threads() == n
+            results.append(torch.stack(steps))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
