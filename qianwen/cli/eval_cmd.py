@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 TASKS = ("mmlu", "cmmlu", "ceval", "gsm8k", "humaneval", "perplexity")
 
@@ -50,10 +51,8 @@ def run(args: argparse.Namespace) -> int:
     if args.timeout <= 0:
         raise QianwenError("--timeout must be positive")
     runner.check_args(args.task, args.data, args.limit, args.shots, args.temperature)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    if args.threads:  # the flag wins over $QIANWEN_THREADS: loading applies the variable
+        os.environ["QIANWEN_THREADS"] = str(args.threads)
     model = qianwen.load(args.model, dtype=args.dtype, device=args.device)
     result = runner.run(model, args.task, data=args.data, limit=args.limit, shots=args.shots, chat=args.chat,
                         batch_size=args.batch_size, samples=args.samples, temperature=args.temperature,

@@ -51,7 +51,6 @@ def served_name(model_name: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
     import uvicorn
 
     from ..engine import EngineConfig
@@ -61,8 +60,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("max_num_seqs", "port", "max_queue", "max_n"):
         if getattr(args, name) < (0 if name == "port" else 1):
             raise QianwenError(f"--{name.replace('_', '-')} must be positive")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads:  # the flag wins over $QIANWEN_THREADS: loading applies the variable
+        os.environ["QIANWEN_THREADS"] = str(args.threads)
     model = load_model(args)
     keys = api_keys(args)
     name = args.served_model_name or served_name(model.name)
