@@ -189,3 +189,17 @@ def test_quantize_then_generate_in_the_default_dtype(files, tmp_path):
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     m = qianwen.load(out, dtype="bfloat16")
     assert r.stdout == m.generate(PROMPT, **GREEDY) + "\n"
+
+
+def test_default_model_answers_as_float32_does(default_gguf):
+    """On the default GGUF in bf16 (quantized, the default path) the first-token log-probs of "L" and "The"
+    for this question tied exactly once logits were rounded to bf16, and greedy chat answered
+    "L'Étoile (The City) ..."; with float32 logits it answers as the float32 reference does."""
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    m = qianwen.load(default_gguf, dtype="bfloat16")
+    ids = m.encode_chat(msgs)
+    got = m.logits(ids)[-1]
+    assert got.dtype == torch.float32 and not_bf16(got)
+    want = qianwen.load(default_gguf, dtype="float32").logits(ids)[-1]
+    assert got.argmax().item() == want.argmax().item() == m.tokenizer.encode("The")[0]
+    assert m.chat(msgs, temperature=0, max_tokens=8).startswith("The capital of France is Paris")

@@ -52,7 +52,7 @@ def stream_tokens(net: Transformer, tokenizer, prompt_ids: list[int], params: Sa
     generated: list[int] = []
     # prefill: the lm_head runs on the last position only
     hidden = net.hidden_states(torch.tensor([prompt_ids], device=device), cache=cache)
-    logits = net.lm_head(hidden[:, -1:])[0, -1].float().cpu()
+    logits = net.compute_logits(hidden[:, -1:])[0, -1].cpu()
     for i in range(max_new):
         out_ids = torch.tensor(generated, dtype=torch.long)
         scores = apply_penalties(logits.clone(), torch.cat([context_ids, out_ids]), out_ids, params)

@@ -79,6 +79,18 @@ class NativeLinear(nn.Module):
                                  out.stride(0), int(accumulate))
         return True
 
+    def forward_f32(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 x [M, K] -> float32 [M, N], accumulated and returned in float32 (never rounded to
+        bf16): the output layer's logits. Each row is computed on its own."""
+        y = self.native_forward(x)
+        if y is None:  # torch's weight-only kernels, with float32 activations (slower, only here)
+            y = self.torch_f32(x)
+            y = y if self.bias is None else y + self.bias.float()
+        return y
+
+    def torch_f32(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def native_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """The layer's output through the C kernel (fp32 inside, x's dtype out), or None without it."""
         x32 = x.reshape(-1, self.in_features).float().contiguous()
@@ -128,6 +140,11 @@ class Int4Linear(NativeLinear):
             y = y[:, : self.out_features]
         y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def torch_f32(self, x: torch.Tensor) -> torch.Tensor:
+        sz = self.scales_zeros.float()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, sz)
+        return y[:, : self.out_features]
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Dequantized weight rows [len(idx), K] in float32, by the kernel's formula."""
@@ -199,6 +216,11 @@ class Int8Linear(NativeLinear):
             y = x2 @ self.dequantize().T.to(torch.bfloat16)
         y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def torch_f32(self, x: torch.Tensor) -> torch.Tensor:
+        if self.group_size == self.in_features:
+            return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales[:, 0])
+        return x @ self.dequantize().T  # block scales have no torch kernel
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         q = self.qweight[idx].float().view(len(idx), -1, self.group_size)
