@@ -191,6 +191,34 @@ def test_quantize_then_generate_in_the_default_dtype(files, tmp_path):
     assert r.stdout == m.generate(PROMPT, **GREEDY) + "\n"
 
 
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("kind", ["int4", "int8-row", "int8-block"])
+def test_quantized_heads_give_float32(kind, native, monkeypatch):
+    """`forward_f32` (a quantized lm_head): float32 out for a few rows (C kernel, or torch's kernels without
+    it) and for many (dequantized blocks), bias included once, equal to the float32 matmul."""
+    from qianwen.fast import native as native_mod
+    from qianwen.quant.linear import PREFILL_TOKENS, Int4Linear, Int8Linear
+
+    if not native:
+        monkeypatch.setattr(native_mod, "lib", lambda: None)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 320)
+    if kind == "int4":
+        q = Int4Linear.from_float(lin, 32)
+    elif kind == "int8-row":
+        q = Int8Linear.from_float(lin)
+    else:
+        qw, s = Int8Linear.quantize(lin.weight.detach())
+        q = Int8Linear(qw, s[:, None].expand(-1, 8) * torch.linspace(0.5, 1.5, 8), lin.bias.detach().clone())
+    w = q.dequantize()
+    for rows in (1, 3, PREFILL_TOKENS):
+        x = torch.randn(rows, 256)
+        y = q.forward_f32(x)
+        want = x @ w.T + q.bias.float()
+        assert y.dtype == torch.float32 and not_bf16(y)
+        assert (y - want).abs().max().item() <= 1e-4 * want.abs().max().item(), rows
+
+
 def test_default_model_answers_as_float32_does(default_gguf):
     """On the default GGUF in bf16 (quantized, the default path) the first-token log-probs of "L" and "The"
     for this question tied exactly once logits were rounded to bf16, and greedy chat answered

@@ -28,6 +28,7 @@ from .int4 import BLOCK_N, dequantize_packed_t, pack_int4, pad_rows, quantize_in
 # the weight-only kernel. Measured crossover on the 2-core dev machine (SmolLM2 layers): about 80 rows
 # with our C kernels (qianwen/fast/kernels.c), 48-64 with torch's int4 kernel.
 PREFILL_TOKENS = 80
+HEAD_BLOCK = 4096  # output rows dequantized at a time for a float32 head over many rows
 
 
 def is_prefill(x: torch.Tensor) -> bool:
@@ -81,12 +82,19 @@ class NativeLinear(nn.Module):
 
     def forward_f32(self, x: torch.Tensor) -> torch.Tensor:
         """float32 x [M, K] -> float32 [M, N], accumulated and returned in float32 (never rounded to
-        bf16): the output layer's logits. Each row is computed on its own."""
-        y = self.native_forward(x)
-        if y is None:  # torch's weight-only kernels, with float32 activations (slower, only here)
+        bf16): the output layer's logits. Each row is computed on its own; from PREFILL_TOKENS rows
+        (logits of a whole prompt) float32 matmuls on the weight dequantized on the fly, a block of
+        output rows at a time, are faster."""
+        if x.shape[0] < PREFILL_TOKENS and (y := self.native_forward(x)) is not None:
+            return y  # the C kernel (bias included)
+        if x.shape[0] < PREFILL_TOKENS:  # torch's weight-only kernels, float32 activations (slower, only here)
             y = self.torch_f32(x)
-            y = y if self.bias is None else y + self.bias.float()
-        return y
+        else:
+            y = x.new_empty(x.shape[0], self.out_features)
+            for start in range(0, self.out_features, HEAD_BLOCK):
+                idx = torch.arange(start, min(start + HEAD_BLOCK, self.out_features), device=x.device)
+                y[:, start:start + len(idx)] = x @ self.rows(idx).T
+        return y if self.bias is None else y + self.bias.float()
 
     def torch_f32(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
