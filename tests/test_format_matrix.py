@@ -211,12 +211,14 @@ def test_quantized_heads_give_float32(kind, native, monkeypatch):
         qw, s = Int8Linear.quantize(lin.weight.detach())
         q = Int8Linear(qw, s[:, None].expand(-1, 8) * torch.linspace(0.5, 1.5, 8), lin.bias.detach().clone())
     w = q.dequantize()
-    for rows in (1, 3, PREFILL_TOKENS):
-        x = torch.randn(rows, 256)
+    for shape in ((1, 256), (3, 256), (2, PREFILL_TOKENS, 256)):  # the last: many tokens per sequence
+        x = torch.randn(shape)
         y = q.forward_f32(x)
         want = x @ w.T + q.bias.float()
         assert y.dtype == torch.float32 and not_bf16(y)
-        assert (y - want).abs().max().item() <= 1e-4 * want.abs().max().item(), rows
+        assert (y - want).abs().max().item() <= 1e-4 * want.abs().max().item(), shape
+    x = torch.randn(3, PREFILL_TOKENS, 256)  # a sequence's logits do not depend on its batch
+    assert torch.equal(q.forward_f32(x)[1], q.forward_f32(x[1:2])[0])
 
 
 def test_default_model_answers_as_float32_does(default_gguf):

@@ -150,10 +150,10 @@ class Transformer(nn.Module):
         head = self.lm_head
         if torch.is_grad_enabled():
             return head(hidden)
-        x = hidden.reshape(-1, hidden.shape[-1]).float()
         if hasattr(head, "forward_f32"):  # qianwen.quant's Int4Linear / Int8Linear
-            y = head.forward_f32(x)
-        elif isinstance(head, nn.Linear) and head.weight.dtype != torch.float32:
+            return head.forward_f32(hidden.float())
+        x = hidden.reshape(-1, hidden.shape[-1]).float()
+        if isinstance(head, nn.Linear) and head.weight.dtype != torch.float32:
             w, b = self._float_head(head)
             pad = HEAD_ROWS - x.shape[0]
             y = F.linear(F.pad(x, (0, 0, 0, pad)) if pad > 0 else x, w, b)[: x.shape[0]]

@@ -81,19 +81,20 @@ class NativeLinear(nn.Module):
         return True
 
     def forward_f32(self, x: torch.Tensor) -> torch.Tensor:
-        """float32 x [M, K] -> float32 [M, N], accumulated and returned in float32 (never rounded to
-        bf16): the output layer's logits. Each row is computed on its own; from PREFILL_TOKENS rows
-        (logits of a whole prompt) float32 matmuls on the weight dequantized on the fly, a block of
-        output rows at a time, are faster."""
-        if x.shape[0] < PREFILL_TOKENS and (y := self.native_forward(x)) is not None:
-            return y  # the C kernel (bias included)
-        if x.shape[0] < PREFILL_TOKENS:  # torch's weight-only kernels, float32 activations (slower, only here)
-            y = self.torch_f32(x)
-        else:
-            y = x.new_empty(x.shape[0], self.out_features)
+        """float32 x [..., K] -> float32 [..., N], accumulated and returned in float32 (never rounded to
+        bf16): the output layer's logits. Each row is computed on its own, except that a call with many
+        tokens per sequence (`is_prefill`: the logits of whole prompts) runs float32 matmuls, one per
+        sequence, on blocks of the weight dequantized on the fly (faster there)."""
+        if is_prefill(x):
+            y = x.new_empty(*x.shape[:-1], self.out_features)
             for start in range(0, self.out_features, HEAD_BLOCK):
-                idx = torch.arange(start, min(start + HEAD_BLOCK, self.out_features), device=x.device)
-                y[:, start:start + len(idx)] = x @ self.rows(idx).T
+                wt = self.rows(torch.arange(start, min(start + HEAD_BLOCK, self.out_features), device=x.device)).T
+                for b in range(x.shape[0]):
+                    y[b, :, start:start + wt.shape[1]] = x[b] @ wt
+        elif (y := self.native_forward(x)) is not None:
+            return y  # the C kernel, bias included
+        else:  # torch's weight-only kernels with float32 activations (slower; only without the C kernels)
+            y = self.torch_f32(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.float()
 
     def torch_f32(self, x: torch.Tensor) -> torch.Tensor:
