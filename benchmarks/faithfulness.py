@@ -76,7 +76,8 @@ def llama_rows(path: Path, ids: list[list[int]], threads: int, stepwise: bool) -
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="a GGUF file (default: the packaged SmolLM2-135M-Instruct Q4_1)")
+    ap.add_argument("--model", default=None,
+                    help="a GGUF file (default: the packaged SmolLM2-135M-Instruct Q4_1)")
     ap.add_argument("--threads", type=int, default=2, help="threads for both engines (default 2)")
     ap.add_argument("--skip-llama", action="store_true", help="leave out llama-cpp-python")
     args = ap.parse_args()

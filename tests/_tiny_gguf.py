@@ -18,9 +18,11 @@ NAMES = [  # Hugging Face name -> GGUF name (the inverse of qianwen/loading/gguf
     ("lm_head.weight", "output.weight"),
     ("model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight"),
     ("model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight"),
-    *[(f"model.layers.{{i}}.self_attn.{p}_proj.{w}", f"blk.{{i}}.attn_{p}.{w}") for p in "qkv" for w in ("weight", "bias")],
+    *[(f"model.layers.{{i}}.self_attn.{p}_proj.{w}", f"blk.{{i}}.attn_{p}.{w}")
+      for p in "qkv" for w in ("weight", "bias")],
     ("model.layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight"),
-    *[(f"model.layers.{{i}}.mlp.{p}_proj.weight", f"blk.{{i}}.ffn_{p}.weight") for p in ("gate", "up", "down")],
+    *[(f"model.layers.{{i}}.mlp.{p}_proj.weight", f"blk.{{i}}.ffn_{p}.weight")
+      for p in ("gate", "up", "down")],
 ]
 
 
@@ -36,15 +38,17 @@ def quantize_q4_k(w: np.ndarray) -> np.ndarray:
     scale, offset = (hi - lo) / 15, -lo
     d = _fp16(scale.max(-1) / 63).astype(np.float32)
     dmin = _fp16(offset.max(-1) / 63).astype(np.float32)
-    sc = np.clip(np.round(np.divide(scale, d[..., None], out=np.zeros_like(scale), where=d[..., None] > 0)), 0, 63)
+    sc = np.clip(np.round(np.divide(scale, d[..., None], out=np.zeros_like(scale),
+                                    where=d[..., None] > 0)), 0, 63)
     mn = np.clip(np.round(np.divide(offset, dmin[..., None], out=np.zeros_like(offset),
                                     where=dmin[..., None] > 0)), 0, 63)
     s_eff, o_eff = d[..., None] * sc, dmin[..., None] * mn
     q = np.clip(np.round(np.divide(x + o_eff[..., None], s_eff[..., None], out=np.zeros_like(x),
                                    where=s_eff[..., None] > 0)), 0, 15).astype(np.uint8)
     sc, mn = sc.astype(np.uint8), mn.astype(np.uint8)
-    scales = np.concatenate([(sc[..., :4] & 63) | ((sc[..., 4:] >> 4) << 6), (mn[..., :4] & 63) | ((mn[..., 4:] >> 4) << 6),
-                             (sc[..., 4:] & 15) | ((mn[..., 4:] & 15) << 4)], -1)  # ggml's get_scale_min_k4 layout
+    scales = np.concatenate([(sc[..., :4] & 63) | ((sc[..., 4:] >> 4) << 6),  # ggml's get_scale_min_k4 layout
+                             (mn[..., :4] & 63) | ((mn[..., 4:] >> 4) << 6),
+                             (sc[..., 4:] & 15) | ((mn[..., 4:] & 15) << 4)], -1)
     q = q.reshape(n, k // 256, 4, 2, 32)  # chunk c: 32 low nibbles (weights 64c..), then 32 high
     qs = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).reshape(n, k // 256, 128)
     heads = [_fp16(d).view(np.uint8).reshape(n, -1, 2), _fp16(dmin).view(np.uint8).reshape(n, -1, 2)]
@@ -59,7 +63,8 @@ def quantize_q6_k(w: np.ndarray) -> np.ndarray:
     d = _fp16(s.max(-1) / 127).astype(np.float32)
     sc = np.clip(np.round(np.divide(s, d[..., None], out=np.zeros_like(s), where=d[..., None] > 0)), 0, 127)
     s_eff = d[..., None] * sc
-    q = (np.clip(np.round(np.divide(x, s_eff[..., None], out=np.zeros_like(x), where=s_eff[..., None] > 0)), -32, 31)
+    q = (np.clip(np.round(np.divide(x, s_eff[..., None], out=np.zeros_like(x),
+                                    where=s_eff[..., None] > 0)), -32, 31)
          + 32).astype(np.uint8).reshape(n, k // 256, 2, 4, 32)  # half h, group g: weights 128h + 32g + j
     q0, q1, q2, q3 = (q[:, :, :, g] for g in range(4))
     ql = np.concatenate([(q0 & 15) | ((q2 & 15) << 4), (q1 & 15) | ((q3 & 15) << 4)], -1)  # [N, nb, 2, 64]

@@ -44,7 +44,8 @@ def files(tmp_path_factory) -> dict[str, str]:
 
     root = tmp_path_factory.mktemp("formats")
     hf = save_tiny(root / "hf-float32", "qwen2", **TINY)
-    out = {"hf-float32": hf, "hf-bfloat16": save_tiny(root / "hf-bfloat16", "qwen2", dtype=torch.bfloat16, **TINY),
+    out = {"hf-float32": hf,
+           "hf-bfloat16": save_tiny(root / "hf-bfloat16", "qwen2", dtype=torch.bfloat16, **TINY),
            "quant-int8": quantize_folder(hf, root / "int8", bits=8),
            "quant-int4": quantize_folder(hf, root / "int4", bits=4)}
     for t in GGUF_TYPES:  # Q6_K with a separate output.weight, as llama.cpp often writes it
@@ -128,7 +129,8 @@ def test_engine(files, fmt, dtype):
     for p, o in zip(prompts, outs, strict=True):
         assert len(o.token_ids) == N
         check_agrees(ref, m.tokenizer.encode(p), o.token_ids, dtype)
-    logits = llm.engine.runner.prefill(llm.engine.make_sequence(m.tokenizer.encode(PROMPT), m.params(max_tokens=1)))
+    seq = llm.engine.make_sequence(m.tokenizer.encode(PROMPT), m.params(max_tokens=1))
+    logits = llm.engine.runner.prefill(seq)
     assert logits.dtype == torch.float32 and (dtype == "float32" or not_bf16(logits))
 
 
@@ -185,7 +187,8 @@ def test_quantize_then_generate_in_the_default_dtype(files, tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     r = subprocess.run([*cmd, "generate", PROMPT, "-m", str(out), "--dtype", "bfloat16", "--max-tokens", str(N),
-                        "--temperature", "0", "--repetition-penalty", "1"], capture_output=True, text=True, timeout=600)
+                        "--temperature", "0", "--repetition-penalty", "1"],
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     m = qianwen.load(out, dtype="bfloat16")
     assert r.stdout == m.generate(PROMPT, **GREEDY) + "\n"

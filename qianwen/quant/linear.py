@@ -88,7 +88,8 @@ class NativeLinear(nn.Module):
         if is_prefill(x):
             y = x.new_empty(*x.shape[:-1], self.out_features)
             for start in range(0, self.out_features, HEAD_BLOCK):
-                wt = self.rows(torch.arange(start, min(start + HEAD_BLOCK, self.out_features), device=x.device)).T
+                idx = torch.arange(start, min(start + HEAD_BLOCK, self.out_features), device=x.device)
+                wt = self.rows(idx).T
                 for b in range(x.shape[0]):
                     y[b, :, start:start + wt.shape[1]] = x[b] @ wt
         elif (y := self.native_forward(x)) is not None:
