@@ -37,8 +37,10 @@ class ChatSession:
         sys_msg = [{"role": "system", "content": self.system}] if self.system else []
         return sys_msg + self.history
 
-    def answer(self, text: str, out=sys.stdout) -> str:
+    def answer(self, text: str, out=None) -> str:
         from ..chat.history import fit_history
+
+        out = out or sys.stdout  # looked up now: stdout may have been replaced since import
 
         self.history.append({"role": "user", "content": text})
         m = self.model

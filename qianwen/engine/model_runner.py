@@ -32,9 +32,9 @@ class ModelRunner:
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: BatchCache,
                  last_only: bool) -> torch.Tensor:
         net = self.net
-        if last_only and hasattr(net, "hidden_states") and hasattr(net, "lm_head"):
+        if last_only and hasattr(net, "hidden_states") and hasattr(net, "compute_logits"):
             h = net.hidden_states(ids, positions, cache)
-            return net.lm_head(h[:, -1])
+            return net.compute_logits(h[:, -1])
         return net(ids, positions, cache)[:, -1]
 
     @torch.inference_mode()

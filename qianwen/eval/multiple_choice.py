@@ -109,7 +109,7 @@ class Prompt:
 
 def _last_logprobs(net: torch.nn.Module, hidden: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
     rows = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    return F.log_softmax(net.lm_head(rows).float(), dim=-1)
+    return F.log_softmax(net.compute_logits(rows), dim=-1)
 
 
 @torch.inference_mode()

@@ -31,7 +31,7 @@ def stream_tokens(net: Transformer, tokenizer, prompt_ids: list[int], params: Sa
     stepper = TokenStepper(tokenizer, prompt_ids, params, max_new, logits_processors)
     # prefill: the lm_head runs on the last position only
     hidden = net.hidden_states(torch.tensor([prompt_ids], device=device), cache=cache)
-    logits = net.lm_head(hidden[:, -1:])[0, -1].float().cpu()
+    logits = net.compute_logits(hidden[:, -1:])[0, -1].cpu()
     while True:
         step = stepper.step(logits)
         yield step

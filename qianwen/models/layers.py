@@ -14,6 +14,18 @@ from ..config import ModelConfig
 from .cache import Cache, NoCache
 from .rope import RotaryEmbedding, apply_rotary
 
+# A float32 matmul gives a row the same bits for any count from 16 to about 40 rows, but another result
+# for 1 row (engine/model_runner.py): the float32 head of a bf16/fp16 model pads smaller counts to 16 rows,
+# so a sequence's logits do not depend on the batch it decodes in.
+HEAD_ROWS = 16
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version  # bumped by in-place changes (e.g. a LoRA merge into the weight)
+    except RuntimeError:  # inference tensors keep no version counter
+        return None
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
@@ -101,6 +113,7 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.fast_decode = None  # a one-token step on fused kernels, installed by qianwen.fast.optimize
+        self._head_f32: tuple | None = None  # (key, float32 copy) of a bf16/fp16 lm_head weight
 
     def rotary(self, positions: torch.Tensor, cache: Cache, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model.rotary_emb(positions, dtype)
@@ -126,7 +139,37 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: Cache | None = None) -> torch.Tensor:
-        return self.lm_head(self.hidden_states(input_ids, positions, cache))
+        return self.compute_logits(self.hidden_states(input_ids, positions, cache))
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The logits [..., vocab] of final hidden states [..., hidden], in float32 whatever the model's
+        dtype: the head takes float32 input and gives float32 output (fp32 accumulation, no rounding
+        to bf16, which would tie near-equal logits and flip greedy choices). Quantized heads run their
+        float32 kernels (`forward_f32`); a bf16/fp16 weight runs as a float32 copy of itself, made once.
+        With gradients on (training) the head runs as it is, under any autocast."""
+        head = self.lm_head
+        if torch.is_grad_enabled():
+            return head(hidden)
+        if hasattr(head, "forward_f32"):  # qianwen.quant's Int4Linear / Int8Linear
+            return head.forward_f32(hidden.float())
+        x = hidden.reshape(-1, hidden.shape[-1]).float()
+        if isinstance(head, nn.Linear) and head.weight.dtype != torch.float32:
+            w, b = self._float_head(head)
+            pad = HEAD_ROWS - x.shape[0]
+            y = F.linear(F.pad(x, (0, 0, 0, pad)) if pad > 0 else x, w, b)[: x.shape[0]]
+        else:
+            y = head(x).float()
+        return y.view(*hidden.shape[:-1], y.shape[-1])
+
+    def _float_head(self, head: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The float32 weight and bias of a bf16/fp16 head, kept until the weight changes."""
+        w = head.weight
+        key = (w.data_ptr(), w.dtype, w.device, tuple(w.shape), _version(w))
+        if self._head_f32 is None or self._head_f32[0] != key:
+            self._head_f32 = None  # the stale copy goes first
+            bias = None if head.bias is None else head.bias.detach().float()
+            self._head_f32 = (key, (w.detach().float(), bias))
+        return self._head_f32[1]
 
     @classmethod
     def sanitize(cls, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

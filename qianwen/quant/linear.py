@@ -28,6 +28,7 @@ from .int4 import BLOCK_N, dequantize_packed_t, pack_int4, pad_rows, quantize_in
 # the weight-only kernel. Measured crossover on the 2-core dev machine (SmolLM2 layers): about 80 rows
 # with our C kernels (qianwen/fast/kernels.c), 48-64 with torch's int4 kernel.
 PREFILL_TOKENS = 80
+HEAD_BLOCK = 4096  # output rows dequantized at a time for a float32 head over many rows
 
 
 def is_prefill(x: torch.Tensor) -> bool:
@@ -80,6 +81,27 @@ class NativeLinear(nn.Module):
                                  out.stride(0), int(accumulate))
         return True
 
+    def forward_f32(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 x [..., K] -> float32 [..., N], accumulated and returned in float32 (never rounded to
+        bf16): the output layer's logits. Each row is computed on its own, except that a call with many
+        tokens per sequence (`is_prefill`: the logits of whole prompts) runs float32 matmuls, one per
+        sequence, on blocks of the weight dequantized on the fly (faster there)."""
+        if is_prefill(x):
+            y = x.new_empty(*x.shape[:-1], self.out_features)
+            for start in range(0, self.out_features, HEAD_BLOCK):
+                idx = torch.arange(start, min(start + HEAD_BLOCK, self.out_features), device=x.device)
+                wt = self.rows(idx).T
+                for b in range(x.shape[0]):
+                    y[b, :, start:start + wt.shape[1]] = x[b] @ wt
+        elif (y := self.native_forward(x)) is not None:
+            return y  # the C kernel, bias included
+        else:  # torch's weight-only kernels with float32 activations (slower; only without the C kernels)
+            y = self.torch_f32(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.float()
+
+    def torch_f32(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def native_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """The layer's output through the C kernel (fp32 inside, x's dtype out), or None without it."""
         x32 = x.reshape(-1, self.in_features).float().contiguous()
@@ -129,6 +151,11 @@ class Int4Linear(NativeLinear):
             y = y[:, : self.out_features]
         y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def torch_f32(self, x: torch.Tensor) -> torch.Tensor:
+        sz = self.scales_zeros.float()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, sz)
+        return y[:, : self.out_features]
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Dequantized weight rows [len(idx), K] in float32, by the kernel's formula."""
@@ -200,6 +227,11 @@ class Int8Linear(NativeLinear):
             y = x2 @ self.dequantize().T.to(torch.bfloat16)
         y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def torch_f32(self, x: torch.Tensor) -> torch.Tensor:
+        if self.group_size == self.in_features:
+            return torch.ops.aten._weight_int8pack_mm(x, self.qweight, self.scales[:, 0])
+        return x @ self.dequantize().T  # block scales have no torch kernel
 
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         q = self.qweight[idx].float().view(len(idx), -1, self.group_size)

@@ -188,7 +188,7 @@ def prompt_logprobs(model: Any, ids: list[int], top: int) -> tuple[list[float], 
     lps: list[float] = []
     tops: list[list[tuple[int, float]] | None] = []
     for i in range(0, len(ids) - 1, SCORE_ROWS):
-        lp = torch.log_softmax(net.lm_head(hidden[i:i + SCORE_ROWS]).float(), dim=-1)
+        lp = torch.log_softmax(net.compute_logits(hidden[i:i + SCORE_ROWS]), dim=-1)
         lps += lp.gather(1, targets[i:i + SCORE_ROWS, None])[:, 0].tolist()
         if top:
             values, idx = lp.topk(top, dim=-1)
