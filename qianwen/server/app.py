@@ -110,6 +110,48 @@ def create_app(model: Any, engine_config: EngineConfig | None = None,
     app.state.serving = serving
     app.state.engine = async_engine
 
+    protect(app, config, metrics)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERRORS,
+              summary="Chat completion (set stream=true for server-sent events)")
+    async def chat(req: ChatCompletionRequest, request: Request) -> Any:
+        if req.stream:
+            return StreamingResponse(chat_stream_setup(serving, req), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return await chat_completion(serving, req, request)
+
+    @app.post("/v1/completions", response_model=Completion, responses=ERRORS,
+              summary="Text completion (set stream=true for server-sent events)")
+    async def complete(req: CompletionRequest, request: Request) -> Any:
+        if req.stream:
+            return StreamingResponse(completion_stream_setup(serving, req), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return await completion(serving, req, request)
+
+    @app.get("/v1/models", response_model=ModelList, responses=ERRORS, summary="The served model")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": serving.created,
+                                            "owned_by": "qianwen", "max_model_len": serving.context_length}]}
+
+    @app.get("/health", summary="200 while the engine runs")
+    async def health() -> JSONResponse:
+        ok = async_engine.alive and async_engine.error is None
+        return JSONResponse({"status": "ok" if ok else "error", "model": config.model_name,
+                             "running": engine.num_running, "waiting": engine.num_waiting},
+                            status_code=200 if ok else 503)
+
+    @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
+    async def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    web_routes(app, config, serving.context_length, model.sampling_defaults)
+    return app
+
+
+def protect(app: FastAPI, config: ServerConfig, metrics: Metrics) -> None:
+    """What every engine's app shares: OpenAI-shaped errors for every failure, API keys on /v1, the
+    request counter, CORS and the body limit."""
+
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
         return _error(exc)
@@ -148,37 +190,9 @@ def create_app(model: Any, engine_config: EngineConfig | None = None,
                            allow_headers=["*"])
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERRORS,
-              summary="Chat completion (set stream=true for server-sent events)")
-    async def chat(req: ChatCompletionRequest, request: Request) -> Any:
-        if req.stream:
-            return StreamingResponse(chat_stream_setup(serving, req), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        return await chat_completion(serving, req, request)
 
-    @app.post("/v1/completions", response_model=Completion, responses=ERRORS,
-              summary="Text completion (set stream=true for server-sent events)")
-    async def complete(req: CompletionRequest, request: Request) -> Any:
-        if req.stream:
-            return StreamingResponse(completion_stream_setup(serving, req), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        return await completion(serving, req, request)
-
-    @app.get("/v1/models", response_model=ModelList, responses=ERRORS, summary="The served model")
-    async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": serving.created,
-                                            "owned_by": "qianwen", "max_model_len": serving.context_length}]}
-
-    @app.get("/health", summary="200 while the engine runs")
-    async def health() -> JSONResponse:
-        ok = async_engine.alive and async_engine.error is None
-        return JSONResponse({"status": "ok" if ok else "error", "model": config.model_name,
-                             "running": engine.num_running, "waiting": engine.num_waiting},
-                            status_code=200 if ok else 503)
-
-    @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
-    async def prometheus() -> PlainTextResponse:
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+def web_routes(app: FastAPI, config: ServerConfig, context_length: int, sampling_defaults: dict[str, Any]) -> None:
+    """The chat page: its static files and /web-config.json."""
 
     @app.get("/", include_in_schema=False)
     async def index() -> Response:
@@ -191,11 +205,9 @@ def create_app(model: Any, engine_config: EngineConfig | None = None,
     @app.get("/web-config.json", include_in_schema=False)
     async def web_config() -> JSONResponse:
         return JSONResponse({"model": config.model_name, "auth": bool(config.api_keys),
-                             "max_tokens": serving.context_length,
-                             "defaults": {k: v for k, v in model.sampling_defaults.items()
+                             "max_tokens": context_length,
+                             "defaults": {k: v for k, v in sampling_defaults.items()
                                           if isinstance(v, (int, float))}, "time": time.time()})
-
-    return app
 
 
 def _authorized(request: Request, keys: list[str]) -> bool:
