@@ -233,7 +233,7 @@ class GatewayServing(Serving):
 
 
 def _upstream_error(status: int, data: bytes) -> APIError:
-    """vLLM's error answer in OpenAI's shape (it answers {"error": {...}}, older versions a flat object)."""
+    """vLLM's error answer in OpenAI's shape, with OpenAI's error types (vLLM names its exceptions)."""
     try:
         body = json.loads(data)
     except ValueError:
@@ -241,11 +241,10 @@ def _upstream_error(status: int, data: bytes) -> APIError:
     err = body.get("error") if isinstance(body, dict) and isinstance(body.get("error"), dict) else body
     if not isinstance(err, dict) or not err.get("message"):
         err = {"message": data.decode("utf-8", "replace")[:500] or f"vLLM answered {status}"}
-    kind = err.get("type") if isinstance(err.get("type"), str) else None
-    code = err.get("code") if isinstance(err.get("code"), str) else None
-    return APIError(status, str(err["message"]), type=kind or ("server_error" if status >= 500 else
-                                                                "invalid_request_error"),
-                    param=err.get("param") if isinstance(err.get("param"), str) else None, code=code)
+    kind = {404: "not_found_error", 429: "rate_limit_error"}.get(status, "invalid_request_error")
+    return APIError(status, str(err["message"]), type="server_error" if status >= 500 else kind,
+                    param=err.get("param") if isinstance(err.get("param"), str) else None,
+                    code=err.get("code") if isinstance(err.get("code"), str) else None)
 
 
 def _chat_logprobs(lp: dict[str, Any] | None) -> list[dict[str, Any]]:
