@@ -247,6 +247,26 @@ def _upstream_error(status: int, data: bytes) -> APIError:
                     code=err.get("code") if isinstance(err.get("code"), str) else None)
 
 
+def _greedy_n(body: dict[str, Any]) -> int:
+    """vLLM refuses n > 1 with temperature 0, where every choice is the same answer: ask for one and
+    copy it (`_copy_choices`), as our engine would have answered n times."""
+    n = body.get("n") or 1
+    if n > 1 and body.get("temperature") == 0:
+        body["n"] = 1
+        return n
+    return 1
+
+
+def _copy_choices(data: dict[str, Any], n: int) -> dict[str, Any]:
+    """Each choice (answer or stream chunk) of prompt p as choices p*n .. p*n+n-1; usage counts them all."""
+    if n > 1:
+        data["choices"] = [{**c, "index": c["index"] * n + j} for c in data.get("choices") or [] for j in range(n)]
+        if u := data.get("usage"):
+            u["completion_tokens"] = u.get("completion_tokens", 0) * n
+            u["total_tokens"] = u.get("prompt_tokens", 0) + u["completion_tokens"]
+    return data
+
+
 def _chat_logprobs(lp: dict[str, Any] | None) -> list[dict[str, Any]]:
     """A completion's logprobs (tokens, token_logprobs, top_logprobs) as chat `logprobs.content`."""
     if not lp:
@@ -315,8 +335,9 @@ def create_gateway(model: PromptModel, backend: str, config: ServerConfig, conte
             if c.get("finish_reason"):
                 metrics.finished.inc(reason=c["finish_reason"])
 
-    async def events(r: httpx.Response) -> AsyncIterator[tuple[str, dict[str, Any] | None]]:
-        """(line, parsed data or None) for each line of vLLM's event stream; timing metrics on the way."""
+    async def events(r: httpx.Response, copies: int = 1) -> AsyncIterator[tuple[str, dict[str, Any] | None]]:
+        """(line, parsed data or None) for each line of vLLM's event stream, choices copied `copies` times
+        (_greedy_n); timing metrics on the way."""
         t0 = last = time.perf_counter()
         first = True
         async for line in r.aiter_lines():
@@ -324,6 +345,8 @@ def create_gateway(model: PromptModel, backend: str, config: ServerConfig, conte
             if line.startswith("data: ") and line != "data: [DONE]":
                 with contextlib.suppress(ValueError):
                     data = json.loads(line[6:])
+            if isinstance(data, dict):
+                data = _copy_choices(data, copies)
             if isinstance(data, dict) and data.get("choices"):
                 now = time.perf_counter()
                 (metrics.ttft if first else metrics.itl).observe(now - (t0 if first else last))
@@ -346,6 +369,7 @@ def create_gateway(model: PromptModel, backend: str, config: ServerConfig, conte
     async def forward(path: str, body: dict[str, Any], n: int, stream: bool, request: Request) -> Response:
         """Send the request on as it is; the answer (or its stream) back as vLLM gives it."""
         serving.check_capacity(n)
+        copies = _greedy_n(body)
         serving.in_flight += n
         if stream:
             try:
@@ -355,8 +379,8 @@ def create_gateway(model: PromptModel, backend: str, config: ServerConfig, conte
                 raise
 
             async def lines() -> AsyncIterator[str]:
-                async for line, _ in events(r):
-                    yield line + "\n"
+                async for line, data in events(r, copies):
+                    yield (sse(data) if copies > 1 and data is not None else line + "\n")
 
             return tracked(n, lines(), r)
         try:
@@ -365,7 +389,7 @@ def create_gateway(model: PromptModel, backend: str, config: ServerConfig, conte
             serving.in_flight -= n
         if r.status_code != 200:
             raise _upstream_error(r.status_code, r.content)
-        data = r.json()
+        data = _copy_choices(r.json(), copies)
         record(data)
         return JSONResponse(data)
 
@@ -381,6 +405,7 @@ def create_gateway(model: PromptModel, backend: str, config: ServerConfig, conte
         if req.stream:
             body["stream_options"] = {"include_usage": True}
         serving.check_capacity(req.n)
+        copies = _greedy_n(body)
         if not req.stream:
             serving.in_flight += req.n
             try:
@@ -389,7 +414,7 @@ def create_gateway(model: PromptModel, backend: str, config: ServerConfig, conte
                 serving.in_flight -= req.n
             if r.status_code != 200:
                 raise _upstream_error(r.status_code, r.content)
-            data = r.json()
+            data = _copy_choices(r.json(), copies)
             record(data)
             choices = []
             for c in sorted(data["choices"], key=lambda c: c["index"]):
@@ -409,7 +434,7 @@ def create_gateway(model: PromptModel, backend: str, config: ServerConfig, conte
         except BaseException:
             serving.in_flight -= req.n
             raise
-        return tracked(req.n, _chat_stream(req, prompt, events(r)), r)
+        return tracked(req.n, _chat_stream(req, prompt, events(r, copies)), r)
 
     async def _chat_stream(req: ChatCompletionRequest, prompt: ChatPrompt,
                            upstream: AsyncIterator[tuple[str, dict[str, Any] | None]]) -> AsyncIterator[str]:
