@@ -191,20 +191,26 @@ def test_health_metrics_and_page(server, client):
 
 # ---------------------------------------------------------------- the two engines side by side
 
+@pytest.mark.timeout(1800)
 def test_greedy_answers_agree(qianwen_server, vllm_server):
     """Same folder, same prompt tokens, bfloat16 on both: greedy answers agree on most prompts (the two
-    engines' kernels round differently, so a near-tie can flip a token and the rest of the answer)."""
-    def answers(server: ProcessServer) -> list[tuple[str, list[int]]]:
-        c = openai.OpenAI(base_url=server.base + "/v1", api_key=KEY, max_retries=0, timeout=600)
-        out = []
-        for p in PROMPTS:
+    engines' kernels round differently and vLLM's logits are bfloat16, so a near-tie can flip a token and
+    the rest of the answer). The prompts go in together: our engine's answers do not depend on the batch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def answers(server: ProcessServer) -> list[tuple[str, int]]:
+        c = openai.OpenAI(base_url=server.base + "/v1", api_key=KEY, max_retries=0, timeout=1200)
+
+        def one(p: str) -> tuple[str, int]:
             r = c.chat.completions.create(model=NAME, messages=[{"role": "user", "content": p}], temperature=0,
-                                          max_tokens=24)
-            out.append((r.choices[0].message.content, [r.usage.prompt_tokens]))
-        return out
+                                          max_tokens=16)
+            return r.choices[0].message.content, r.usage.prompt_tokens
+
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            return list(pool.map(one, PROMPTS))
 
     ours, theirs = answers(qianwen_server), answers(vllm_server)
-    assert [u for _, u in ours] == [u for _, u in theirs]  # the same prompts, token for token in length
+    assert [n for _, n in ours] == [n for _, n in theirs]  # the same prompts, as many tokens
     same = sum(a == b for (a, _), (b, _) in zip(ours, theirs, strict=True))
     print(f"\ngreedy answers equal on {same} of {len(PROMPTS)} prompts")
     for (a, _), (b, _) in zip(ours, theirs, strict=True):
@@ -238,7 +244,8 @@ def test_vllm_command_line(tmp_path):
     joined = " ".join(cmd)
     for part in ("--served-model-name q3", "--host 127.0.0.1 --port 1234", "--dtype bfloat16",
                  "--tensor-parallel-size 4", "--pipeline-parallel-size 2", "--max-model-len 4096",
-                 "--enable-auto-tool-choice --tool-call-parser hermes", "--reasoning-parser qwen3"):
+                 "--enable-auto-tool-choice --tool-call-parser hermes --exclude-tools-when-tool-choice-none",
+                 "--reasoning-parser qwen3"):
         assert part in joined
     assert cmd[-1] == "--enforce-eager"
     # Qwen-7B-Chat (no tools in its template): qianwen's ReAct layer, so no vLLM tool parser, no reasoning

@@ -98,7 +98,8 @@ def vllm_command(python: str, model: Path, served_name: str, model_type: str, te
         if value is not None:
             cmd += [flag, str(value)]
     if T.tool_format(model_type, None if template.builtin else template.source) == "template":
-        cmd += ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]  # Qwen2.5, Qwen3
+        # Qwen2.5, Qwen3; tool_choice "none" leaves the tools out of the prompt, as our engine does
+        cmd += ["--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--exclude-tools-when-tool-choice-none"]
     if model_type in ("qwen3", "qwen3_moe"):
         cmd += ["--reasoning-parser", "qwen3"]
     return cmd + list(options.extra_args)
