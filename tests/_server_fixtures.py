@@ -61,8 +61,8 @@ class ThreadServer:
 class ProcessServer:
     """`qianwen serve ...` in a subprocess; stopped by the PID this object started."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
+    def __init__(self, *args: str, env: dict[str, str] | None = None, timeout: float = 300) -> None:
+        self.port, self.timeout = free_port(), timeout
         self.base = f"http://127.0.0.1:{self.port}"
         self.args = [sys.executable, "-m", "qianwen.cli.main", "serve", "--port", str(self.port),
                      "--log-level", "warning", *args]
@@ -73,7 +73,7 @@ class ProcessServer:
         self.log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"qianwen-serve-{self.port}.log", "w+")
         self.proc = subprocess.Popen(self.args, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
         try:
-            wait_healthy(self.base, 300, self.proc)
+            wait_healthy(self.base, self.timeout, self.proc)
         except Exception:
             self.__exit__()
             self.log.seek(0)

@@ -116,43 +116,7 @@ def create_app(model: Any, engine_config: EngineConfig | None = None,
     app.state.serving = serving
     app.state.engine = async_engine
 
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        return _error(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
-        return _error(APIError(400, message, param=param))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return _error(APIError(exc.status_code, str(exc.detail), type=kind))
-
-    @app.exception_handler(Exception)
-    async def server_error(request: Request, exc: Exception) -> JSONResponse:
-        return _error(APIError(500, f"internal error: {type(exc).__name__}", type="server_error"))
-
-    @app.middleware("http")
-    async def auth_and_count(request: Request, call_next: Any) -> Response:
-        path = request.url.path
-        if path.startswith(PROTECTED) and config.api_keys and not _authorized(request, config.api_keys):
-            response: Response = _error(APIError(
-                401, "Incorrect API key provided. Pass it as 'Authorization: Bearer <key>'.",
-                code="invalid_api_key"))
-        else:
-            response = await call_next(request)
-        if path.startswith("/v1"):
-            metrics.requests.inc(route=path, status=str(response.status_code))
-        return response
-
-    if config.cors_origins:
-        from fastapi.middleware.cors import CORSMiddleware
-
-        app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["*"],
-                           allow_headers=["*"])
-    app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+    protect(app, config, metrics)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERRORS,
               summary="Chat completion (set stream=true for server-sent events)")
@@ -214,6 +178,56 @@ def create_app(model: Any, engine_config: EngineConfig | None = None,
     async def prometheus() -> PlainTextResponse:
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    web_routes(app, config, serving.context_length, model.sampling_defaults)
+    return app
+
+
+def protect(app: FastAPI, config: ServerConfig, metrics: Metrics) -> None:
+    """What every engine's app shares: OpenAI-shaped errors for every failure, API keys on /v1, the
+    request counter, CORS and the body limit."""
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return _error(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return _error(APIError(400, message, param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _error(APIError(exc.status_code, str(exc.detail), type=kind))
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception) -> JSONResponse:
+        return _error(APIError(500, f"internal error: {type(exc).__name__}", type="server_error"))
+
+    @app.middleware("http")
+    async def auth_and_count(request: Request, call_next: Any) -> Response:
+        path = request.url.path
+        if path.startswith(PROTECTED) and config.api_keys and not _authorized(request, config.api_keys):
+            response: Response = _error(APIError(
+                401, "Incorrect API key provided. Pass it as 'Authorization: Bearer <key>'.",
+                code="invalid_api_key"))
+        else:
+            response = await call_next(request)
+        if path.startswith("/v1"):
+            metrics.requests.inc(route=path, status=str(response.status_code))
+        return response
+
+    if config.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"])
+    app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+
+
+def web_routes(app: FastAPI, config: ServerConfig, context_length: int, sampling_defaults: dict[str, Any]) -> None:
+    """The chat page: its static files and /web-config.json."""
+
     @app.get("/", include_in_schema=False)
     async def index() -> Response:
         return _web_file("index.html")
@@ -225,11 +239,9 @@ def create_app(model: Any, engine_config: EngineConfig | None = None,
     @app.get("/web-config.json", include_in_schema=False)
     async def web_config() -> JSONResponse:
         return JSONResponse({"model": config.model_name, "auth": bool(config.api_keys),
-                             "max_tokens": serving.context_length,
-                             "defaults": {k: v for k, v in model.sampling_defaults.items()
+                             "max_tokens": context_length,
+                             "defaults": {k: v for k, v in sampling_defaults.items()
                                           if isinstance(v, (int, float))}, "time": time.time()})
-
-    return app
 
 
 def _authorized(request: Request, keys: list[str]) -> bool:
