@@ -11,6 +11,7 @@ import torch
 from .chat.template import ChatTemplate
 from .config import ModelConfig
 from .generation import SamplingParams, TokenStep, defaults_from_generation_config, make_params, stream_tokens
+from .generation.constrain import CONSTRAINT_OPTIONS, grammar_from_request, make_processor
 from .models.layers import Transformer
 
 # control tokens that end a chat turn in ChatML-style models (qwen-facts.md §3)
@@ -57,15 +58,26 @@ class Model:
     def params(self, **options: Any) -> SamplingParams:
         return make_params(self.sampling_defaults, self.stop_token_ids, **options)
 
-    def stream_tokens(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Iterator[TokenStep]:
-        return stream_tokens(self.net, self.tokenizer, prompt_ids, params or self.params(), self.context_length)
+    def stream_tokens(self, prompt_ids: list[int], params: SamplingParams | None = None,
+                      logits_processors: list[Any] | None = None) -> Iterator[TokenStep]:
+        return stream_tokens(self.net, self.tokenizer, prompt_ids, params or self.params(), self.context_length,
+                             logits_processors)
+
+    def constraint(self, **spec: Any) -> list[Any]:
+        """Logits processors enforcing `response_format`, `json_schema`, `regex`, `choice` or `grammar`
+        (see generation/constrain.py); [] when none is given. Raises GrammarError for what can't be enforced."""
+        grammar = grammar_from_request(**{k: spec.get(k) for k in CONSTRAINT_OPTIONS})
+        if grammar is None:
+            return []
+        return [make_processor(self.tokenizer, self.stop_token_ids, grammar, self.config.vocab_size)]
 
     def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
                     add_generation_prompt: bool = True) -> list[int]:
         return self.chat_template.encode(self.tokenizer, messages, add_generation_prompt, tools)
 
     def generate(self, prompt: str | list[str], stream: bool = False, **options: Any) -> Any:
-        """Complete `prompt` (raw text, no template). A list of prompts gives a list of completions."""
+        """Complete `prompt` (raw text, no template). A list of prompts gives a list of completions.
+        `json_schema=`, `response_format=`, `regex=`, `choice=` or `grammar=` constrain the output."""
         if isinstance(prompt, list):
             if stream:
                 raise ValueError("stream=True takes a single prompt")
@@ -80,7 +92,8 @@ class Model:
         return self._run(self.encode_chat(messages), stream, options)
 
     def _run(self, ids: list[int], stream: bool, options: dict[str, Any]) -> Any:
-        steps = self.stream_tokens(ids, self.params(**options))
+        processors = self.constraint(**{k: options.pop(k) for k in CONSTRAINT_OPTIONS if k in options})
+        steps = self.stream_tokens(ids, self.params(**options), processors)
         if stream:
             return (s.text for s in steps if s.text)
         return "".join(s.text for s in steps)

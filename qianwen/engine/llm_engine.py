@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import QianwenError
+from ..generation.constrain import CONSTRAINT_OPTIONS
 from ..generation.params import SamplingParams
 from ..tokenizer.stream import StreamDecoder
 from .cache_manager import CacheManager
@@ -112,6 +113,10 @@ class LLMEngine:
             logits = self.runner.prefill(seq)
             outputs.append(self._sample(seq, logits))
         if sched.decode:
+            for seq in sched.decode:  # constrained sequences start their next mask while the model runs
+                for fn in seq.logits_processors:
+                    if hasattr(fn, "prefetch"):
+                        fn.prefetch(seq.output_ids)
             for seq, logits in zip(sched.decode, self.runner.decode(sched.decode), strict=True):
                 outputs.append(self._sample(seq, logits))
         return outputs
@@ -153,7 +158,8 @@ class LLM:
     """Offline batched generation: `LLM(model).generate(requests) -> completions`, in request order.
 
     A request is a prompt string, or a dict with `prompt` (text or token ids) or `messages` (chat),
-    plus any sampling option of `SamplingParams` (max_tokens, temperature, top_p, seed, stop, ...).
+    plus any sampling option of `SamplingParams` (max_tokens, temperature, top_p, seed, stop, ...) and
+    an output constraint (`json_schema`, `response_format`, `regex`, `choice`, `grammar`).
     """
 
     def __init__(self, model: Any = None, config: EngineConfig | None = None, **load_kwargs: Any) -> None:
@@ -183,8 +189,10 @@ class LLM:
         seqs = []
         for req in reqs:
             ids, options = self.encode(req)
-            params = self.model.params(**options)
-            seqs.append(self.engine.add_request(ids, params))
+            spec = {k: options.pop(k) for k in CONSTRAINT_OPTIONS if k in options}
+            seq = self.engine.make_sequence(ids, self.model.params(**options))
+            seq.logits_processors = self.model.constraint(**spec) if spec else []
+            seqs.append(self.engine.add(seq))
         results: dict[int, StepOutput] = {}
         texts: dict[int, list[str]] = {s.seq_id: [] for s in seqs}
         lps: dict[int, list] = {s.seq_id: [] for s in seqs}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -35,8 +35,10 @@ def check_prompt(n_prompt: int, context: int) -> None:
 
 @torch.inference_mode()
 def stream_tokens(net: Transformer, tokenizer, prompt_ids: list[int], params: SamplingParams,
-                  context: int | None = None) -> Iterator[TokenStep]:
-    """Yield one TokenStep per generated token; the last one carries the finish reason."""
+                  context: int | None = None, logits_processors: list[Callable] | None = None
+                  ) -> Iterator[TokenStep]:
+    """Yield one TokenStep per generated token; the last one carries the finish reason.
+    `logits_processors`: fn(prompt_ids, output_ids, logits[V]) -> logits, applied after the penalties."""
     context = context or net.config.max_position_embeddings
     check_prompt(len(prompt_ids), context)
     device = next(net.parameters()).device
@@ -56,6 +58,8 @@ def stream_tokens(net: Transformer, tokenizer, prompt_ids: list[int], params: Sa
     for i in range(max_new):
         out_ids = torch.tensor(generated, dtype=torch.long)
         scores = apply_penalties(logits.clone(), torch.cat([context_ids, out_ids]), out_ids, params)
+        for fn in logits_processors or ():
+            scores = fn(prompt_ids, generated, scores)
         token = sample(scores, params, gen)
         lp, top = logprobs_of(logits, token, params.logprobs)
         if token in params.stop_token_ids and not params.ignore_eos:

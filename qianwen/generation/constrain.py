@@ -1,0 +1,218 @@
+"""Constrained decoding with llguidance: grammars from JSON schemas, regexes, choices and Lark, and a
+logits processor that masks every token the grammar does not allow.
+
+Why llguidance (BENCHMARKS.md, "Structured output"): no dependencies (xgrammar needs transformers at
+run time and triton), a 0.8 s one-time vocabulary setup, schema compiles in milliseconds, masks in
+about 0.05 ms per token on a 49k vocabulary, and Lark grammars that mix free text with JSON (tool calls
+with `tool_choice` "auto").
+
+Any tokenizer backend works: llguidance sees each id's bytes (`id_to_token_bytes`), special tokens
+marked as llguidance expects (a 0xFF byte in front), and the tokenizer's own `encode`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import llguidance as llg
+import torch
+
+from ..errors import QianwenError
+
+# options of generate/chat (and offline engine requests) that constrain the output rather than sample it
+CONSTRAINT_OPTIONS = ("response_format", "json_schema", "regex", "choice", "grammar")
+# JSON as people (and small models) write it: `{"a": 1, "b": 2}`, no free whitespace to loop in
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+_lock = threading.Lock()
+_tokenizers: dict[tuple[int, frozenset[int]], tuple[Any, llg.LLTokenizer]] = {}
+_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="qianwen-mask")
+
+
+class GrammarError(QianwenError):
+    """A schema or grammar that cannot be enforced; the message names what is wrong."""
+
+
+class _Vocab:
+    """What llguidance.TokenizerWrapper reads from a tokenizer."""
+
+    def __init__(self, tokenizer: Any, eos_ids: list[int]) -> None:
+        specials = set(tokenizer.special_ids)
+        self.tok = tokenizer
+        self.eos_token_id = eos_ids[0]
+        self.bos_token_id = tokenizer.bos_id
+        self.tokens = [b"\xff" + tokenizer.id_to_token_bytes(i) if i in specials else tokenizer.id_to_token_bytes(i)
+                       for i in range(tokenizer.vocab_size)]
+        self.special_token_ids = sorted(specials)
+
+    def __call__(self, text: bytes | str) -> list[int]:
+        return self.tok.encode(text.decode("utf-8", "replace") if isinstance(text, bytes) else text)
+
+
+def ll_tokenizer(tokenizer: Any, eos_ids: set[int] | list[int]) -> llg.LLTokenizer:
+    """The llguidance view of `tokenizer` (built once per tokenizer and set of end tokens, ~1 s)."""
+    eos = sorted(eos_ids)
+    if not eos:
+        raise QianwenError("constrained decoding needs the model's end-of-text token")
+    key = (id(tokenizer), frozenset(eos))
+    with _lock:
+        hit = _tokenizers.get(key)
+        if hit is None or hit[0] is not tokenizer:
+            hit = (tokenizer, llg.LLTokenizer(llg.TokenizerWrapper(_Vocab(tokenizer, eos)), eos_token=eos))
+            _tokenizers[key] = hit
+        return hit[1]
+
+
+# ---------------------------------------------------------------- grammars
+
+def json_schema_grammar(schema: dict[str, Any] | bool) -> str:
+    if not isinstance(schema, dict | bool):
+        raise GrammarError("a JSON schema must be a JSON object")
+    try:
+        return llg.LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=JSON_OPTIONS)
+    except ValueError as e:
+        raise GrammarError(f"invalid JSON schema: {e}") from None
+
+
+def lark_json(schema: dict[str, Any]) -> str:
+    """A JSON schema embedded in a Lark grammar (same JSON style as `json_schema_grammar`)."""
+    return "%json " + json.dumps({**schema, "x-guidance": JSON_OPTIONS})
+
+
+def lark_literal(tokenizer: Any, text: str) -> str:
+    """`text` as a Lark terminal: the special token itself when the vocabulary has it as one."""
+    i = tokenizer.special_tokens.get(text) if hasattr(tokenizer, "special_tokens") else None
+    return f"<[{i}]>" if i is not None else json.dumps(text)
+
+
+def choice_grammar(choices: list[str]) -> str:
+    if not choices or not all(isinstance(c, str) for c in choices):
+        raise GrammarError("guided_choice must be a non-empty list of strings")
+    return llg.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choices))
+
+
+def grammar_from_request(response_format: dict[str, Any] | None = None, json_schema: Any = None,
+                         regex: str | None = None, choice: list[str] | None = None,
+                         grammar: str | None = None) -> str | None:
+    """The llguidance grammar for an OpenAI `response_format` or vLLM's guided_* options (at most one)."""
+    given = [k for k, v in (("response_format", response_format), ("json_schema", json_schema), ("regex", regex),
+                            ("choice", choice), ("grammar", grammar)) if v is not None]
+    if len(given) > 1:
+        raise GrammarError(f"give at most one output constraint, got {', '.join(given)}")
+    if response_format is not None:
+        kind = response_format.get("type")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return json_schema_grammar({"type": "object"})
+        if kind == "json_schema":
+            spec = response_format.get("json_schema")
+            if not isinstance(spec, dict) or "schema" not in spec and "json_schema" not in spec:
+                raise GrammarError("response_format json_schema needs {'name': ..., 'schema': {...}}")
+            return json_schema_grammar(spec.get("schema", spec.get("json_schema")))
+        raise GrammarError(f"unknown response_format type {kind!r} (text, json_object or json_schema)")
+    if json_schema is not None:
+        if isinstance(json_schema, str):
+            try:
+                json_schema = json.loads(json_schema)
+            except json.JSONDecodeError as e:
+                raise GrammarError(f"the JSON schema is not valid JSON: {e}") from None
+        return json_schema_grammar(json_schema)
+    if regex is not None:
+        return llg.LLMatcher.grammar_from_regex(regex)
+    if choice is not None:
+        return choice_grammar(choice)
+    if grammar is not None:
+        if "::=" in grammar:  # GBNF (llama.cpp's format): llguidance converts it
+            from llguidance.gbnf_to_lark import gbnf_to_lark
+
+            try:
+                grammar = gbnf_to_lark(grammar)
+            except Exception as e:  # noqa: BLE001 - the converter raises several kinds
+                raise GrammarError(f"the GBNF grammar does not convert: {e}") from None
+        return llg.LLMatcher.grammar_from_lark(grammar)
+    return None
+
+
+def check_grammar(grammar: str, lltok: llg.LLTokenizer) -> None:
+    """Raise GrammarError naming what llguidance cannot enforce (unsupported keywords, bad syntax)."""
+    is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, lltok)
+    if is_error:
+        raise GrammarError(f"the output constraint cannot be enforced: {messages[0].strip()}")
+
+
+# ---------------------------------------------------------------- the logits processor
+
+class GrammarProcessor:
+    """fn(prompt_ids, output_ids, logits) -> logits with every token the grammar forbids at -inf.
+
+    It follows `output_ids` (tokens it has not seen are fed to the matcher first). `prefetch` starts the
+    next mask in a worker thread (llguidance releases the GIL), so the engine can overlap it with the
+    forward pass. When the grammar is complete only end tokens remain; if the matcher ever fails (a token
+    it did not allow), only end tokens remain too, so the answer ends instead of going astray.
+    """
+
+    def __init__(self, lltok: llg.LLTokenizer, grammar: str, vocab_size: int) -> None:
+        self.matcher = llg.LLMatcher(lltok, grammar, log_level=0)
+        if self.matcher.is_error():
+            raise GrammarError(f"the output constraint cannot be enforced: {self.matcher.get_error()}")
+        self.eos = list(lltok.eos_tokens)
+        self.n_words = (lltok.vocab_size + 31) // 32
+        self.vocab_size = vocab_size
+        self.seen = 0
+        self._mask = torch.zeros(self.n_words, dtype=torch.int32)
+        self._future: Future | None = None
+        self._shifts = torch.arange(32, dtype=torch.int32)
+
+    def _advance(self, output_ids: list[int]) -> None:
+        for t in output_ids[self.seen:]:
+            if not self.matcher.is_error():
+                self.matcher.consume_token(t)
+        self.seen = len(output_ids)
+
+    def _compute(self) -> torch.Tensor | None:
+        if self.matcher.is_error():
+            return None
+        mask = torch.empty(self.n_words, dtype=torch.int32)
+        self.matcher.unsafe_compute_mask_ptr(mask.data_ptr(), mask.numel() * 4)
+        return mask
+
+    def prefetch(self, output_ids: list[int]) -> None:
+        """Start computing the mask for the token after `output_ids` (call before the forward)."""
+        self._advance(output_ids)
+        self._future = _pool.submit(self._compute)
+
+    def allowed(self, output_ids: list[int]) -> torch.Tensor:
+        """Bool [vocab_size]: which tokens may come after `output_ids`."""
+        if self._future is not None and self.seen == len(output_ids):
+            mask = self._future.result()
+        else:
+            self._advance(output_ids)
+            mask = self._compute()
+        self._future = None
+        if mask is None:
+            out = torch.zeros(self.vocab_size, dtype=torch.bool)
+            out[self.eos] = True
+            return out
+        bits = ((mask[:, None] >> self._shifts) & 1).flatten().bool()
+        if bits.numel() < self.vocab_size:  # rows the tokenizer does not have (padded embeddings)
+            bits = torch.cat([bits, torch.zeros(self.vocab_size - bits.numel(), dtype=torch.bool)])
+        return bits[:self.vocab_size]
+
+    def __call__(self, prompt_ids: list[int], output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        return logits.masked_fill_(~self.allowed(output_ids), float("-inf"))
+
+    @property
+    def failed(self) -> str | None:
+        return self.matcher.get_error() if self.matcher.is_error() else None
+
+
+def make_processor(tokenizer: Any, stop_ids: set[int], grammar: str, vocab_size: int | None = None
+                   ) -> GrammarProcessor:
+    """A checked processor for `grammar`; the answer may end on any of `stop_ids` once it is complete."""
+    lltok = ll_tokenizer(tokenizer, stop_ids)
+    check_grammar(grammar, lltok)
+    return GrammarProcessor(lltok, grammar, vocab_size or tokenizer.vocab_size)
