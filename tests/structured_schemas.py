@@ -97,7 +97,7 @@ SCHEMAS: list[tuple[str, dict]] = [
       "required": ["contact"], "additionalProperties": False}),
     ("Tags for a blog post about Python.",
      {"type": "object", "properties": {"tags": {"type": "array", "items": {"enum": ["python", "web", "ml", "data"]},
-                                                "minItems": 1, "maxItems": 3, "uniqueItems": True}},
+                                                "minItems": 1, "maxItems": 3}},
       "required": ["tags"], "additionalProperties": False}),
     ("A temperature reading.", {"type": "number", "minimum": -50, "maximum": 50}),
     ("A meeting with attendees.",

@@ -40,18 +40,18 @@ def _check(text: str, schema: dict) -> None:
 
 def test_free_decoding_does_not_follow_the_schemas(llm):
     """The constraint is what makes the answers valid: without it most of them are not JSON at all."""
-    reqs = [{"messages": _messages(p, s), "temperature": 0, "max_tokens": 48} for p, s in SCHEMAS[:8]]
+    reqs = [{"messages": _messages(p, s), "temperature": 0, "max_tokens": 32} for p, s in SCHEMAS[:4]]
     bad = 0
-    for c, (_, s) in zip(llm.generate(reqs), SCHEMAS[:8], strict=True):
+    for c, (_, s) in zip(llm.generate(reqs), SCHEMAS[:4], strict=True):
         try:
             _check(c.text, s)
         except (json.JSONDecodeError, jsonschema.ValidationError):
             bad += 1
-    assert bad >= 4
+    assert bad >= 2
 
 
 def test_every_schema_greedy_batched(llm):
-    reqs = [{"messages": _messages(p, s), "json_schema": s, "temperature": 0, "max_tokens": 160} for p, s in SCHEMAS]
+    reqs = [{"messages": _messages(p, s), "json_schema": s, "temperature": 0, "max_tokens": 120} for p, s in SCHEMAS]
     outs = llm.generate(reqs)
     for c, (_, s) in zip(outs, SCHEMAS, strict=True):
         assert c.finish_reason == "stop", c.text
@@ -115,6 +115,7 @@ def test_processor_masks_forbidden_tokens(model):
 @pytest.mark.parametrize("spec, needle", [
     ({"json_schema": {"type": "object", "if": {"required": ["a"]}, "then": {}}}, "if"),
     ({"json_schema": {"type": "strin"}}, "strin"),
+    ({"json_schema": {"type": "array", "uniqueItems": True}}, "uniqueItems"),
     ({"response_format": {"type": "xml"}}, "xml"),
     ({"response_format": {"type": "json_schema"}}, "schema"),
     ({"grammar": "start: ("}, "constraint"),

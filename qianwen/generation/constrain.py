@@ -68,17 +68,28 @@ def ll_tokenizer(tokenizer: Any, eos_ids: set[int] | list[int]) -> llg.LLTokeniz
 
 # ---------------------------------------------------------------- grammars
 
-def json_schema_grammar(schema: dict[str, Any] | bool) -> str:
+def with_thinking(rules: str) -> str:
+    """A Lark grammar whose `body` rule follows a `<think>...</think>` block (Qwen3 in thinking mode always
+    writes one, empty after `/no_think`). The block is required: an optional one would be ambiguous with
+    free text that starts the same way."""
+    return 'start: "<think>" thought /[ \\t\\n]*/ body\n' + 'thought[stop="</think>"]: /(?s:.*)/\n' + rules
+
+
+def json_schema_grammar(schema: dict[str, Any] | bool, think: bool = False) -> str:
     if not isinstance(schema, dict | bool):
         raise GrammarError("a JSON schema must be a JSON object")
+    if think:
+        return llg.LLMatcher.grammar_from_lark(with_thinking("body: " + lark_json(schema)))
     try:
         return llg.LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=JSON_OPTIONS)
     except ValueError as e:
         raise GrammarError(f"invalid JSON schema: {e}") from None
 
 
-def lark_json(schema: dict[str, Any]) -> str:
+def lark_json(schema: dict[str, Any] | bool) -> str:
     """A JSON schema embedded in a Lark grammar (same JSON style as `json_schema_grammar`)."""
+    if isinstance(schema, bool):
+        schema = {} if schema else {"not": {}}
     return "%json " + json.dumps({**schema, "x-guidance": JSON_OPTIONS})
 
 
@@ -88,16 +99,19 @@ def lark_literal(tokenizer: Any, text: str) -> str:
     return f"<[{i}]>" if i is not None else json.dumps(text)
 
 
-def choice_grammar(choices: list[str]) -> str:
-    if not choices or not all(isinstance(c, str) for c in choices):
+def choice_grammar(choices: list[str], think: bool = False) -> str:
+    if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
         raise GrammarError("guided_choice must be a non-empty list of strings")
-    return llg.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choices))
+    body = " | ".join(json.dumps(c) for c in choices)
+    return llg.LLMatcher.grammar_from_lark(with_thinking("body: " + body) if think else "start: " + body)
 
 
 def grammar_from_request(response_format: dict[str, Any] | None = None, json_schema: Any = None,
                          regex: str | None = None, choice: list[str] | None = None,
-                         grammar: str | None = None) -> str | None:
-    """The llguidance grammar for an OpenAI `response_format` or vLLM's guided_* options (at most one)."""
+                         grammar: str | None = None, think: bool = False) -> str | None:
+    """The llguidance grammar for an OpenAI `response_format` or vLLM's guided_* options (at most one).
+    `think`: a Qwen3 `<think>...</think>` block may come first (JSON schemas and choices; a regex or a
+    grammar of the caller's applies from the first token)."""
     given = [k for k, v in (("response_format", response_format), ("json_schema", json_schema), ("regex", regex),
                             ("choice", choice), ("grammar", grammar)) if v is not None]
     if len(given) > 1:
@@ -107,12 +121,12 @@ def grammar_from_request(response_format: dict[str, Any] | None = None, json_sch
         if kind == "text":
             return None
         if kind == "json_object":
-            return json_schema_grammar({"type": "object"})
+            return json_schema_grammar({"type": "object"}, think)
         if kind == "json_schema":
             spec = response_format.get("json_schema")
             if not isinstance(spec, dict) or "schema" not in spec and "json_schema" not in spec:
                 raise GrammarError("response_format json_schema needs {'name': ..., 'schema': {...}}")
-            return json_schema_grammar(spec.get("schema", spec.get("json_schema")))
+            return json_schema_grammar(spec.get("schema", spec.get("json_schema")), think)
         raise GrammarError(f"unknown response_format type {kind!r} (text, json_object or json_schema)")
     if json_schema is not None:
         if isinstance(json_schema, str):
@@ -120,11 +134,11 @@ def grammar_from_request(response_format: dict[str, Any] | None = None, json_sch
                 json_schema = json.loads(json_schema)
             except json.JSONDecodeError as e:
                 raise GrammarError(f"the JSON schema is not valid JSON: {e}") from None
-        return json_schema_grammar(json_schema)
+        return json_schema_grammar(json_schema, think)
     if regex is not None:
         return llg.LLMatcher.grammar_from_regex(regex)
     if choice is not None:
-        return choice_grammar(choice)
+        return choice_grammar(choice, think)
     if grammar is not None:
         if "::=" in grammar:  # GBNF (llama.cpp's format): llguidance converts it
             from llguidance.gbnf_to_lark import gbnf_to_lark
@@ -203,7 +217,11 @@ class GrammarProcessor:
         return bits[:self.vocab_size]
 
     def __call__(self, prompt_ids: list[int], output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
-        return logits.masked_fill_(~self.allowed(output_ids), float("-inf"))
+        allowed = self.allowed(output_ids)
+        out = logits.masked_fill(~allowed, float("-inf"))
+        if not torch.isfinite(out).any():  # an earlier processor ruled out every allowed token
+            out = torch.zeros_like(logits).masked_fill_(~allowed, float("-inf"))
+        return out
 
     @property
     def failed(self) -> str | None:

@@ -8,6 +8,7 @@ from typing import Any
 
 from .schemas import CompletionRequest
 from .serving import APIError, Serving, new_id, sse, usage
+from .structured import processor_factory, request_grammar
 
 
 def _prompts(serving: Serving, req: CompletionRequest) -> list[tuple[str | None, list[int]]]:
@@ -43,13 +44,14 @@ def _prepare(serving: Serving, req: CompletionRequest) -> tuple[list, list, int]
         raise APIError(400, "echo together with logprobs is not supported", param="echo")
     prompts = _prompts(serving, req)
     serving.check_n(req.n * len(prompts))
+    processors = processor_factory(serving.model, request_grammar(req), "response_format")
     seqs, prompt_tokens = [], 0
     for _text, ids in prompts:
         # OpenAI's legacy completions default to 16 tokens
         requested = req.max_tokens if req.max_tokens is not None else min(16, serving.context_length - len(ids))
         max_tokens = serving.max_new_tokens(max(requested, 1), len(ids), "prompt")
         params = serving.sampling_params(req, max_tokens, req.logprobs)
-        seqs += serving.make_sequences(ids, params, req.n)
+        seqs += serving.make_sequences(ids, params, req.n, processors)
         prompt_tokens += len(ids)
     serving.check_capacity(len(seqs))
     return prompts, seqs, prompt_tokens

@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,7 +104,9 @@ class Serving:
             repetition_penalty=req.repetition_penalty, seed=req.seed, stop=stop + (extra_stop or []),
             logprobs=logprobs, ignore_eos=req.ignore_eos or None)
 
-    def make_sequences(self, prompt_ids: list[int], params: SamplingParams, n: int) -> list[Sequence]:
+    def make_sequences(self, prompt_ids: list[int], params: SamplingParams, n: int,
+                       processors: Callable[[], list[Any]] | None = None) -> list[Sequence]:
+        """`processors` makes each sequence's own (stateful) logits processors: an output constraint."""
         seqs = []
         for i in range(n):
             p = params if params.seed is None or i == 0 else params.replace(seed=params.seed + i)
@@ -112,7 +114,7 @@ class Serving:
                 seq = self.engine.engine.make_sequence(prompt_ids, p)
             except QianwenError as e:
                 raise APIError(400, str(e), param="messages") from None
-            seq.logits_processors = list(self.logits_processors)
+            seq.logits_processors = list(self.logits_processors) + (processors() if processors else [])
             seqs.append(seq)
         return seqs
 
