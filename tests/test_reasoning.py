@@ -100,13 +100,13 @@ def test_tool_call_in_thinking_is_not_a_call(server):
     thought = ('<think>\nI could write <tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n'
                "</tool_call> but no.\n</think>\n\n")
     force(server, thought + "No call needed.")
-    r = server.client.chat.completions.create(model=NAME, messages=ASK, tools=[weather], max_tokens=120)
+    r = server.client.chat.completions.create(model=NAME, messages=ASK, tools=[weather], max_tokens=400)
     assert r.choices[0].finish_reason == "stop" and not r.choices[0].message.tool_calls
     assert r.choices[0].message.content == "No call needed."
     assert "<tool_call>" in r.choices[0].message.reasoning_content
     call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
     force(server, "<think>\nCall it.\n</think>\n\n" + call)
-    r = server.client.chat.completions.create(model=NAME, messages=ASK, tools=[weather], max_tokens=120)
+    r = server.client.chat.completions.create(model=NAME, messages=ASK, tools=[weather], max_tokens=400)
     assert r.choices[0].finish_reason == "tool_calls"
     assert r.choices[0].message.reasoning_content == "Call it."
     assert json.loads(r.choices[0].message.tool_calls[0].function.arguments) == {"city": "Oslo"}

@@ -30,8 +30,7 @@ def llm(model):
 
 
 def _messages(prompt: str, schema: dict) -> list[dict]:
-    return [{"role": "system", "content": "Answer with JSON matching this schema: " + json.dumps(schema)},
-            {"role": "user", "content": prompt}]
+    return [{"role": "user", "content": "Reply in JSON only. " + prompt}]
 
 
 def _check(text: str, schema: dict) -> None:
@@ -51,7 +50,7 @@ def test_free_decoding_does_not_follow_the_schemas(llm):
 
 
 def test_every_schema_greedy_batched(llm):
-    reqs = [{"messages": _messages(p, s), "json_schema": s, "temperature": 0, "max_tokens": 120} for p, s in SCHEMAS]
+    reqs = [{"messages": _messages(p, s), "json_schema": s, "temperature": 0, "max_tokens": 100} for p, s in SCHEMAS]
     outs = llm.generate(reqs)
     for c, (_, s) in zip(outs, SCHEMAS, strict=True):
         assert c.finish_reason == "stop", c.text
@@ -61,7 +60,7 @@ def test_every_schema_greedy_batched(llm):
 def test_sampled_batched(llm):
     subset = SCHEMAS[::3]
     reqs = [{"messages": _messages(p, s), "json_schema": s, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
-             "seed": 7 + i, "max_tokens": 160} for i, (p, s) in enumerate(subset)]
+             "seed": 7 + i, "max_tokens": 100} for i, (p, s) in enumerate(subset)]
     for c, (_, s) in zip(llm.generate(reqs), subset, strict=True):
         assert c.finish_reason == "stop", c.text
         _check(c.text, s)

@@ -222,20 +222,6 @@ def render_react(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | N
     return "".join(out)
 
 
-def forced_prefix(fmt: str, tool_choice: Any) -> str:
-    """Text appended to the prompt (and counted as the answer's start) to force a tool call."""
-    name = None
-    if isinstance(tool_choice, dict):
-        name = (tool_choice.get("function") or {}).get("name")
-    if fmt in ("hermes", "template"):
-        if name:
-            return f'{TOOL_CALL_OPEN}\n{{"name": "{name}", "arguments": '
-        return f"{TOOL_CALL_OPEN}\n" if tool_choice == "required" else ""
-    if fmt == "react" and name:
-        return f"Thought: I should use {name}.\nAction: {name}\nAction Input:"
-    return ""
-
-
 # ---------------------------------------------------------------- constraints
 
 def _functions(tools: list[dict[str, Any]], tool_choice: Any) -> list[dict[str, Any]]:
@@ -251,11 +237,12 @@ def _params(fn: dict[str, Any]) -> dict[str, Any]:
 
 
 def call_grammar(fmt: str, tools: list[dict[str, Any]], tool_choice: Any, parallel: bool = True,
-                 think: bool = False) -> str | None:
+                 think: bool = False, in_thought: bool = False) -> str | None:
     """A Lark grammar (llguidance) that makes tool calls well-formed, with arguments matching each
     function's `parameters` schema. `tool_choice` "required" or a named function: the answer is calls
     only; "auto" (or None): plain text, or text followed by calls (a started call is constrained).
-    Without tools, or with "none": None. `think`: a Qwen3 `<think>` block may come first."""
+    Without tools, or with "none": None. `think`: a Qwen3 `<think>` block comes first. `in_thought`: a
+    ReAct prompt that ends in `Thought:` (continuing after a tool result)."""
     if not tools or tool_choice == "none":
         return None
     fns = _functions(tools, tool_choice)
@@ -270,7 +257,8 @@ def call_grammar(fmt: str, tools: list[dict[str, Any]], tool_choice: Any, parall
                  for i, f in enumerate(fns)]
         action = f'react_thought ({alts}) "\\n{REACT_STOP}"'
         body = action if forced else f'react_thought (({alts}) "\\n{REACT_STOP}" | "Final Answer:" answer)'
-        rules += ['react_thought: "Thought:" /[^\\n]*/ "\\n"', 'answer[stop=""]: /(?s:.*)/']
+        start = "" if in_thought else '"Thought:" '
+        rules += [f'react_thought: {start}/[^\\n]*/ "\\n"', 'answer[stop=""]: /(?s:.*)/']
         rules.append("body: " + body)
         return with_thinking("\n".join(rules)) if think else "start: body\n" + "\n".join(rules)
     more = ' ("\\n" call)*' if parallel else ""

@@ -63,7 +63,8 @@ class ChatPrompt:
             if grammar is not None and choice in (None, "auto"):
                 raise APIError(400, "response_format or guided_* together with tools needs tool_choice "
                                     "'none', 'required' or a named function", param="response_format")
-            grammar = T.call_grammar(self.fmt, tools, choice or "auto", req.parallel_tool_calls is not False, think)
+            grammar = T.call_grammar(self.fmt, tools, choice or "auto", req.parallel_tool_calls is not False, think,
+                                     in_thought=text.endswith("Thought:"))
         self.processors = processor_factory(model, grammar, "tools" if self.use_tools else "response_format")
 
     def _render(self, model: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> str:
