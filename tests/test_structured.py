@@ -124,3 +124,22 @@ def test_unenforceable_constraints_are_named(model, spec, needle):
     with pytest.raises(GrammarError, match=needle) as e:
         model.generate("hi", max_tokens=4, **spec)
     assert isinstance(e.value, QianwenError)
+
+
+def test_cli_json_schema_and_json(default_gguf, tmp_path, capsys):
+    from qianwen.cli.main import main
+
+    prompt, schema = SCHEMAS[0]
+    path = tmp_path / "person.json"
+    path.write_text(json.dumps(schema))
+    base = ["generate", "--chat", "-m", str(default_gguf), "--temperature", "0", "--max-tokens", "60"]
+    assert main([*base, "--json-schema", str(path), prompt]) == 0
+    _check(capsys.readouterr().out.strip(), schema)
+    assert main([*base, "--json", prompt]) == 0
+    assert isinstance(json.loads(capsys.readouterr().out.strip()), dict)
+    assert main([*base, "--json-schema", str(tmp_path / "missing.json"), prompt]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot read the JSON schema") and err.count("\n") == 1
+    path.write_text(json.dumps({"type": "array", "uniqueItems": True}))
+    assert main([*base, "--json-schema", str(path), prompt]) == 1
+    assert "uniqueItems" in capsys.readouterr().err

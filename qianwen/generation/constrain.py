@@ -196,17 +196,18 @@ class GrammarProcessor:
 
     def prefetch(self, output_ids: list[int]) -> None:
         """Start computing the mask for the token after `output_ids` (call before the forward)."""
+        if self._future is not None:
+            self._future.result()
         self._advance(output_ids)
         self._future = _pool.submit(self._compute)
 
     def allowed(self, output_ids: list[int]) -> torch.Tensor:
         """Bool [vocab_size]: which tokens may come after `output_ids`."""
-        if self._future is not None and self.seen == len(output_ids):
-            mask = self._future.result()
-        else:
+        mask = self._future.result() if self._future is not None else None  # never two threads on the matcher
+        self._future = None
+        if mask is None or self.seen != len(output_ids):
             self._advance(output_ids)
             mask = self._compute()
-        self._future = None
         if mask is None:
             out = torch.zeros(self.vocab_size, dtype=torch.bool)
             out[self.eos] = True
