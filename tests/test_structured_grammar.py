@@ -31,7 +31,7 @@ def accepts(tok, grammar: str, text: str) -> bool:
     """Whether `text` is a complete answer under `grammar` (the end token may follow)."""
     lltok = ll_tokenizer(tok, {tok.token_to_id("<|im_end|>")})
     m = llg.LLMatcher(lltok, grammar, log_level=0)
-    ids = tok.encode(text)
+    ids = tok.encode(text)  # as the model would write it: plain text
     return m.try_consume_tokens(ids) == len(ids) and m.is_accepting()
 
 
@@ -112,3 +112,18 @@ def test_request_grammars(tok, spec, text, ok):
 def test_choice_must_be_strings():
     with pytest.raises(GrammarError, match="list of strings"):
         grammar_from_request(choice=[1, 2])
+
+
+def test_tiktoken_backend(qwen_tiktoken):
+    """The same adapter serves the tiktoken backend (qwen.tiktoken, 151,851 ids with Qwen's specials)."""
+    from qianwen.tokenizer.tiktoken_backend import TiktokenTokenizer
+
+    tt = TiktokenTokenizer(qwen_tiktoken)
+    end = tt.token_to_id("<|im_end|>")
+    lltok = ll_tokenizer(tt, {end})
+    assert lltok.vocab_size == tt.vocab_size
+    g = grammar_from_request(json_schema={"type": "object", "properties": {"城市": {"enum": ["北京", "上海"]}},
+                                          "required": ["城市"], "additionalProperties": False})
+    assert accepts(tt, g, '{"城市": "上海"}') and not accepts(tt, g, '{"城市": "广州"}')
+    hermes = call_grammar("hermes", [WEATHER], "required")
+    assert accepts(tt, hermes, CALL) and not accepts(tt, hermes, "It is sunny.")
