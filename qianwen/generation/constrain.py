@@ -1,10 +1,12 @@
 """Constrained decoding with llguidance: grammars from JSON schemas, regexes, choices and Lark, and a
 logits processor that masks every token the grammar does not allow.
 
-Why llguidance (BENCHMARKS.md, "Structured output"): no dependencies (xgrammar needs transformers at
-run time and triton), a 0.8 s one-time vocabulary setup, schema compiles in milliseconds, masks in
-about 0.05 ms per token on a 49k vocabulary, and Lark grammars that mix free text with JSON (tool calls
-with `tool_choice` "auto").
+Why llguidance rather than xgrammar (measured side by side, BENCHMARKS.md "Structured output"): no
+dependencies (xgrammar requires transformers, which this package must not import at run time, and triton),
+a 7.6 MB install, schemas compiled in about 1 ms (xgrammar: about 110 ms, paid per new schema, i.e. per
+request), and Lark grammars that mix free text with JSON (tool calls under `tool_choice` "auto"). xgrammar's
+precomputed masks are faster per token (about 0.002 ms against llguidance's 0.5 ms mean), but both are far
+below a decode step, and llguidance's mask is computed while the forward runs.
 
 Any tokenizer backend works: llguidance sees each id's bytes (`id_to_token_bytes`), special tokens
 marked as llguidance expects (a 0xFF byte in front), and the tokenizer's own `encode`.
@@ -91,12 +93,6 @@ def lark_json(schema: dict[str, Any] | bool) -> str:
     if isinstance(schema, bool):
         schema = {} if schema else {"not": {}}
     return "%json " + json.dumps({**schema, "x-guidance": JSON_OPTIONS})
-
-
-def lark_literal(tokenizer: Any, text: str) -> str:
-    """`text` as a Lark terminal: the special token itself when the vocabulary has it as one."""
-    i = tokenizer.special_tokens.get(text) if hasattr(tokenizer, "special_tokens") else None
-    return f"<[{i}]>" if i is not None else json.dumps(text)
 
 
 def choice_grammar(choices: list[str], think: bool = False) -> str:
