@@ -6,8 +6,7 @@
 Measured in one run, on the same GGUF and the same JSON schema:
 - llguidance: vocabulary setup (once per tokenizer), schema compile (grammar + matcher), mask time per token;
 - qianwen's engine: decode step time, free vs constrained, at batch 1 and 16 (and 8 + 8 mixed), and the time
-  each step spends in the constraint (waiting for masks, applying them), with the mask computed in a worker
-  thread during the forward (as the engine does) and without that overlap;
+  each step spends in the constraint (computing the masks after the forward and applying them);
 - llama.cpp (llama-cpp-python, if installed, AMX repack off as in benchmarks/decode.py): json_schema ->
   GBNF grammar compile, and decode tokens/s free vs with the grammar.
 Overhead = time in the constraint / free step (the goal is <= 10%); on a busy machine the step times of
@@ -57,8 +56,7 @@ def bench_llguidance(model, schema: dict) -> None:
     print(f"llguidance schema compile (grammar + check + matcher): median {_ms(compile_s)}")
 
 
-def _engine_steps(model, schema: dict, n: int, constrained: list[bool], steps: int, overlap: bool
-                  ) -> tuple[float, float]:
+def _engine_steps(model, schema: dict, n: int, constrained: list[bool], steps: int) -> tuple[float, float]:
     """Median decode step, and median time per step spent in the constraint (waiting for masks and
     applying them, all sequences together), over `steps` decode steps."""
     from qianwen.engine import LLMEngine
@@ -77,8 +75,6 @@ def _engine_steps(model, schema: dict, n: int, constrained: list[bool], steps: i
             spent[0] += time.perf_counter() - t0
             return r
 
-        if overlap:
-            fn.prefetch = proc.prefetch  # the engine starts the next mask before the forward
         return fn
 
     for i in range(n):
@@ -101,13 +97,11 @@ def _engine_steps(model, schema: dict, n: int, constrained: list[bool], steps: i
 
 def bench_engine(model, schema: dict, steps: int) -> None:
     for n in (1, 16):
-        free, _ = _engine_steps(model, schema, n, [False] * n, steps, True)
-        con, cost = _engine_steps(model, schema, n, [True] * n, steps, True)
-        _, cost_sync = _engine_steps(model, schema, n, [True] * n, steps, False)
+        free, _ = _engine_steps(model, schema, n, [False] * n, steps)
+        con, cost = _engine_steps(model, schema, n, [True] * n, steps)
         print(f"batch {n:2d}: step free {free * 1e3:.1f} ms, constrained {con * 1e3:.1f} ms; time in the "
-              f"constraint per step {cost * 1e3:.2f} ms ({cost / free * 100:.1f}% of the free step), "
-              f"{cost_sync * 1e3:.2f} ms ({cost_sync / free * 100:.1f}%) without the overlap")
-    mixed, cost = _engine_steps(model, schema, 16, [i % 2 == 0 for i in range(16)], steps, True)
+              f"constraint per step {cost * 1e3:.2f} ms ({cost / free * 100:.2f}% of the free step)")
+    mixed, cost = _engine_steps(model, schema, 16, [i % 2 == 0 for i in range(16)], steps)
     print(f"batch 16, 8 constrained + 8 free in one batch: step {mixed * 1e3:.1f} ms, constraint {cost * 1e3:.2f} ms")
 
 

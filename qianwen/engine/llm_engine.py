@@ -113,10 +113,6 @@ class LLMEngine:
             logits = self.runner.prefill(seq)
             outputs.append(self._sample(seq, logits))
         if sched.decode:
-            for seq in sched.decode:  # constrained sequences start their next mask while the model runs
-                for fn in seq.logits_processors:
-                    if hasattr(fn, "prefetch"):
-                        fn.prefetch(seq.output_ids)
             for seq, logits in zip(sched.decode, self.runner.decode(sched.decode), strict=True):
                 outputs.append(self._sample(seq, logits))
         return outputs

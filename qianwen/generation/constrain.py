@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import llguidance as llg
@@ -31,7 +30,6 @@ JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separ
 
 _lock = threading.Lock()
 _tokenizers: dict[tuple[int, frozenset[int]], tuple[Any, llg.LLTokenizer]] = {}
-_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="qianwen-mask")
 
 
 class GrammarError(QianwenError):
@@ -159,10 +157,11 @@ def check_grammar(grammar: str, lltok: llg.LLTokenizer) -> None:
 class GrammarProcessor:
     """fn(prompt_ids, output_ids, logits) -> logits with every token the grammar forbids at -inf.
 
-    It follows `output_ids` (tokens it has not seen are fed to the matcher first). `prefetch` starts the
-    next mask in a worker thread (llguidance releases the GIL), so the engine can overlap it with the
-    forward pass. When the grammar is complete only end tokens remain; if the matcher ever fails (a token
-    it did not allow), only end tokens remain too, so the answer ends instead of going astray.
+    It follows `output_ids` (tokens it has not seen are fed to the matcher first). The mask is computed
+    right there, after the forward: computing it in a thread during the forward was measured slower on
+    the CPU (BENCHMARKS.md: the forward's OpenMP threads hold the cores, the mask waits for them). When
+    the grammar is complete only end tokens remain; if the matcher ever fails (a token it did not allow,
+    forced by an earlier processor), only end tokens remain too, so the answer ends instead of going astray.
     """
 
     def __init__(self, lltok: llg.LLTokenizer, grammar: str, vocab_size: int) -> None:
@@ -173,42 +172,21 @@ class GrammarProcessor:
         self.n_words = (lltok.vocab_size + 31) // 32
         self.vocab_size = vocab_size
         self.seen = 0
-        self._mask = torch.zeros(self.n_words, dtype=torch.int32)
-        self._future: Future | None = None
+        self._mask = torch.empty(self.n_words, dtype=torch.int32)
         self._shifts = torch.arange(32, dtype=torch.int32)
 
-    def _advance(self, output_ids: list[int]) -> None:
+    def allowed(self, output_ids: list[int]) -> torch.Tensor:
+        """Bool [vocab_size]: which tokens may come after `output_ids`."""
         for t in output_ids[self.seen:]:
             if not self.matcher.is_error():
                 self.matcher.consume_token(t)
         self.seen = len(output_ids)
-
-    def _compute(self) -> torch.Tensor | None:
         if self.matcher.is_error():
-            return None
-        mask = torch.empty(self.n_words, dtype=torch.int32)
-        self.matcher.unsafe_compute_mask_ptr(mask.data_ptr(), mask.numel() * 4)
-        return mask
-
-    def prefetch(self, output_ids: list[int]) -> None:
-        """Start computing the mask for the token after `output_ids` (call before the forward)."""
-        if self._future is not None:
-            self._future.result()
-        self._advance(output_ids)
-        self._future = _pool.submit(self._compute)
-
-    def allowed(self, output_ids: list[int]) -> torch.Tensor:
-        """Bool [vocab_size]: which tokens may come after `output_ids`."""
-        mask = self._future.result() if self._future is not None else None  # never two threads on the matcher
-        self._future = None
-        if mask is None or self.seen != len(output_ids):
-            self._advance(output_ids)
-            mask = self._compute()
-        if mask is None:
             out = torch.zeros(self.vocab_size, dtype=torch.bool)
             out[self.eos] = True
             return out
-        bits = ((mask[:, None] >> self._shifts) & 1).flatten().bool()
+        self.matcher.unsafe_compute_mask_ptr(self._mask.data_ptr(), self._mask.numel() * 4)
+        bits = ((self._mask[:, None] >> self._shifts) & 1).flatten().bool()
         if bits.numel() < self.vocab_size:  # rows the tokenizer does not have (padded embeddings)
             bits = torch.cat([bits, torch.zeros(self.vocab_size - bits.numel(), dtype=torch.bool)])
         return bits[:self.vocab_size]
