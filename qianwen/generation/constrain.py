@@ -19,6 +19,7 @@ import threading
 from typing import Any
 
 import llguidance as llg
+import numpy as np
 import torch
 
 from ..errors import QianwenError
@@ -172,30 +173,32 @@ class GrammarProcessor:
         self.n_words = (lltok.vocab_size + 31) // 32
         self.vocab_size = vocab_size
         self.seen = 0
-        self._mask = torch.empty(self.n_words, dtype=torch.int32)
-        self._shifts = torch.arange(32, dtype=torch.int32)
+        self._mask = np.empty(self.n_words, dtype=np.int32)
 
-    def allowed(self, output_ids: list[int]) -> torch.Tensor:
+    def allowed(self, output_ids: list[int]) -> np.ndarray:
         """Bool [vocab_size]: which tokens may come after `output_ids`."""
         for t in output_ids[self.seen:]:
             if not self.matcher.is_error():
                 self.matcher.consume_token(t)
         self.seen = len(output_ids)
+        out = np.zeros(self.vocab_size, dtype=bool)
         if self.matcher.is_error():
-            out = torch.zeros(self.vocab_size, dtype=torch.bool)
             out[self.eos] = True
             return out
-        self.matcher.unsafe_compute_mask_ptr(self._mask.data_ptr(), self._mask.numel() * 4)
-        bits = ((self._mask[:, None] >> self._shifts) & 1).flatten().bool()
-        if bits.numel() < self.vocab_size:  # rows the tokenizer does not have (padded embeddings)
-            bits = torch.cat([bits, torch.zeros(self.vocab_size - bits.numel(), dtype=torch.bool)])
-        return bits[:self.vocab_size]
+        self.matcher.unsafe_compute_mask_ptr(self._mask.ctypes.data, self._mask.nbytes)
+        bits = np.unpackbits(self._mask.view(np.uint8), bitorder="little")
+        n = min(bits.size, self.vocab_size)  # logits may have rows the tokenizer lacks (padded embeddings)
+        out[:n] = bits[:n]
+        return out
 
     def __call__(self, prompt_ids: list[int], output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        # numpy, one thread: torch's 2-thread kernels stall on a busy machine for work this small
         allowed = self.allowed(output_ids)
-        out = logits.masked_fill(~allowed, float("-inf"))
-        if not torch.isfinite(out).any():  # an earlier processor ruled out every allowed token
-            out = torch.zeros_like(logits).masked_fill_(~allowed, float("-inf"))
+        out = logits.clone()
+        view = out.numpy()
+        view[~allowed] = -np.inf
+        if not np.isfinite(view).any():  # an earlier processor ruled out every allowed token
+            view[allowed] = 0.0
         return out
 
     @property
