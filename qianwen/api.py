@@ -8,8 +8,10 @@ from typing import Any
 
 import torch
 
+from .chat.reasoning import template_thinks, thinking_allowed
 from .chat.template import ChatTemplate
 from .config import ModelConfig
+from .generation.constrain import CONSTRAINT_OPTIONS, grammar_from_request, make_processor
 from .generation.generate import stream_tokens
 from .generation.params import SamplingParams, defaults_from_generation_config, make_params
 from .generation.sampling import LogitsProcessor
@@ -67,13 +69,29 @@ class Model:
         return stream_tokens(self.net, self.tokenizer, prompt_ids, params or self.params(), self.context_length,
                              logits_processors or ())
 
+    def constraint(self, think: bool = False, **spec: Any) -> list[Any]:
+        """Logits processors enforcing `response_format`, `json_schema`, `regex`, `choice` or `grammar`
+        (see generation/constrain.py); [] when none is given. Raises GrammarError for what can't be enforced.
+        `think`: a Qwen3 think block may precede the constrained answer."""
+        grammar = grammar_from_request(**{k: spec.get(k) for k in CONSTRAINT_OPTIONS}, think=think)
+        if grammar is None:
+            return []
+        return [make_processor(self.tokenizer, self.stop_token_ids, grammar, self.config.vocab_size)]
+
     def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
-                    add_generation_prompt: bool = True) -> list[int]:
-        return self.chat_template.encode(self.tokenizer, messages, add_generation_prompt, tools)
+                    add_generation_prompt: bool = True, **template_kwargs: Any) -> list[int]:
+        """Token ids of a conversation; `template_kwargs` reach the template (e.g. enable_thinking=False)."""
+        return self.chat_template.encode(self.tokenizer, messages, add_generation_prompt, tools, **template_kwargs)
+
+    @property
+    def thinks(self) -> bool:
+        """Whether the chat template writes Qwen3 `<think>` blocks (chat/reasoning.py)."""
+        return template_thinks(None if self.chat_template.builtin else self.chat_template.source)
 
     def generate(self, prompt: str | list[str], stream: bool = False, **options: Any) -> Any:
         """Complete `prompt` (raw text, no template). A list of prompts gives a list of completions.
-        `options`: any sampling option of SamplingParams, and `logits_processors=[fn, ...]`."""
+        `options`: any sampling option of SamplingParams, and `logits_processors=[fn, ...]`;
+        `json_schema=`, `response_format=`, `regex=`, `choice=` or `grammar=` constrain the output."""
         if isinstance(prompt, list):
             if stream:
                 raise ValueError("stream=True takes a single prompt")
@@ -83,12 +101,18 @@ class Model:
             ids = [self.tokenizer.bos_id, *ids]
         return self._run(ids, stream, options)
 
-    def chat(self, messages: list[dict[str, Any]], stream: bool = False, **options: Any) -> Any:
-        """Answer an OpenAI-style conversation through the model's chat template."""
-        return self._run(self.encode_chat(messages), stream, options)
+    def chat(self, messages: list[dict[str, Any]], stream: bool = False,
+             chat_template_kwargs: dict[str, Any] | None = None, **options: Any) -> Any:
+        """Answer an OpenAI-style conversation through the model's chat template. The text includes a
+        Qwen3 `<think>` block if the model writes one (chat.reasoning.split_reasoning separates it)."""
+        kwargs = chat_template_kwargs or {}
+        think = (self.thinks and any(k in options for k in CONSTRAINT_OPTIONS)
+                 and thinking_allowed(self.chat_template.render(messages, True, None, **kwargs)))
+        return self._run(self.encode_chat(messages, **kwargs), stream, options, think)
 
-    def _run(self, ids: list[int], stream: bool, options: dict[str, Any]) -> Any:
-        processors = options.pop("logits_processors", None)
+    def _run(self, ids: list[int], stream: bool, options: dict[str, Any], think: bool = False) -> Any:
+        spec = {k: options.pop(k) for k in CONSTRAINT_OPTIONS if k in options}
+        processors = list(options.pop("logits_processors", None) or []) + self.constraint(think=think, **spec)
         steps = self.stream_tokens(ids, self.params(**options), processors)
         if stream:
             return (s.text for s in steps if s.text)

@@ -93,14 +93,14 @@ def test_tool_call_streaming_deltas(server, client):
     assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["tool_calls"]
 
 
-def test_malformed_tool_call_is_plain_content(server, client):
+def test_malformed_tool_call_cannot_be_written(server, client):
+    """Calls are grammar-constrained: a model trying to write bad JSON in a call is held to valid JSON."""
     bad = '<tool_call>\n{"name": "get_weather", "arguments": {"city": Paris}}\n</tool_call>'
     force(server, bad)
-    r = client.chat.completions.create(model=NAME, messages=ASK, tools=[WEATHER])
-    assert r.choices[0].finish_reason == "stop"
-    assert r.choices[0].message.content == bad and not r.choices[0].message.tool_calls
-    chunks = list(client.chat.completions.create(model=NAME, messages=ASK, tools=[WEATHER], stream=True))
-    assert "".join(c.choices[0].delta.content or "" for c in chunks) == bad
+    r = client.chat.completions.create(model=NAME, messages=ASK, tools=[WEATHER], max_tokens=60)
+    assert r.choices[0].message.content != bad
+    for call in r.choices[0].message.tool_calls or []:
+        assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments), dict)
 
 
 def test_tool_choice_none_and_named(server, client):
@@ -109,13 +109,12 @@ def test_tool_choice_none_and_named(server, client):
     assert r.choices[0].message.content == "No tools."
     assert seen[0] == server.model.encode_chat(ASK)  # the plain chat prompt, no tools in it
 
-    prefix = T.forced_prefix("hermes", {"type": "function", "function": {"name": "get_weather"}})
-    seen = force(server, '{"city": "Oslo"}}\n</tool_call>')
+    seen = force(server, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>')
     r = client.chat.completions.create(model=NAME, messages=ASK, tools=[WEATHER],
                                        tool_choice={"type": "function", "function": {"name": "get_weather"}})
     assert r.choices[0].finish_reason == "tool_calls"
     assert json.loads(r.choices[0].message.tool_calls[0].function.arguments) == {"city": "Oslo"}
-    assert server.model.tokenizer.decode(seen[0]).endswith("<|im_start|>assistant\n" + prefix)
+    assert seen[0] == expected_ids(server, ASK, [WEATHER])  # the call is constrained, not forced in the prompt
 
 
 

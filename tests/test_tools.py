@@ -214,15 +214,3 @@ def test_react_streaming_matches_non_streaming(text, content, calls, step):
     got_content, got_calls = T._collect(_stream(T.ReactStreamParser(), text, step))
     assert got_content == content
     assert [(c.name, json.loads(c.arguments)) for c in got_calls] == calls
-
-
-def test_forced_prefixes_parse_back():
-    prefix = T.forced_prefix("hermes", {"type": "function", "function": {"name": "get_time"}})
-    assert prefix.startswith("<tool_call>")
-    _, calls = T.parse_hermes(prefix + '{"x": 1}}\n</tool_call>')
-    assert calls[0].name == "get_time" and json.loads(calls[0].arguments) == {"x": 1}
-    assert T.forced_prefix("hermes", "required") == "<tool_call>\n"
-    assert T.forced_prefix("hermes", "auto") == ""
-    react = T.forced_prefix("react", {"type": "function", "function": {"name": "get_time"}})
-    _, calls = T.parse_react(react + " {}\nObservation:")
-    assert calls[0].name == "get_time"

@@ -16,6 +16,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from ..generation.constrain import lark_json, with_thinking
+
 QWEN25_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
@@ -220,18 +222,53 @@ def render_react(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | N
     return "".join(out)
 
 
-def forced_prefix(fmt: str, tool_choice: Any) -> str:
-    """Text appended to the prompt (and counted as the answer's start) to force a tool call."""
-    name = None
+# ---------------------------------------------------------------- constraints
+
+def _functions(tools: list[dict[str, Any]], tool_choice: Any) -> list[dict[str, Any]]:
+    fns = [t.get("function", t) for t in tools]
     if isinstance(tool_choice, dict):
         name = (tool_choice.get("function") or {}).get("name")
-    if fmt in ("hermes", "template"):
-        if name:
-            return f'{TOOL_CALL_OPEN}\n{{"name": "{name}", "arguments": '
-        return f"{TOOL_CALL_OPEN}\n" if tool_choice == "required" else ""
-    if fmt == "react" and name:
-        return f"Thought: I should use {name}.\nAction: {name}\nAction Input:"
-    return ""
+        fns = [f for f in fns if f.get("name") == name]
+    return fns
+
+
+def _params(fn: dict[str, Any]) -> dict[str, Any]:
+    return fn.get("parameters") or {"type": "object", "properties": {}}
+
+
+def call_grammar(fmt: str, tools: list[dict[str, Any]], tool_choice: Any, parallel: bool = True,
+                 think: bool = False, in_thought: bool = False) -> str | None:
+    """A Lark grammar (llguidance) that makes tool calls well-formed, with arguments matching each
+    function's `parameters` schema. `tool_choice` "required" or a named function: the answer is calls
+    only; "auto" (or None): plain text, or text followed by calls (a started call is constrained).
+    Without tools, or with "none": None. `think`: a Qwen3 `<think>` block comes first. `in_thought`: a
+    ReAct prompt that ends in `Thought:` (continuing after a tool result)."""
+    if not tools or tool_choice == "none":
+        return None
+    fns = _functions(tools, tool_choice)
+    forced = tool_choice == "required" or isinstance(tool_choice, dict)
+    rules = [f"f{i}: " + lark_json({"type": "object", "properties": {"name": {"const": f["name"]},
+                                                                      "arguments": _params(f)},
+                                    "required": ["name", "arguments"], "additionalProperties": False})
+             for i, f in enumerate(fns)]
+    alts = " | ".join(f"f{i}" for i in range(len(fns)))
+    if fmt == "react":  # Thought: ... / Action: name / Action Input: {...} / Observation:
+        rules = [f"f{i}: " + json.dumps(f"Action: {f['name']}\nAction Input: ") + " " + lark_json(_params(f))
+                 for i, f in enumerate(fns)]
+        action = f'react_thought ({alts}) "\\n{REACT_STOP}"'
+        body = action if forced else f'react_thought (({alts}) "\\n{REACT_STOP}" | "Final Answer:" answer)'
+        start = "" if in_thought else '"Thought:" '
+        rules += [f'react_thought: {start}/[^\\n]*/ "\\n"', 'answer[stop=""]: /(?s:.*)/']
+        rules.append("body: " + body)
+        return with_thinking("\n".join(rules)) if think else "start: body\n" + "\n".join(rules)
+    more = ' ("\\n" call)*' if parallel else ""
+    rules += [f'args: "\\n" ({alts}) "\\n{TOOL_CALL_CLOSE}"', f'call: "{TOOL_CALL_OPEN}" args']
+    if forced:
+        rules.append("body: call" + more)
+    else:
+        rules += ["body: text | prose args" + more, 'text[stop=""]: /(?s:.*)/',
+                  f'prose[stop="{TOOL_CALL_OPEN}"]: /(?s:.*)/']
+    return with_thinking("\n".join(rules)) if think else "start: body\n" + "\n".join(rules)
 
 
 # ---------------------------------------------------------------- parsing

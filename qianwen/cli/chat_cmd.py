@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from .common import add_model_args, add_sampling_args, load_model, sampling_options
+from .structured import add_structured_args, structured_options
 
 HELP = """Commands:
   /help            show this help
@@ -23,6 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chat", help="chat with a model in the terminal")
     add_model_args(p)
     add_sampling_args(p)
+    add_structured_args(p)
     p.add_argument("--system", default=None, help="system prompt")
     p.set_defaults(func=run)
 
@@ -37,8 +39,11 @@ class ChatSession:
         sys_msg = [{"role": "system", "content": self.system}] if self.system else []
         return sys_msg + self.history
 
-    def answer(self, text: str, out=None) -> str:
+    def answer(self, text: str, out=None, dim: bool | None = None) -> str:
+        """Stream the answer to `out`; Qwen3 thinking is shown dimmed (on a terminal, or with dim=True)
+        and kept out of the history."""
         from ..chat.history import fit_history
+        from ..chat.reasoning import ReasoningParser
 
         out = out or sys.stdout  # looked up now: stdout may have been replaced since import
 
@@ -48,15 +53,34 @@ class ChatSession:
         budget = max(m.context_length - min(max_new, m.context_length // 2), 1)
         msgs = fit_history(self.messages(), lambda ms: len(m.encode_chat(ms)), budget)
         self.history = [x for x in msgs if x.get("role") != "system" or not self.system]
+        dim = out.isatty() if dim is None else dim
+        thinker = ReasoningParser() if m.thinks else None
         reply: list[str] = []
+        thinking = [False]
+
+        def show(deltas: list[dict[str, str]]) -> None:
+            for d in deltas:
+                if "reasoning_content" in d:
+                    if not thinking[0]:
+                        out.write("\x1b[2m" if dim else "")
+                        thinking[0] = True
+                    out.write(d["reasoning_content"])
+                    continue
+                if thinking[0]:
+                    out.write("\x1b[0m\n" if dim else "\n")
+                    thinking[0] = False
+                reply.append(d["content"])
+                out.write(d["content"])
+            out.flush()
+
         try:
             for piece in m.chat(msgs, stream=True, **self.options):
-                reply.append(piece)
-                out.write(piece)
-                out.flush()
+                show(thinker.feed(piece) if thinker else [{"content": piece}])
         except KeyboardInterrupt:
             out.write(" [stopped]")
-        out.write("\n")
+        if thinker:
+            show(thinker.finish())
+        out.write("\x1b[0m\n" if thinking[0] and dim else "\n")
         out.flush()
         answer = "".join(reply)
         self.history.append({"role": "assistant", "content": answer})
@@ -82,8 +106,9 @@ def run(args: argparse.Namespace) -> int:
     interactive = sys.stdin.isatty()
     if interactive:
         print("Loading model...", file=sys.stderr)
+    options = sampling_options(args) | structured_options(args, chat=True)
     model = load_model(args)
-    session = ChatSession(model, args.system, sampling_options(args))
+    session = ChatSession(model, args.system, options)
     if not interactive:
         for line in sys.stdin:
             if line.strip():

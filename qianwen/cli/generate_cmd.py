@@ -7,6 +7,7 @@ import sys
 
 from ..errors import QianwenError
 from .common import add_model_args, add_sampling_args, load_model, sampling_options
+from .structured import add_structured_args, structured_options
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -14,6 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("prompt", nargs="?", help="the prompt (read from stdin when absent)")
     add_model_args(p)
     add_sampling_args(p)
+    add_structured_args(p)
     p.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn of the chat template")
     p.set_defaults(func=run)
 
@@ -22,8 +24,8 @@ def run(args: argparse.Namespace) -> int:
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt:
         raise QianwenError("no prompt: pass one as an argument or on stdin")
+    opts = sampling_options(args) | structured_options(args, args.chat)
     model = load_model(args)
-    opts = sampling_options(args)
     pieces = (model.chat([{"role": "user", "content": prompt}], stream=True, **opts) if args.chat
               else model.generate(prompt, stream=True, **opts))
     try:

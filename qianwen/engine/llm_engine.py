@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import QianwenError
+from ..generation.constrain import CONSTRAINT_OPTIONS
 from ..generation.params import SamplingParams
 from ..generation.sampling import LogitsProcessor
 from ..generation.step import TokenStepper, check_prompt
@@ -177,8 +178,9 @@ class LLM:
 
     A request is a prompt string, or a dict with `prompt` (text or token ids) or `messages` (chat),
     plus any sampling option of `SamplingParams` (max_tokens, temperature, top_p, seed, stop, ...) and
-    `logits_processors` (a list of fn(prompt_ids, output_ids, logits) -> logits). A request that fails
-    while generating comes back with finish_reason "error" and its `error`; the others are unaffected.
+    `logits_processors` (a list of fn(prompt_ids, output_ids, logits) -> logits) and an output constraint
+    (`json_schema`, `response_format`, `regex`, `choice`, `grammar`). A request that fails while generating
+    comes back with finish_reason "error" and its `error`; the others are unaffected.
     """
 
     def __init__(self, model: Any = None, config: EngineConfig | None = None, **load_kwargs: Any) -> None:
@@ -208,7 +210,8 @@ class LLM:
         seqs = []
         for req in reqs:
             ids, options = self.encode(req)
-            processors = options.pop("logits_processors", None) or ()
+            spec = {k: options.pop(k) for k in CONSTRAINT_OPTIONS if k in options}
+            processors = list(options.pop("logits_processors", None) or ()) + self.model.constraint(**spec)
             params = self.model.params(**options)
             seqs.append(self.engine.add_request(ids, params, logits_processors=processors))
         results: dict[int, StepOutput] = {}

@@ -6,10 +6,12 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from ..chat import reasoning as R
 from ..chat import tools as T
 from ..chat.template import encode_rendered
 from .schemas import ChatCompletionRequest
 from .serving import APIError, Serving, new_id, sse, usage
+from .structured import processor_factory, request_grammar
 
 
 def _messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
@@ -28,7 +30,7 @@ def _messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
 
 
 class ChatPrompt:
-    """Token ids for a chat request, and how to read the answer (tool format, forced prefix)."""
+    """Token ids for a chat request, how to read the answer (tool format, reasoning) and what constrains it."""
 
     def __init__(self, serving: Serving, req: ChatCompletionRequest) -> None:
         model = serving.model
@@ -48,15 +50,27 @@ class ChatPrompt:
         if not (self.use_tools or history_has_tools):
             self.fmt = "plain"
         self.stop = [T.REACT_STOP] if self.fmt == "react" and self.use_tools else []
-        self.prefix = T.forced_prefix(self.fmt, choice) if self.use_tools else ""
+        self.kwargs = req.chat_template_kwargs or {}
         text = self._render(model, messages, tools if self.use_tools else None)
         contents = [m.get("content") for m in messages]
-        self.ids = encode_rendered(model.tokenizer, text + self.prefix, contents)
+        self.ids = encode_rendered(model.tokenizer, text, contents)
+        # Qwen3 thinking (chat/reasoning.py) and the output constraint (tools, response_format, guided_*)
+        self.reasoning = R.template_thinks(None if template.builtin else template.source)
+        self.in_think = self.reasoning and R.prompt_opens_thinking(text)
+        think = self.reasoning and R.thinking_allowed(text)
+        grammar = request_grammar(req, think)
+        if self.use_tools:
+            if grammar is not None and choice in (None, "auto"):
+                raise APIError(400, "response_format or guided_* together with tools needs tool_choice "
+                                    "'none', 'required' or a named function", param="response_format")
+            grammar = T.call_grammar(self.fmt, tools, choice or "auto", req.parallel_tool_calls is not False, think,
+                                     in_thought=text.endswith("Thought:"))
+        self.processors = processor_factory(model, grammar, "tools" if self.use_tools else "response_format")
 
     def _render(self, model: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> str:
         if self.fmt in ("plain", "template"):
             try:
-                return model.chat_template.render(messages, True, tools)
+                return model.chat_template.render(messages, True, tools, **self.kwargs)
             except Exception as e:  # a template that rejects these messages: the client's error
                 raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from None
         if self.fmt == "react":
@@ -68,6 +82,9 @@ class ChatPrompt:
         if not self.use_tools:
             return None
         return T.stream_parser(self.fmt)
+
+    def reasoning_parser(self) -> R.ReasoningParser | None:
+        return R.ReasoningParser(self.in_think) if self.reasoning else None
 
 
 def _logprob_entry(serving: Serving, out: Any) -> dict[str, Any]:
@@ -90,7 +107,7 @@ def _prepare(serving: Serving, req: ChatCompletionRequest) -> tuple[ChatPrompt, 
     params = serving.sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
                                      prompt.stop)
     serving.check_capacity(req.n)
-    return prompt, serving.make_sequences(prompt.ids, params, req.n), len(prompt.ids)
+    return prompt, serving.make_sequences(prompt.ids, params, req.n, prompt.processors), len(prompt.ids)
 
 
 async def chat_completion(serving: Serving, req: ChatCompletionRequest, request: Any) -> dict[str, Any]:
@@ -110,10 +127,13 @@ async def chat_completion(serving: Serving, req: ChatCompletionRequest, request:
     for i in range(len(seqs)):
         text = "".join(texts[i])
         message: dict[str, Any] = {"role": "assistant", "content": text}
+        if prompt.reasoning:
+            message["reasoning_content"], text = R.split_reasoning(text, prompt.in_think)
+            message["content"] = text
         reason = reasons[i] or "stop"
         parser = prompt.parser()
         if parser is not None:
-            content, calls = T.parse_tool_calls(prompt.fmt, prompt.prefix + text)
+            content, calls = T.parse_tool_calls(prompt.fmt, text)
             message["content"] = content
             if calls:
                 message["tool_calls"] = [c.to_openai() for c in calls]
@@ -151,17 +171,24 @@ async def _chat_stream(serving: Serving, req: ChatCompletionRequest, prompt: Cha
         return sse(body)
 
     parsers = [prompt.parser() for _ in seqs]
-    for i, p in enumerate(parsers):
+    thinkers = [prompt.reasoning_parser() for _ in seqs]
+    for i in range(len(seqs)):
         yield chunk(i, {"role": "assistant", "content": ""})
-        if p is not None and prompt.prefix:
-            p.feed(prompt.prefix)  # the forced start of the answer is never content
     pending_lp: list[list[dict[str, Any]]] = [[] for _ in seqs]
     try:
         async for i, out in serving.outputs(seqs, queue, arrival):
             if out.token_id >= 0 and req.logprobs:
                 pending_lp[i].append(_logprob_entry(serving, out))
-            parser = parsers[i]
-            deltas = ([{"content": out.text}] if out.text else []) if parser is None else parser.feed(out.text)
+            parser, thinker = parsers[i], thinkers[i]
+            pieces = [{"content": out.text}] if out.text else []
+            if thinker is not None:  # reasoning goes out as is; only the content reaches the tool parser
+                pieces = thinker.feed(out.text) + (thinker.finish() if out.finish_reason else [])
+            deltas = []
+            for d in pieces:
+                if "content" in d and parser is not None:
+                    deltas += parser.feed(d["content"])
+                else:
+                    deltas.append(d)
             if out.finish_reason and parser is not None:
                 deltas += parser.finish()
             for d in deltas:

@@ -8,6 +8,7 @@ from typing import Any
 
 from .schemas import CompletionRequest
 from .serving import APIError, Serving, new_id, sse, usage
+from .structured import processor_factory, request_grammar
 
 
 def _prompts(serving: Serving, req: CompletionRequest) -> list[tuple[str | None, list[int]]]:
@@ -47,6 +48,7 @@ def _prepare(serving: Serving, req: CompletionRequest) -> tuple[list, list, int]
                        param="max_tokens")
     prompts = _prompts(serving, req)
     serving.check_n(req.n * len(prompts))
+    processors = processor_factory(serving.model, request_grammar(req), "response_format")
     seqs, prompt_tokens = [], 0
     for _text, ids in prompts:
         # OpenAI's legacy completions default to 16 tokens
@@ -56,7 +58,7 @@ def _prepare(serving: Serving, req: CompletionRequest) -> tuple[list, list, int]
         if max_tokens == 0:
             continue
         params = serving.sampling_params(req, max_tokens, req.logprobs)
-        seqs += serving.make_sequences(ids, params, req.n)
+        seqs += serving.make_sequences(ids, params, req.n, processors)
     if seqs:
         serving.check_capacity(len(seqs))
     return prompts, seqs, prompt_tokens

@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -106,12 +106,15 @@ class Serving:
             raise APIError(400, str(e)) from None
         return params.replace(stop=params.stop + (extra_stop or []))
 
-    def make_sequences(self, prompt_ids: list[int], params: SamplingParams, n: int) -> list[Sequence]:
+    def make_sequences(self, prompt_ids: list[int], params: SamplingParams, n: int,
+                       processors: Callable[[], list[Any]] | None = None) -> list[Sequence]:
+        """`processors` makes each sequence's own (stateful) logits processors: an output constraint."""
         seqs = []
         for i in range(n):
             p = params if params.seed is None or i == 0 else params.replace(seed=params.seed + i)
             try:
-                seq = self.engine.engine.make_sequence(prompt_ids, p, logits_processors=self.logits_processors)
+                seq = self.engine.engine.make_sequence(
+                    prompt_ids, p, logits_processors=list(self.logits_processors) + (processors() if processors else []))
             except QianwenError as e:
                 raise APIError(400, str(e), param="messages") from None
             seqs.append(seq)

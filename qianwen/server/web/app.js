@@ -70,7 +70,7 @@ async function send(text) {
   bubble.parentElement.classList.add("streaming");
   setBusy(true);
   state.controller = new AbortController();
-  let answer = "";
+  let answer = "", reasoning = "", thinking = null, answerEl = null;
   const started = performance.now();
   let firstAt = null, tokens = 0;
   try {
@@ -86,10 +86,27 @@ async function send(text) {
       if (chunk.error) throw new Error(chunk.error.message);
       if (chunk.usage) tokens = chunk.usage.completion_tokens;
       const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
+      if (delta && delta.reasoning_content) {  // Qwen3 thinking: a collapsible block above the answer
+        if (firstAt === null) firstAt = performance.now();
+        if (!thinking) {
+          thinking = document.createElement("details");
+          thinking.className = "thinking";
+          thinking.open = true;
+          thinking.innerHTML = "<summary>Thinking</summary><div class=\"thought\"></div>";
+          bubble.prepend(thinking);
+        }
+        reasoning += delta.reasoning_content;
+        thinking.querySelector(".thought").textContent = reasoning;
+      }
       if (delta && delta.content) {
         if (firstAt === null) firstAt = performance.now();
+        if (!answerEl) {
+          answerEl = document.createElement("div");
+          bubble.appendChild(answerEl);
+          if (thinking) thinking.open = false;
+        }
         answer += delta.content;
-        bubble.innerHTML = window.renderMarkdown(answer);
+        answerEl.innerHTML = window.renderMarkdown(answer);
         bubble.parentElement.scrollIntoView({ block: "end" });
       }
     }
