@@ -22,6 +22,19 @@ from .models.layers import Transformer
 CHAT_STOP_STRINGS = ("<|im_end|>", "<|im_start|>", "<|endoftext|>")
 
 
+def stop_token_ids(config: ModelConfig, generation_config: dict[str, Any], tokenizer: Any) -> set[int]:
+    """The tokens that end an answer: the config's and generation_config's eos, the tokenizer's, ChatML's."""
+    ids = set(config.eos_token_id)
+    gen_eos = generation_config.get("eos_token_id")
+    ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+    if tokenizer.eos_id is not None:
+        ids.add(tokenizer.eos_id)
+    for s in CHAT_STOP_STRINGS:
+        if (i := tokenizer.token_to_id(s)) is not None:
+            ids.add(i)
+    return ids
+
+
 class Model:
     def __init__(self, name: str, path: Path, config: ModelConfig, net: Transformer, tokenizer,
                  chat_template: ChatTemplate, generation_config: dict[str, Any]) -> None:
@@ -43,15 +56,7 @@ class Model:
         return self.config.max_position_embeddings
 
     def _stop_ids(self) -> set[int]:
-        ids = set(self.config.eos_token_id)
-        gen_eos = self.generation_config.get("eos_token_id")
-        ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
-        if self.tokenizer.eos_id is not None:
-            ids.add(self.tokenizer.eos_id)
-        for s in CHAT_STOP_STRINGS:
-            if (i := self.tokenizer.token_to_id(s)) is not None:
-                ids.add(i)
-        return ids
+        return stop_token_ids(self.config, self.generation_config, self.tokenizer)
 
     @torch.inference_mode()
     def logits(self, ids: list[int]) -> torch.Tensor:

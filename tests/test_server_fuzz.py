@@ -29,9 +29,11 @@ HOSTILE: list[Any] = [
     "你好" * 50, "x" * 20000, [], {}, [None], [1] * 300, [[1, 2], [3]], [[]], [""], ["a"] * 50, {"a": 1},
     [{"role": "user"}], [{"type": "function"}], {"type": "function", "function": {"name": ""}},
 ]
-# optional fields a valid body leaves out (only the mutations set them): the server refuses suffix, and
-# max_completion_tokens would override the short max_tokens valid bodies get
-RARE = {"suffix", "max_completion_tokens"}
+# optional fields a valid body leaves out (only the mutations set them): the server refuses suffix,
+# max_completion_tokens would override the short max_tokens valid bodies get, and a random value of an
+# output-constraint field is almost never a valid schema, regex or grammar (400s that would crowd out the rest)
+RARE = {"suffix", "max_completion_tokens", "response_format", "guided_json", "guided_regex", "guided_choice",
+        "guided_grammar", "structured_outputs"}
 # JSON numbers Python's json accepts but strict JSON does not
 RAW_NUMBERS = ["NaN", "Infinity", "-Infinity", "1e999", "-1e999", "1" + "0" * 5000]
 

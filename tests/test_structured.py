@@ -138,6 +138,8 @@ def test_cli_json_schema_and_json(default_gguf, tmp_path, capsys):
     base = ["generate", "--chat", "-m", str(default_gguf), "--temperature", "0", "--max-tokens", "60"]
     assert main([*base, "--json-schema", str(path), prompt]) == 0
     _check(capsys.readouterr().out.strip(), schema)
+    assert main([*base, "--json-schema", json.dumps(schema), prompt]) == 0  # the schema inline
+    _check(capsys.readouterr().out.strip(), schema)
     assert main([*base, "--json", prompt]) == 0
     assert isinstance(json.loads(capsys.readouterr().out.strip()), dict)
     assert main([*base, "--json-schema", str(tmp_path / "missing.json"), prompt]) == 1

@@ -65,6 +65,7 @@ class ChatPrompt:
                                     "'none', 'required' or a named function", param="response_format")
             grammar = T.call_grammar(self.fmt, tools, choice or "auto", req.parallel_tool_calls is not False, think,
                                      in_thought=text.endswith("Thought:"))
+        self.grammar = grammar  # llguidance Lark, or None; the vLLM gateway hands it to vLLM's own llguidance
         self.processors = processor_factory(model, grammar, "tools" if self.use_tools else "response_format")
 
     def _render(self, model: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> str:

@@ -33,6 +33,7 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
+from ..api import stop_token_ids
 from ..chat import tools as T
 from ..chat.template import QWEN_DEFAULT_SYSTEM, ChatTemplate
 from ..config import ModelConfig
@@ -177,6 +178,7 @@ class PromptModel:
     tokenizer: Any
     chat_template: ChatTemplate
     sampling_defaults: dict[str, Any]
+    stop_token_ids: set[int]  # what a constrained answer may end on (the grammar checks need them)
 
     @classmethod
     def load(cls, model: str | None) -> PromptModel:
@@ -203,7 +205,7 @@ class PromptModel:
         default_system = QWEN_DEFAULT_SYSTEM if config.model_type == "qwen" and source is None else None
         template = ChatTemplate(source, default_system, _special_strings(tokenizer))
         return cls(str(model) if model else path.name, path, config, tokenizer, template,
-                   defaults_from_generation_config(gen))
+                   defaults_from_generation_config(gen), stop_token_ids(config, gen, tokenizer))
 
 
 # ---------------------------------------------------------------- the gateway
@@ -403,6 +405,8 @@ def create_gateway(model: PromptModel, backend: str, config: ServerConfig, conte
                     max_tokens=serving.max_new_tokens(requested, len(prompt.ids), "messages"))
         if req.logprobs:
             body["logprobs"] = req.top_logprobs or 0
+        if prompt.grammar is not None:  # tool calls and response_format, constrained by vLLM (its llguidance)
+            body["structured_outputs"] = {"grammar": prompt.grammar}
         if req.stream:
             body["stream_options"] = {"include_usage": True}
         serving.check_capacity(req.n)
@@ -419,7 +423,7 @@ def create_gateway(model: PromptModel, backend: str, config: ServerConfig, conte
             record(data)
             choices = []
             for c in sorted(data["choices"], key=lambda c: c["index"]):
-                content, calls = T.parse_tool_calls(prompt.fmt, prompt.prefix + c["text"])
+                content, calls = T.parse_tool_calls(prompt.fmt, c["text"])
                 message: dict[str, Any] = {"role": "assistant", "content": content}
                 if calls:
                     message["tool_calls"] = [call.to_openai() for call in calls]
@@ -454,10 +458,8 @@ def create_gateway(model: PromptModel, backend: str, config: ServerConfig, conte
 
         parsers = [T.stream_parser(prompt.fmt) for _ in range(req.n)]
         pending: list[list[dict[str, Any]]] = [[] for _ in range(req.n)]
-        for i, p in enumerate(parsers):
+        for i in range(req.n):
             yield chunk(i, {"role": "assistant", "content": ""})
-            if prompt.prefix:
-                p.feed(prompt.prefix)  # the forced start of the answer is never content
         async for _line, data in upstream:
             if not isinstance(data, dict):
                 continue
