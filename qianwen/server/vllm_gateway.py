@@ -396,10 +396,18 @@ def create_gateway(model: PromptModel, backend: str, config: ServerConfig, conte
         record(data)
         return JSONResponse(data)
 
+    def with_defaults(body: dict[str, Any]) -> dict[str, Any]:
+        """The checkpoint's sampling defaults (generation_config.json, else qianwen's) for the fields the request
+        leaves out, as our engine applies them: the same request samples alike on both engines."""
+        for key in ("temperature", "top_p", "top_k", "repetition_penalty"):
+            if body.get(key) is None and model.sampling_defaults.get(key) is not None:
+                body[key] = model.sampling_defaults[key]
+        return body
+
     async def chat_via_prompt_layer(req: ChatCompletionRequest, prompt: ChatPrompt, request: Request) -> Response:
         """A chat qianwen renders (its tool formats): a completion of the prompt's ids, parsed back."""
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        body: dict[str, Any] = {k: v for k in SAMPLING_FIELDS if (v := getattr(req, k)) is not None}
+        body = with_defaults({k: v for k in SAMPLING_FIELDS if (v := getattr(req, k)) is not None})
         stop = req.stop if isinstance(req.stop, list) else [req.stop] if req.stop else []
         body.update(model=req.model, prompt=prompt.ids, stop=stop + prompt.stop, stream=req.stream,
                     max_tokens=serving.max_new_tokens(requested, len(prompt.ids), "messages"))
@@ -501,7 +509,7 @@ def create_gateway(model: PromptModel, backend: str, config: ServerConfig, conte
         for m in body["messages"]:
             if m.get("role") == "developer":  # OpenAI's newer name for the system role, as our engine reads it
                 m["role"] = "system"
-        return await forward("/v1/chat/completions", body, req.n, req.stream, request)
+        return await forward("/v1/chat/completions", with_defaults(body), req.n, req.stream, request)
 
     @app.post("/v1/completions", response_model=Completion, responses=ERRORS,
               summary="Text completion (set stream=true for server-sent events)")
@@ -512,7 +520,8 @@ def create_gateway(model: PromptModel, backend: str, config: ServerConfig, conte
             raise APIError(400, "prompt must not be empty", param="prompt")
         serving.check_n(req.n * prompts)
         serving.check_max_tokens(req.max_tokens)
-        return await forward("/v1/completions", await request.json(), req.n * prompts, req.stream, request)
+        return await forward("/v1/completions", with_defaults(await request.json()), req.n * prompts, req.stream,
+                             request)
 
     @app.get("/v1/models", response_model=ModelList, responses=ERRORS, summary="The served model")
     async def models() -> dict[str, Any]:
