@@ -79,10 +79,8 @@ def _engine_steps(model, schema: dict, n: int, constrained: list[bool], steps: i
 
     for i in range(n):
         params = model.params(temperature=0, max_tokens=steps + 4, ignore_eos=not constrained[i])
-        seq = engine.make_sequence(ids, params)
-        if constrained[i]:
-            seq.logits_processors = [timed(C.GrammarProcessor(lltok, grammar, model.config.vocab_size))]
-        engine.add(seq)
+        procs = [timed(C.GrammarProcessor(lltok, grammar, model.config.vocab_size))] if constrained[i] else []
+        engine.add(engine.make_sequence(ids, params, logits_processors=procs))
     times, costs = [], []
     while engine.has_work() and len(times) < steps:
         spent[0] = 0.0
