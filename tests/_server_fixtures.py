@@ -113,6 +113,17 @@ def forcing_processor(target_ids: list[int], end_id: int, seen_prompts: list[lis
     return fn
 
 
+def force(server, text: str) -> list[list[int]]:
+    """Make every following answer of `server` (a ThreadServer with .model and .serving) exactly `text`;
+    returns the list the prompts get recorded in."""
+    tok = server.model.tokenizer
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    seen: list[list[int]] = []
+    server.serving.logits_processors = [forcing_processor(ids, tok.token_to_id("<|im_end|>"), seen)]
+    return seen
+
+
 def metric(text: str, name: str) -> float:
     """The value of an unlabelled sample `name` in Prometheus text."""
     for line in text.splitlines():

@@ -13,7 +13,7 @@ import pytest
 from qianwen.chat.reasoning import ReasoningParser, split_reasoning
 from qianwen.server import ServerConfig, create_app
 
-from ._server_fixtures import ThreadServer, forcing_processor, load_tiny
+from ._server_fixtures import ThreadServer, force, forcing_processor, load_tiny
 
 TEMPLATE = (Path(__file__).parent / "data" / "qwen3.jinja").read_text()
 NAME = "tiny3"
@@ -42,15 +42,6 @@ def server(qwen3_dir):
         openai = pytest.importorskip("openai")
         s.client = openai.OpenAI(base_url=s.base + "/v1", api_key="unused", max_retries=0)
         yield s
-
-
-def force(server, text: str) -> list[list[int]]:
-    tok = server.model.tokenizer
-    ids = tok.encode(text)
-    assert tok.decode(ids) == text
-    seen: list[list[int]] = []
-    server.serving.logits_processors = [forcing_processor(ids, tok.token_to_id("<|im_end|>"), seen)]
-    return seen
 
 
 @pytest.mark.parametrize("text, reasoning, content", [

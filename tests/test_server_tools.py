@@ -10,7 +10,7 @@ import pytest
 from qianwen.chat import tools as T
 from qianwen.server import ServerConfig, create_app
 
-from ._server_fixtures import ThreadServer, forcing_processor, load_tiny
+from ._server_fixtures import ThreadServer, force, load_tiny
 from .test_tools import WEATHER, official
 
 NAME = "tiny"
@@ -39,16 +39,6 @@ def server(tools_dir):
 def client(server):
     openai = pytest.importorskip("openai")
     return openai.OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0)
-
-
-def force(server, text: str) -> list[list[int]]:
-    """Make every following answer exactly `text`; returns the list the prompts get recorded in."""
-    tok = server.model.tokenizer
-    ids = tok.encode(text)
-    assert tok.decode(ids) == text
-    seen: list[list[int]] = []
-    server.serving.logits_processors = [forcing_processor(ids, tok.token_to_id("<|im_end|>"), seen)]
-    return seen
 
 
 def expected_ids(server, messages, tools) -> list[int]:
