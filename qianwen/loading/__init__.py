@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,19 +77,13 @@ def load(model: str | Path | None = None, dtype: str | torch.dtype | None = None
     dev = parse_device(device) if device is not None else default_device()
     dt = parse_dtype(dtype) if dtype is not None else default_dtype(dev)
     path = resolve(model)
-    try:
-        if path.is_dir():
-            parts = _load_folder(path, dt, dev)
-        elif path.suffix == ".gguf" or _is_gguf(path):
-            keep = quantized if quantized is not None else (dev.type == "cpu" and dt == torch.bfloat16)
-            parts = _load_gguf(path, dt, dev, keep)
-        else:
-            raise ModelLoadError(f"{path} is neither a model folder nor a .gguf file")
-    except QianwenError as e:  # every checkpoint error names the checkpoint
-        if str(path) in str(e):
-            raise
-        raise ModelLoadError(f"{path}: {e}") from None
-    return Model(name=str(model) if model else path.name, path=path, **parts)
+    with naming(path):
+        text = read_text_side(path)
+        keep = quantized if quantized is not None else (dev.type == "cpu" and dt == torch.bfloat16)
+        net = _load_weights({**text, "path": path}, dt, dev, keep)
+    return Model(name=str(model) if model else path.name, path=path, net=net, config=text["config"],
+                 tokenizer=text["tokenizer"], generation_config=text["generation_config"],
+                 chat_template=text["chat_template"])
 
 
 def _is_gguf(path: Path) -> bool:
@@ -95,48 +91,68 @@ def _is_gguf(path: Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
-def _load_folder(path: Path, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
-    from ..tokenizer import load_tokenizer
-    from .hf import load_hf_weights, read_chat_template, read_generation_config, read_json
+@contextlib.contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """Every checkpoint error raised inside names the checkpoint."""
+    try:
+        yield
+    except QianwenError as e:
+        if str(path) in str(e):
+            raise
+        raise ModelLoadError(f"{path}: {e}") from None
 
-    if not (path / "config.json").exists():
-        raise ModelLoadError(f"{path} has no config.json")
-    raw = read_json(path / "config.json")
-    config = ModelConfig.from_dict(raw)
-    tokenizer = load_tokenizer(path)
+
+def read_text_side(path: Path) -> dict[str, Any]:
+    """What a checkpoint is without its weights, checked: config, tokenizer (its ids within the embedding
+    rows), chat template, generation config; plus what its weight loader reads next (`raw` config.json of a
+    folder, the GGUF `reader`). `load` builds on it; the vLLM gateway needs nothing more."""
+    if path.is_dir():
+        from ..tokenizer import load_tokenizer
+        from .hf import read_chat_template, read_generation_config, read_json
+
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"{path} has no config.json")
+        raw = read_json(path / "config.json")
+        config = ModelConfig.from_dict(raw)
+        tokenizer = load_tokenizer(path)
+        template, generation_config, extra = read_chat_template(path), read_generation_config(path), {"raw": raw}
+    elif path.suffix == ".gguf" or _is_gguf(path):
+        from ..tokenizer.gguf_vocab import tokenizer_from_gguf
+        from .gguf import check_tensors, config_from_metadata, metadata, open_reader
+
+        reader = open_reader(path)
+        meta = metadata(reader)
+        config = config_from_metadata(meta, {t.name for t in reader.tensors})
+        check_tensors(reader, config)
+        tokenizer = tokenizer_from_gguf(reader)
+        template, generation_config, extra = meta.get("tokenizer.chat_template"), {}, {"reader": reader}
+    else:
+        raise ModelLoadError(f"{path} is neither a model folder nor a .gguf file")
     check_vocabulary(tokenizer, config)
-    template = read_chat_template(path)
     default_system = QWEN_DEFAULT_SYSTEM if config.model_type == "qwen" and template is None else None
     chat_template = ChatTemplate(template, default_system, _special_strings(tokenizer))  # parsed before the weights
-    generation_config = read_generation_config(path)
+    return dict(config=config, tokenizer=tokenizer, chat_template=chat_template,
+                generation_config=generation_config, **extra)
+
+
+def _load_weights(text: dict[str, Any], dtype: torch.dtype, device: torch.device, quantized: bool) -> torch.nn.Module:
+    """The network of a checkpoint whose text side `read_text_side` gave."""
+    config = text["config"]
+    if "reader" in text:
+        if quantized:
+            from ..quant.gguf import load_gguf_quantized
+
+            return load_gguf_quantized(text["reader"], config, dtype, device)
+        from .gguf import load_gguf_weights
+
+        return load_gguf_weights(text["reader"], config, dtype, device)
     from ..quant.quantize import is_quantized_config, load_quantized_hf
+    from .hf import load_hf_weights
 
-    if is_quantized_config(raw):  # written by `qianwen quantize`
-        net = load_quantized_hf(path, config, dtype, device)
-    else:
-        net = load_hf_weights(path, config, dtype, device)
-    return dict(config=config, net=net, tokenizer=tokenizer, generation_config=generation_config,
-                chat_template=chat_template)
-
-
-def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device, quantized: bool = False) -> dict[str, Any]:
-    from ..tokenizer.gguf_vocab import tokenizer_from_gguf
-    from .gguf import check_tensors, config_from_metadata, load_gguf_weights, metadata, open_reader
-
-    reader = open_reader(path)
-    meta = metadata(reader)
-    config = config_from_metadata(meta, {t.name for t in reader.tensors})
-    check_tensors(reader, config)
-    tokenizer = tokenizer_from_gguf(reader)
-    check_vocabulary(tokenizer, config)
-    chat_template = ChatTemplate(meta.get("tokenizer.chat_template"), None, _special_strings(tokenizer))
-    if quantized:
-        from ..quant.gguf import load_gguf_quantized
-
-        net = load_gguf_quantized(reader, config, dtype, device)
-    else:
-        net = load_gguf_weights(reader, config, dtype, device)
-    return dict(config=config, net=net, tokenizer=tokenizer, generation_config={}, chat_template=chat_template)
+    path = text["path"]
+    if is_quantized_config(text["raw"]):  # written by `qianwen quantize`
+        return load_quantized_hf(path, config, dtype, device)
+    return load_hf_weights(path, config, dtype, device)
 
 
 def check_vocabulary(tokenizer, config: ModelConfig) -> None:

@@ -35,7 +35,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 
 from ..api import stop_token_ids
 from ..chat import tools as T
-from ..chat.template import QWEN_DEFAULT_SYSTEM, ChatTemplate
+from ..chat.template import ChatTemplate
 from ..config import ModelConfig
 from ..errors import QianwenError
 from ..generation import defaults_from_generation_config
@@ -182,29 +182,14 @@ class PromptModel:
 
     @classmethod
     def load(cls, model: str | None) -> PromptModel:
-        from ..loading import _special_strings
+        from ..loading import naming, read_text_side
         from ..loading.hub import resolve
 
         path = resolve(model)
-        if path.is_dir():
-            from ..loading.hf import read_chat_template, read_generation_config, read_json
-            from ..tokenizer import load_tokenizer
-
-            if not (path / "config.json").exists():
-                raise QianwenError(f"{path} has no config.json")
-            config = ModelConfig.from_dict(read_json(path / "config.json"))
-            tokenizer, source, gen = load_tokenizer(path), read_chat_template(path), read_generation_config(path)
-        else:
-            from ..loading.gguf import config_from_metadata, metadata, open_reader
-            from ..tokenizer.gguf_vocab import tokenizer_from_gguf
-
-            reader = open_reader(path)
-            meta = metadata(reader)
-            config = config_from_metadata(meta, {t.name for t in reader.tensors})
-            tokenizer, source, gen = tokenizer_from_gguf(reader), meta.get("tokenizer.chat_template"), {}
-        default_system = QWEN_DEFAULT_SYSTEM if config.model_type == "qwen" and source is None else None
-        template = ChatTemplate(source, default_system, _special_strings(tokenizer))
-        return cls(str(model) if model else path.name, path, config, tokenizer, template,
+        with naming(path):
+            text = read_text_side(path)
+        config, tokenizer, gen = text["config"], text["tokenizer"], text["generation_config"]
+        return cls(str(model) if model else path.name, path, config, tokenizer, text["chat_template"],
                    defaults_from_generation_config(gen), stop_token_ids(config, gen, tokenizer))
 
 
