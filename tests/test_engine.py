@@ -172,3 +172,35 @@ def test_padding_rows_attend_to_themselves_only():
     out = BatchCache([kv, None], [0, 0]).attend(0, q, k, v)
     assert torch.equal(out[1], v[1].repeat_interleave(2, dim=0))
     assert torch.allclose(out[0], v[0].repeat_interleave(2, dim=0))
+
+
+def test_plain_greedy_batch_equals_alone_and_isolates_a_nan_row(model):
+    """Greedy requests without penalties take their tokens from one max over the decode batch: the same
+    tokens as each alone; a row whose logits turn NaN ends that request only."""
+    llm = LLM(model)
+    reqs = [greedy(p, 12, repetition_penalty=1.0, logprobs=None) for p in PROMPTS[:8]]
+    alone = [llm.generate([r])[0].token_ids for r in reqs]
+    engine = llm.engine
+    decode = engine.runner.decode
+    poisoned: list[int] = []
+
+    def poison(seqs):
+        rows = decode(seqs).clone()
+        assert isinstance(rows, torch.Tensor) and rows.shape[0] == len(seqs)  # one [B, V] for the batch
+        for i, s in enumerate(seqs):
+            if s.seq_id == poisoned[0] and len(s.output_ids) == 4:
+                rows[i, 5] = float("nan")
+        return rows
+
+    engine.runner.decode = poison
+    seqs = [engine.add_request(llm.encode(r)[0], model.params(**{k: v for k, v in r.items() if k != "prompt"}))
+            for r in reqs]
+    assert all(s.stepper.plain_greedy for s in seqs)
+    poisoned.append(seqs[3].seq_id)
+    engine.run_until_done()
+    engine.runner.decode = decode
+    for i, (s, ref) in enumerate(zip(seqs, alone, strict=True)):
+        if i == 3:
+            assert s.finish_reason == "error" and s.output_ids == ref[:4]
+        else:
+            assert s.output_ids == ref and s.finish_reason == "length"

@@ -122,3 +122,36 @@ def test_server_survives_a_failing_request(model):
         r = http.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}],
                                                     "max_tokens": 3})
         assert r.status_code == 200
+
+
+@pytest.mark.parametrize("wait", [True, False])
+def test_async_engine_hands_each_step_over_once(model, wait):
+    """Outputs reach their readers the same whether the engine thread waits for the event loop after each
+    step (the CPU default when the kernels take every core) or not; one loop call per step for all of its
+    readers."""
+    async def run():
+        eng = AsyncEngine(LLMEngine(model), wait_for_loop=wait)
+        calls = []
+        loop = asyncio.get_running_loop()
+        original = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a, **k: (calls.append(a[0]), original(*a, **k))[1]
+        eng.start()
+        try:
+            async def collect(ids):
+                seq = eng.engine.make_sequence(ids, model.params(**GOOD))
+                return [o.token_id async for o in eng.stream(seq)]
+
+            got = await asyncio.gather(collect([3, 4, 5]), collect([6, 7, 8]))
+            return got, calls
+        finally:
+            eng.shutdown()
+            loop.call_soon_threadsafe = original
+
+    (a, b), calls = asyncio.run(run())
+    engine = LLMEngine(model)
+    ref = [engine.add_request(ids, model.params(**GOOD)) for ids in ([3, 4, 5], [6, 7, 8])]
+    engine.run_until_done()
+    assert a == ref[0].output_ids and b == ref[1].output_ids
+    from qianwen.engine.async_engine import _deliver
+
+    assert sum(c is _deliver for c in calls) <= len(a) + 1  # one per step (both readers share each call)

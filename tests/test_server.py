@@ -267,3 +267,30 @@ def test_web_page_is_served_as_utf8(server):
         assert f.status_code == 200 and "charset=utf-8" in f.headers["content-type"]
     assert httpx.get(server.base + "/web/../app.py").status_code == 404
     assert httpx.get(server.base + "/web/missing.js").status_code == 404
+
+
+@pytest.mark.parametrize("with_usage", [True, False])
+def test_stream_chunks_serialised_once_equal_the_dict(with_usage):
+    """A stream's chunk text (head serialised once, then one choice per chunk) is exactly the JSON of the
+    whole chunk, and the official client parses it."""
+    from openai.types import Completion as OpenAICompletion
+    from openai.types.chat import ChatCompletionChunk
+
+    from qianwen.server.serving import ChunkFormat, sse
+
+    head = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 5, "model": "m \"你\"",
+            "system_fingerprint": None}
+    fmt = ChunkFormat(head, with_usage)
+    lp = {"content": [{"token": "你", "logprob": -0.5, "bytes": [228, 189, 160], "top_logprobs": []}]}
+    for choice in ({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None},
+                   {"index": 1, "delta": {"content": "好\n\"x\""}, "logprobs": lp, "finish_reason": None},
+                   {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}):
+        text = fmt(choice)
+        assert text == sse({**head, "choices": [choice], **({"usage": None} if with_usage else {})})
+        parsed = ChatCompletionChunk.model_validate_json(text[len("data: "):])
+        assert parsed.choices[0].index == choice["index"] and parsed.model == head["model"]
+    head = {"id": "cmpl-1", "object": "text_completion", "created": 5, "model": "m", "system_fingerprint": None}
+    choice = {"index": 0, "text": "好", "logprobs": None, "finish_reason": "length"}
+    text = ChunkFormat(head, with_usage)(choice)
+    assert text == sse({**head, "choices": [choice], **({"usage": None} if with_usage else {})})
+    assert OpenAICompletion.model_validate_json(text[len("data: "):]).choices[0].text == "好"

@@ -165,3 +165,56 @@ def test_sampling_options_declared_once():
 
     req = _requests(Stub(), [[1, 2]], ["\n"], 5, 0.0, [None])[0]
     assert {k: req[k] for k in plain if k != "temperature"} == {k: v for k, v in plain.items() if k != "temperature"}
+
+
+def test_repetition_penalty_kept_up_to_date_equals_fresh():
+    """The penalty keeps the seen ids as the output grows; each step equals a fresh processor's, also when
+    the same processor is handed another sequence's lists or a shorter output."""
+    torch.manual_seed(0)
+    kept = make_logits_processors(SamplingParams(repetition_penalty=1.3))[0]
+    prompt, output = [5, 9, 5, 17], []
+    other_prompt, other_output = [1, 2, 3], [4, 4]
+    for step in range(40):
+        logits = torch.randn(64)
+        fresh = make_logits_processors(SamplingParams(repetition_penalty=1.3))[0]
+        assert torch.equal(kept(prompt, output, logits.clone()), fresh(prompt, output, logits.clone()))
+        if step % 7 == 3:  # another sequence in between, then back
+            assert torch.equal(kept(other_prompt, other_output, logits.clone()),
+                               fresh(other_prompt, other_output, logits.clone()))
+        output.append(int(torch.randint(0, 64, ()))) if step % 5 else output.append(5)
+    shorter = output[:3]
+    assert torch.equal(kept(prompt, shorter, logits.clone()),
+                       make_logits_processors(SamplingParams(repetition_penalty=1.3))[0](prompt, shorter, logits.clone()))
+
+
+def test_batched_greedy_choice_is_each_rows_own():
+    """The engine's one max over a batch picks, for every row, the token the row alone gives (the first of
+    tied maxima), and a NaN or fully masked row raises for that row only."""
+    from qianwen.engine.llm_engine import LLMEngine
+    from qianwen.engine.sequence import Sequence
+    from qianwen.generation.step import TokenStepper
+
+    class Tok:  # the token step's detokenizer needs only these
+        strip_leading_space = False
+        special_ids = frozenset()
+
+        def id_to_token_bytes(self, i):
+            return b"x"
+
+    torch.manual_seed(1)
+    rows = torch.randn(6, 50)
+    rows[1, [3, 7, 40]] = 9.0  # ties: the first wins
+    rows[2] = 2.0  # every logit tied
+    rows[3, 11] = float("nan")
+    rows[4] = float("-inf")
+    params = SamplingParams(temperature=0, ignore_eos=True)
+    seqs = [Sequence(TokenStepper(Tok(), [1], params, 5)) for _ in range(6)]
+    assert all(s.stepper.plain_greedy for s in seqs)
+    engine = LLMEngine.__new__(LLMEngine)  # only _sample's bookkeeping is used
+    engine.seqs, engine.scheduler = {}, type("S", (), {"finish": lambda self, s: None})()
+    outs = engine._sample(seqs, rows)
+    for i in (0, 1, 2, 5):
+        assert outs[i].token_id == sample(rows[i].clone(), params, None) == int(torch.argmax(rows[i]))
+    assert outs[1].token_id == 3 and outs[2].token_id == 0
+    assert outs[3].finish_reason == "error" and "NaN" in outs[3].error
+    assert outs[4].finish_reason == "error" and "masked" in outs[4].error

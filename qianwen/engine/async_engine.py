@@ -1,13 +1,21 @@
 """The engine loop on a background thread, fed and drained from an asyncio event loop.
 
-Each request gets an asyncio.Queue; the engine thread hands outputs to the event loop with
-`call_soon_threadsafe`. Closing a request's stream (a client that went away) aborts its sequence,
-which frees its cache at the next step boundary.
+Each request gets an asyncio.Queue; after each step the engine thread hands that step's outputs to each
+event loop in one `call_soon_threadsafe`. Closing a request's stream (a client that went away) aborts its
+sequence, which frees its cache at the next step boundary.
+
+Sharing the cores: when the kernels' threads take every core this process may run on (the CPU engine's
+default), the event loop's work for a step (waking the readers, formatting and writing the stream chunks)
+would run beside the next step's parallel regions, whose barriers then wait for a thread the scheduler has
+put aside (docs/server.md measures it). So the engine thread waits, at most HANDOFF_WAIT seconds, until the
+loop has run the readers it woke; the loop never waits for the engine, and a slow client never holds it up
+(its writes are buffered by the transport).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -15,16 +23,44 @@ from collections.abc import AsyncIterator, Callable
 from .llm_engine import LLMEngine
 from .sequence import Sequence, StepOutput
 
+HANDOFF_WAIT = 0.01  # seconds the engine thread waits for an event loop to take a step's outputs
+
+Target = tuple[asyncio.AbstractEventLoop, asyncio.Queue]
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, StepOutput]],
+             done: threading.Event | None) -> None:
+    """On the event loop: queue a step's outputs; `done` is set once the readers they wake have run
+    (callbacks run in order, and each woken reader was scheduled before this one)."""
+    for queue, out in items:
+        queue.put_nowait(out)
+    if done is not None:
+        loop.call_soon(done.set)
+
+
+def shares_cores(device_type: str) -> bool:
+    """Whether the engine's kernels use every core this process may run on (so the event loop has none
+    of its own): a CPU engine whose torch thread count reaches the cores available."""
+    import torch
+
+    if device_type != "cpu":
+        return False
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return torch.get_num_threads() >= cores
+
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, on_step: Callable[[float, int], None] | None = None) -> None:
+    def __init__(self, engine: LLMEngine, on_step: Callable[[float, int], None] | None = None,
+                 wait_for_loop: bool | None = None) -> None:
         self.engine = engine
         self.on_step = on_step  # (seconds, tokens) per step, for metrics
         self._wake = threading.Event()
         self._stop = False
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
-        self._targets: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._targets: dict[int, Target] = {}
+        # None: wait when the kernels take every core (module docstring)
+        self.wait_for_loop = shares_cores(engine.model.device.type) if wait_for_loop is None else wait_for_loop
 
     def start(self) -> None:
         if self._thread is None:
@@ -60,16 +96,32 @@ class AsyncEngine:
                     outputs = self._fail_all(e)
                 if self.on_step and outputs:
                     self.on_step(time.perf_counter() - t0, sum(o.token_id >= 0 for o in outputs))
-                for out in outputs:
-                    # a finished sequence's target is dropped here too, in case its reader never started
-                    target = self._targets.pop(out.seq_id, None) if out.finish_reason else \
-                        self._targets.get(out.seq_id)
-                    if target is not None:
-                        loop, queue = target
-                        try:
-                            loop.call_soon_threadsafe(queue.put_nowait, out)
-                        except RuntimeError:  # that event loop is closed
-                            self._targets.pop(out.seq_id, None)
+                handed = self._hand_over(outputs)
+                deadline = time.monotonic() + HANDOFF_WAIT
+                for done in handed:
+                    done.wait(max(0.0, deadline - time.monotonic()))
+
+    def _hand_over(self, outputs: list[StepOutput]) -> list[threading.Event]:
+        """One call into each event loop with this step's outputs for its readers; returns the events that
+        say each loop has run them (empty unless `wait_for_loop`)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, StepOutput]]] = {}
+        for out in outputs:
+            # a finished sequence's target is dropped here too, in case its reader never started
+            target = self._targets.pop(out.seq_id, None) if out.finish_reason else self._targets.get(out.seq_id)
+            if target is not None:
+                by_loop.setdefault(target[0], []).append((target[1], out))
+        handed = []
+        for loop, items in by_loop.items():
+            done = threading.Event() if self.wait_for_loop else None
+            try:
+                loop.call_soon_threadsafe(_deliver, loop, items, done)
+            except RuntimeError:  # that event loop is closed
+                for _, out in items:
+                    self._targets.pop(out.seq_id, None)
+                continue
+            if done is not None:
+                handed.append(done)
+        return handed
 
     def _fail_all(self, error: Exception) -> list[StepOutput]:
         eng = self.engine

@@ -122,13 +122,19 @@ class LLMEngine:
             outputs += self._sample(sched.decode, self.runner.decode(sched.decode))
         return outputs
 
-    def _sample(self, seqs: list[Sequence], rows: list[torch.Tensor]) -> list[StepOutput]:
-        """Each sequence's token step on its logits row. (A logits processor that needs the whole batch at
+    def _sample(self, seqs: list[Sequence], rows: torch.Tensor | list[torch.Tensor]) -> list[StepOutput]:
+        """Each sequence's token step on its logits row (rows: [B, V] or B rows of [V]). Plain greedy rows
+        (no processor) take their token from one max over the whole batch, which finds each row's first
+        largest logit exactly as the row alone would. (A logits processor that needs the whole batch at
         once, e.g. one grammar mask kernel for all rows, would run here, before the per-row steps.)"""
         outputs = []
-        for seq, logits in zip(seqs, rows, strict=True):
+        best: list[tuple[float, int] | None] = [None] * len(seqs)
+        if isinstance(rows, torch.Tensor) and sum(s.stepper.plain_greedy for s in seqs) > 1:
+            values, indices = rows.max(dim=-1)
+            best = list(zip(values.tolist(), indices.tolist(), strict=True))
+        for seq, logits, b in zip(seqs, rows, best, strict=True):
             try:
-                out = seq.step(logits)
+                out = seq.step(logits, b)
             except Exception as e:
                 outputs.append(self._fail(seq, e))
                 continue

@@ -50,11 +50,14 @@ class ModelRunner:
         return logits.float().cpu()
 
     @torch.inference_mode()
-    def decode(self, seqs: list[Sequence]) -> list[torch.Tensor]:
-        """One token for each sequence (whose last token is not cached yet); logits [vocab] each."""
+    def decode(self, seqs: list[Sequence]) -> torch.Tensor | list[torch.Tensor]:
+        """One token for each sequence (whose last token is not cached yet); logits [vocab] each: one
+        [len(seqs), vocab] tensor when they ran in one forward (the usual case), else a list of rows."""
         groups: dict[tuple, list[Sequence]] = {}
         for s in seqs:  # sequences with different model state (Qwen-7B NTK alpha) never share a forward
             groups.setdefault(tuple(sorted(s.extra.items())), []).append(s)
+        if len(groups) == 1 and len(seqs) <= self.max_rows:
+            return self._decode_rows(seqs)
         out: dict[int, torch.Tensor] = {}
         for group in groups.values():
             for i in range(0, len(group), self.max_rows):

@@ -22,11 +22,41 @@ class SamplingError(QianwenError):
     """This sequence cannot choose a token (NaN logits, every token masked): it ends with an error."""
 
 
+class _Seen:
+    """The distinct ids of prompt + output as a tensor, kept up to date as the output grows (one sequence's
+    lists only grow: the token step appends), so a step costs O(new tokens), not O(all tokens). Other lists
+    (another sequence, a shorter output) rebuild it."""
+
+    def __init__(self) -> None:
+        self.prompt: list[int] | None = None
+        self.output: list[int] | None = None
+        self.n_out = 0
+        self.seen: set[int] = set()
+        self.ids = torch.empty(0, dtype=torch.long)
+
+    def __call__(self, prompt_ids: list[int], output_ids: list[int]) -> torch.Tensor:
+        if prompt_ids is not self.prompt or output_ids is not self.output or len(output_ids) < self.n_out:
+            self.prompt, self.output, self.n_out = prompt_ids, output_ids, 0
+            self.seen = set(prompt_ids)
+            self.ids = torch.tensor(sorted(self.seen), dtype=torch.long)
+        new = []
+        for t in output_ids[self.n_out:]:
+            if t not in self.seen:
+                self.seen.add(t)
+                new.append(t)
+        self.n_out = len(output_ids)
+        if new:
+            self.ids = torch.cat([self.ids, torch.tensor(new, dtype=torch.long)])
+        return self.ids
+
+
 def repetition_penalty(penalty: float) -> LogitsProcessor:
     """Divide positive logits (multiply negative ones) of every token in prompt + output, as transformers
     and vLLM do."""
+    seen = _Seen()
+
     def fn(prompt_ids: list[int], output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
-        ids = torch.tensor(prompt_ids + output_ids, dtype=torch.long).unique()
+        ids = seen(prompt_ids, output_ids)
         vals = logits[ids]
         logits[ids] = torch.where(vals > 0, vals / penalty, vals * penalty)
         return logits
@@ -69,13 +99,10 @@ def sample(scores: torch.Tensor, p: SamplingParams, generator: torch.Generator |
     """Choose a token from a processed logits row [V] float32. Safe for every value: NaN or a row with every
     token masked raises SamplingError; +inf logits (a penalty divided by a tiny number) leave only those tokens;
     a tiny temperature never overflows (the best logit is subtracted before dividing)."""
-    best = scores.max()
-    if torch.isnan(best):
-        raise SamplingError("the logits contain NaN")
-    if best == float("-inf"):
-        raise SamplingError("every token is masked: no token can be chosen")
+    best, index = scores.max(dim=-1)  # one pass: the largest logit and its first position
+    token = best_token(float(best), int(index))
     if p.greedy:
-        return int(torch.argmax(scores))
+        return token
     if best == float("inf"):
         logits = torch.where(scores == best, 0.0, float("-inf"))
     else:
@@ -93,6 +120,16 @@ def sample(scores: torch.Tensor, p: SamplingParams, generator: torch.Generator |
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, idx, sorted_p)
     return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+
+
+def best_token(best: float, index: int) -> int:
+    """The greedy choice of a row whose largest logit `best` is first found at `index`; SamplingError for
+    a row with NaN (max propagates it) or with every token masked."""
+    if best != best:
+        raise SamplingError("the logits contain NaN")
+    if best == float("-inf"):
+        raise SamplingError("every token is masked: no token can be chosen")
+    return index
 
 
 def logprobs_of(logits: torch.Tensor, token: int, top: int | None) -> tuple[float, list[tuple[int, float]] | None]:

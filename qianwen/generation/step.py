@@ -20,6 +20,7 @@ from .params import SamplingParams
 from .sampling import (
     LogitsProcessor,
     apply_processors,
+    best_token,
     logprobs_of,
     make_generator,
     make_logits_processors,
@@ -60,10 +61,20 @@ class TokenStepper:
         self.stops = StopMatcher(params.stop)
         self.finish_reason: str | None = None
 
-    def step(self, logits: torch.Tensor) -> TokenStep:
-        """logits [V] float32 for the next token -> the chosen token and the text it completes."""
-        scores = apply_processors(self.processors, self.prompt_ids, self.output_ids, logits)
-        token = sample(scores, self.params, self.generator)
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with no logits processor: the token is the row's first largest logit, which a caller
+        holding many rows (the engine) finds for all of them in one reduction and passes to `step`."""
+        return self.params.greedy and not self.processors
+
+    def step(self, logits: torch.Tensor, best: tuple[float, int] | None = None) -> TokenStep:
+        """logits [V] float32 for the next token -> the chosen token and the text it completes.
+        `best`: (largest logit, its first index) of `logits`, already found; used when `plain_greedy`."""
+        if best is not None and self.plain_greedy:
+            token = best_token(*best)
+        else:
+            scores = apply_processors(self.processors, self.prompt_ids, self.output_ids, logits)
+            token = sample(scores, self.params, self.generator)
         lp, top = logprobs_of(logits, token, self.params.logprobs) if self.params.logprobs is not None \
             else (None, None)
         return self.append(token, lp, top)

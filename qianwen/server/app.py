@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.async_engine import AsyncEngine
@@ -94,6 +95,33 @@ class BodyLimit:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+class AuthAndCount:
+    """ASGI middleware: API keys on the PROTECTED routes (401 in OpenAI's shape), and the request counter
+    by route and status. Plain ASGI, so a streamed body goes straight through (Starlette's
+    `@app.middleware("http")` would pass every chunk through a memory stream and another task)."""
+
+    def __init__(self, app: Any, config: ServerConfig, metrics: Metrics) -> None:
+        self.app, self.config, self.metrics = app, config, metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path: str = scope["path"]
+        counted = path.startswith("/v1")
+
+        async def counting_send(message: dict) -> None:
+            if counted and message["type"] == "http.response.start":
+                self.metrics.requests.inc(route=path, status=str(message["status"]))
+            await send(message)
+
+        keys = self.config.api_keys
+        if path.startswith(PROTECTED) and keys and not _authorized(Headers(scope=scope), keys):
+            denied = _error(APIError(401, "Incorrect API key provided. Pass it as 'Authorization: Bearer <key>'.",
+                                     code="invalid_api_key"))
+            return await denied(scope, receive, counting_send)
+        await self.app(scope, receive, counting_send)
 
 
 def create_app(model: Any, engine_config: EngineConfig | None = None,
@@ -204,19 +232,7 @@ def protect(app: FastAPI, config: ServerConfig, metrics: Metrics) -> None:
     async def server_error(request: Request, exc: Exception) -> JSONResponse:
         return _error(APIError(500, f"internal error: {type(exc).__name__}", type="server_error"))
 
-    @app.middleware("http")
-    async def auth_and_count(request: Request, call_next: Any) -> Response:
-        path = request.url.path
-        if path.startswith(PROTECTED) and config.api_keys and not _authorized(request, config.api_keys):
-            response: Response = _error(APIError(
-                401, "Incorrect API key provided. Pass it as 'Authorization: Bearer <key>'.",
-                code="invalid_api_key"))
-        else:
-            response = await call_next(request)
-        if path.startswith("/v1"):
-            metrics.requests.inc(route=path, status=str(response.status_code))
-        return response
-
+    app.add_middleware(AuthAndCount, config=config, metrics=metrics)
     if config.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -244,9 +260,9 @@ def web_routes(app: FastAPI, config: ServerConfig, context_length: int, sampling
                                           if isinstance(v, (int, float))}, "time": time.time()})
 
 
-def _authorized(request: Request, keys: list[str]) -> bool:
-    header = request.headers.get("authorization", "")
-    token = header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+def _authorized(headers: Headers, keys: list[str]) -> bool:
+    header = headers.get("authorization", "")
+    token = header[7:].strip() if header.lower().startswith("bearer ") else headers.get("x-api-key", "")
     return any(hmac.compare_digest(token.encode(), k.encode()) for k in keys)
 
 

@@ -10,7 +10,7 @@ from ..chat import reasoning as R
 from ..chat import tools as T
 from ..chat.template import encode_rendered
 from .schemas import ChatCompletionRequest
-from .serving import APIError, Serving, new_id, sse, usage
+from .serving import APIError, ChunkFormat, Serving, new_id, sse, usage
 from .structured import processor_factory, request_grammar
 
 
@@ -158,18 +158,14 @@ def chat_stream_setup(serving: Serving, req: ChatCompletionRequest) -> AsyncIter
 
 async def _chat_stream(serving: Serving, req: ChatCompletionRequest, prompt: ChatPrompt, seqs: list,
                        queue: Any, n_prompt: int, arrival: float) -> AsyncIterator[str]:
-    rid, created, name = new_id("chatcmpl"), int(time.time()), serving.config.model_name
     with_usage = bool(req.stream_options and req.stream_options.include_usage)
+    head = {"id": new_id("chatcmpl"), "object": "chat.completion.chunk", "created": int(time.time()),
+            "model": serving.config.model_name, "system_fingerprint": None}
+    fmt = ChunkFormat(head, with_usage)
 
     def chunk(i: int, delta: dict[str, Any], finish: str | None = None, logprobs: list | None = None) -> str:
-        body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
-                "system_fingerprint": None,
-                "choices": [{"index": i, "delta": delta,
-                             "logprobs": {"content": logprobs} if logprobs is not None else None,
-                             "finish_reason": finish}]}
-        if with_usage:
-            body["usage"] = None
-        return sse(body)
+        return fmt({"index": i, "delta": delta, "logprobs": {"content": logprobs} if logprobs is not None else None,
+                    "finish_reason": finish})
 
     parsers = [prompt.parser() for _ in seqs]
     thinkers = [prompt.reasoning_parser() for _ in seqs]
@@ -204,6 +200,5 @@ async def _chat_stream(serving: Serving, req: ChatCompletionRequest, prompt: Cha
         yield sse(e.body())
     if with_usage:
         n_out = sum(len(s.output_ids) for s in seqs)
-        yield sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": name,
-                   "system_fingerprint": None, "choices": [], "usage": usage(n_prompt, n_out)})
+        yield sse({**head, "choices": [], "usage": usage(n_prompt, n_out)})
     yield sse("[DONE]")

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from .schemas import CompletionRequest
-from .serving import APIError, Serving, new_id, sse, usage
+from .serving import APIError, ChunkFormat, Serving, new_id, sse, usage
 from .structured import processor_factory, request_grammar
 
 
@@ -149,20 +149,17 @@ def completion_stream_setup(serving: Serving, req: CompletionRequest) -> AsyncIt
 
 async def _stream(serving: Serving, req: CompletionRequest, prompts: list, seqs: list, queue: Any,
                   prompt_tokens: int, arrival: float) -> AsyncIterator[str]:
-    rid, created, name = new_id("cmpl"), int(time.time()), serving.config.model_name
     with_usage = bool(req.stream_options and req.stream_options.include_usage)
+    head = {"id": new_id("cmpl"), "object": "text_completion", "created": int(time.time()),
+            "model": serving.config.model_name, "system_fingerprint": None}
+    fmt = ChunkFormat(head, with_usage)
     n_choices = len(prompts) * req.n
     offsets = [0] * n_choices
 
     def chunk(i: int, text: str, finish: str | None, lp: dict[str, Any] | None) -> str:
         if lp is not None:
             offsets[i] += sum(len(t) for t in lp["tokens"])
-        body = {"id": rid, "object": "text_completion", "created": created, "model": name,
-                "system_fingerprint": None,
-                "choices": [{"index": i, "text": text, "logprobs": lp, "finish_reason": finish}]}
-        if with_usage:
-            body["usage"] = None
-        return sse(body)
+        return fmt({"index": i, "text": text, "logprobs": lp, "finish_reason": finish})
 
     try:
         if req.echo:  # each choice starts with its prompt (and the prompt's logprobs), as in vLLM
@@ -187,6 +184,5 @@ async def _stream(serving: Serving, req: CompletionRequest, prompts: list, seqs:
         serving.engine.release(seqs)
     if with_usage:
         n_out = sum(len(s.output_ids) for s in seqs)
-        yield sse({"id": rid, "object": "text_completion", "created": created, "model": name,
-                   "system_fingerprint": None, "choices": [], "usage": usage(prompt_tokens, n_out)})
+        yield sse({**head, "choices": [], "usage": usage(prompt_tokens, n_out)})
     yield sse("[DONE]")

@@ -209,6 +209,20 @@ def sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
+class ChunkFormat:
+    """The SSE events of one stream: `head` (id, object, created, model, ...) and the `usage: null` that
+    every chunk repeats are serialised once; each chunk then serialises only its one choice. The text is
+    exactly `sse({**head, "choices": [choice], "usage": None})` (without usage unless `with_usage`)."""
+
+    def __init__(self, head: dict[str, Any], with_usage: bool) -> None:
+        self.head = head
+        self.prefix = "data: " + json.dumps(head, ensure_ascii=False)[:-1] + ', "choices": ['
+        self.suffix = ("], \"usage\": null}" if with_usage else "]}") + "\n\n"
+
+    def __call__(self, choice: dict[str, Any]) -> str:
+        return self.prefix + json.dumps(choice, ensure_ascii=False) + self.suffix
+
+
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
