@@ -1,14 +1,23 @@
 """Serving benchmark: aggregate output tokens/s and p50/p95 time to first token at 1, 4 and 16 concurrent
-streaming clients, for `qianwen serve` and (same GGUF, same threads) llama.cpp's server, in one run.
+streaming clients, a 10-turn chat's time to first token per turn, and the raw decode step of the same model,
+for `qianwen serve` and (same GGUF, same threads) llama.cpp's server, in one run.
 
     python benchmarks/serve.py                          # qianwen only, default model
     python benchmarks/serve.py --llama-python /tmp/llamavenv/bin/python   # plus llama-cpp-python[server]
     python benchmarks/serve.py --model HF_FOLDER --engine qianwen --engine vllm --vllm-python PY
         # both engines behind the same `qianwen serve` gateway (docs/deploy.md); vLLM needs a folder
+    python benchmarks/serve.py --model default --model HF_FOLDER --engine qianwen --engine vllm --vllm-python PY
+        # qianwen on the GGUF and on the folder, vLLM on the folder (it skips .gguf models)
 
 llama.cpp's AMX repack path crashes on some CPUs (docs/cpu-performance.md), so its server is started with
 `use_extra_bufts = False`, the stock path. Each client sends chat requests one after another; a run
-ends when every client has sent `--rounds` requests. Prints a Markdown table.
+ends when every client has sent `--rounds` requests. The raw step is qianwen's decode forward of one
+sequence (the model's own static cache, greedy argmax, no server, no sampling options), in a subprocess with
+the same threads; "1 client / raw" divides the served single-client rate by it (the goal: >= 0.8). The chat
+scenario: one client holds a 10-turn conversation, each turn sending the whole history (the previous
+answers included) and a new question, answers greedy and exactly `--chat-tokens` long (ignore_eos); it
+reports the time to the first token of each turn (the goal: turn 10 <= 1.2x turn 1, which needs the
+engine to reuse the cached prefix). Prints Markdown tables.
 """
 
 from __future__ import annotations
@@ -39,6 +48,30 @@ C.llama_model_default_params = _params
 from llama_cpp.server.__main__ import main
 sys.argv = ["llama_cpp.server"] + sys.argv[1:]
 main()
+"""
+
+QUESTIONS = ["Tell me about the history of tea.", "Which countries grow the most of it?", "How is green tea made?",
+             "And black tea?", "What is a tea ceremony?", "Which teas have the most caffeine?",
+             "How should I store tea at home?", "What water temperature is best?", "Can tea go bad?",
+             "Summarise what we discussed."]
+
+RAW_STEP = """
+import sys, time, torch, qianwen
+from qianwen.fast import StaticKVCache
+path, dtype, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+m = qianwen.load(path, dtype=None if dtype == "auto" else dtype)
+net = m.net
+ids = m.tokenizer.encode("Write a short story about a robot learning to paint.")
+with torch.inference_mode():
+    best = 0.0
+    for _ in range(3):  # the best of three: the figure a quiet moment gives
+        cache = StaticKVCache.for_model(net, 1, len(ids) + n + 8)
+        tok = int(net(torch.tensor([ids]), cache=cache)[0, -1].argmax())
+        t0 = time.perf_counter()
+        for _ in range(n):
+            tok = int(net(torch.tensor([[tok]]), cache=cache)[0, -1].argmax())
+        best = max(best, n / (time.perf_counter() - t0))
+print(best)
 """
 
 PROMPTS = ["Write a short story about a robot learning to paint.", "Explain how a refrigerator works.",
@@ -79,7 +112,9 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-async def one_request(http: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> tuple[float, int]:
+async def one_request(http: httpx.AsyncClient, model: str, prompt: str, max_tokens: int
+                      ) -> tuple[float, int, float]:
+    """(time to first token, output tokens, seconds from the first token to the end)."""
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
@@ -97,87 +132,165 @@ async def one_request(http: httpx.AsyncClient, model: str, prompt: str, max_toke
                     chunks += 1
                     if ttft is None:
                         ttft = time.perf_counter() - t0
-    return (ttft if ttft is not None else time.perf_counter() - t0), (usage if usage is not None else chunks)
+    end = time.perf_counter() - t0
+    ttft = ttft if ttft is not None else end
+    return ttft, (usage if usage is not None else chunks), end - ttft
 
 
 async def load(base: str, model: str, clients: int, rounds: int, max_tokens: int) -> dict[str, float]:
     async with httpx.AsyncClient(base_url=base, timeout=600) as http:
         await one_request(http, model, "Hi", 4)  # warm-up
 
-        async def client(k: int) -> list[tuple[float, int]]:
+        async def client(k: int) -> list[tuple[float, int, float]]:
             return [await one_request(http, model, PROMPTS[(k + r) % len(PROMPTS)], max_tokens)
                     for r in range(rounds)]
 
         t0 = time.perf_counter()
         results = [x for xs in await asyncio.gather(*[client(k) for k in range(clients)]) for x in xs]
         wall = time.perf_counter() - t0
-    ttfts = sorted(t for t, _ in results)
-    tokens = sum(n for _, n in results)
-    return {"requests": len(results), "tokens": tokens, "wall": wall, "tok_s": tokens / wall,
+    ttfts = sorted(t for t, _, _ in results)
+    tokens = sum(n for _, n, _ in results)
+    # the streaming rate after the first token (one client: the decode step as served, prefill left out)
+    decode_s = sum(n - 1 for _, n, _ in results) / max(1e-9, sum(d for _, _, d in results))
+    return {"requests": len(results), "tokens": tokens, "wall": wall, "tok_s": tokens / wall, "decode_tok_s": decode_s,
             "ttft_p50": statistics.median(ttfts), "ttft_p95": ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))]}
+
+
+async def first_token(http: httpx.AsyncClient, model: str, messages: list[dict[str, str]], max_tokens: int
+                      ) -> tuple[float, str]:
+    """(seconds to the first content token, the whole answer) of one streamed greedy chat turn."""
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True}
+    t0 = time.perf_counter()
+    ttft, parts = None, []
+    async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line.strip() == "data: [DONE]":
+                continue
+            for c in json.loads(line[6:]).get("choices", []):
+                piece = (c.get("delta") or {}).get("content")
+                if piece:
+                    parts.append(piece)
+                    if ttft is None:
+                        ttft = time.perf_counter() - t0
+    return (ttft if ttft is not None else time.perf_counter() - t0), "".join(parts)
+
+
+async def chat_turns(base: str, model: str, max_tokens: int) -> list[float]:
+    """Time to first token of each turn of one 10-turn conversation (each turn resends the history)."""
+    async with httpx.AsyncClient(base_url=base, timeout=600) as http:
+        await first_token(http, model, [{"role": "user", "content": "Hi"}], 4)  # warm-up
+        messages: list[dict[str, str]] = [{"role": "system", "content": "You are a helpful assistant."}]
+        ttfts = []
+        for question in QUESTIONS:
+            messages.append({"role": "user", "content": question})
+            ttft, answer = await first_token(http, model, messages, max_tokens)
+            messages.append({"role": "assistant", "content": answer})
+            ttfts.append(ttft)
+    return ttfts
+
+
+def raw_step(model: str, dtype: str | None, tokens: int, env: dict[str, str]) -> float:
+    """qianwen's raw decode step (tokens/s) on `model`, in a subprocess with the benchmark's threads."""
+    out = subprocess.run([sys.executable, "-c", RAW_STEP, model, dtype or "auto", str(tokens)], env=env,
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"the raw step failed: {out.stderr.strip().splitlines()[-1:]}")
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="a .gguf file (default: the default model)")
+    ap.add_argument("--model", action="append", default=None,
+                    help="a .gguf file or a Hugging Face folder; repeatable ('default': the default model)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--rounds", type=int, default=2, help="requests per client")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--chat-tokens", type=int, default=48, help="tokens per answer in the 10-turn chat (0: skip)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--dtype", default=None, help="qianwen's dtype (default: by hardware)")
     ap.add_argument("--engine", action="append", choices=["qianwen", "vllm"], default=None,
-                    help="qianwen serve's engine (repeatable; default qianwen)")
+                    help="qianwen serve's engine (repeatable; default qianwen); vllm runs on the folders only")
     ap.add_argument("--vllm-python", default=None, help="the Python with vLLM (default QIANWEN_VLLM_PYTHON)")
     ap.add_argument("--llama-python", default=None,
-                    help="a Python with llama-cpp-python[server] installed; omit to skip llama.cpp")
+                    help="a Python with llama-cpp-python[server] installed (GGUF models); omit to skip llama.cpp")
     ap.add_argument("--log-dir", default="/tmp")
     args = ap.parse_args()
 
-    if args.model is None:
-        from qianwen.artifacts import DEFAULT_GGUF, fetch
+    models = []
+    for m in args.model or ["default"]:
+        if m == "default":
+            from qianwen.artifacts import DEFAULT_GGUF, fetch
 
-        args.model = str(fetch(DEFAULT_GGUF))
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    servers = []
-    for engine in args.engine or ["qianwen"]:
-        port = free_port()
-        cmd = [sys.executable, "-m", "qianwen.cli.main", "serve", "--model", args.model, "--port", str(port),
-               "--threads", str(args.threads), "--served-model-name", "bench", "--log-level", "warning",
-               "--max-num-seqs", str(max(args.concurrency)), "--max-queue", "1000", "--engine", engine]
-        if args.dtype:
-            cmd += ["--dtype", args.dtype]
-        if engine == "vllm":
-            cmd += ["--max-model-len", "2048"] + (["--vllm-python", args.vllm_python] if args.vllm_python else [])
-        servers.append(("qianwen serve" + (" --engine vllm" if engine == "vllm" else ""), cmd, port, "bench"))
-    if args.llama_python:
-        port = free_port()
-        servers.append(("llama.cpp server", [args.llama_python, "-c", LLAMA_LAUNCHER, "--model", args.model,
-                                             "--port", str(port), "--host", "127.0.0.1", "--n_threads",
-                                             str(args.threads), "--n_ctx", "4096", "--model_alias", "bench",
-                                             # queue concurrent requests instead of cancelling the running one
-                                             "--interrupt_requests", "False"],
-                        port, "bench"))
-    rows = []
-    for label, cmd, port, model in servers:
+            m = str(fetch(DEFAULT_GGUF))
+        models.append(m)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "QIANWEN_THREADS": str(args.threads)}
+    servers = []  # (label, model path, command, port, engine)
+    for path in models:
+        for engine in args.engine or ["qianwen"]:
+            if engine == "vllm" and path.endswith(".gguf"):
+                continue
+            port = free_port()
+            cmd = [sys.executable, "-m", "qianwen.cli.main", "serve", "--model", path, "--port", str(port),
+                   "--threads", str(args.threads), "--served-model-name", "bench", "--log-level", "warning",
+                   "--max-num-seqs", str(max(args.concurrency)), "--max-queue", "1000", "--engine", engine]
+            if args.dtype:
+                cmd += ["--dtype", args.dtype]
+            if engine == "vllm":
+                cmd += ["--max-model-len", "2048"] + (["--vllm-python", args.vllm_python] if args.vllm_python else [])
+            servers.append(("qianwen serve" + (" --engine vllm" if engine == "vllm" else ""), path, cmd, port, engine))
+        if args.llama_python and path.endswith(".gguf"):
+            port = free_port()
+            servers.append(("llama.cpp server", path, [args.llama_python, "-c", LLAMA_LAUNCHER, "--model", path,
+                                                       "--port", str(port), "--host", "127.0.0.1", "--n_threads",
+                                                       str(args.threads), "--n_ctx", "4096", "--model_alias", "bench",
+                                                       # queue concurrent requests instead of cancelling the running one
+                                                       "--interrupt_requests", "False"], port, "llama.cpp"))
+    raw: dict[str, float] = {}
+    for path in models:
+        print(f"raw decode step on {Path(path).name} ...", file=sys.stderr)
+        raw[path] = raw_step(path, args.dtype, args.max_tokens, env)
+        print(f"  {raw[path]:.1f} tok/s", file=sys.stderr)
+    rows, chats = [], []
+    for label, path, cmd, port, engine in servers:
         base = f"http://127.0.0.1:{port}"
         log = Path(args.log_dir) / f"bench-{port}.log"
-        print(f"starting {label} ...", file=sys.stderr)
+        print(f"starting {label} on {Path(path).name} ...", file=sys.stderr)
         proc = start(cmd, base, env, log)
         try:
             for c in args.concurrency:
-                r = asyncio.run(load(base, model, c, args.rounds, args.max_tokens))
+                r = asyncio.run(load(base, "bench", c, args.rounds, args.max_tokens))
                 print(f"  {label} c={c}: {r['tok_s']:.1f} tok/s, TTFT p50 {r['ttft_p50']:.2f}s "
                       f"p95 {r['ttft_p95']:.2f}s", file=sys.stderr)
-                rows.append((label, c, r))
+                rows.append((label, path, engine, c, r))
+            if args.chat_tokens:
+                turns = asyncio.run(chat_turns(base, "bench", args.chat_tokens))
+                print(f"  {label} chat TTFT turn 1 {turns[0]:.3f}s, turn 10 {turns[-1]:.3f}s", file=sys.stderr)
+                chats.append((label, path, turns))
         finally:
             stop(proc)
-    print(f"\nModel: {Path(args.model).name}, {args.threads} threads, {args.max_tokens} max tokens per answer, "
-          f"{args.rounds} requests per client, greedy.\n")
-    print("| server | clients | requests | output tokens | aggregate tok/s | TTFT p50 (s) | TTFT p95 (s) |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for label, c, r in rows:
-        print(f"| {label} | {c} | {r['requests']} | {r['tokens']} | {r['tok_s']:.1f} | {r['ttft_p50']:.2f} | "
-              f"{r['ttft_p95']:.2f} |")
+    print(f"\n{args.threads} threads, {args.max_tokens} max tokens per answer, {args.rounds} requests per client, "
+          "greedy.\n")
+    print("| server | model | clients | requests | output tokens | aggregate tok/s | TTFT p50 (s) | TTFT p95 (s) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for label, path, _, c, r in rows:
+        print(f"| {label} | {Path(path).name} | {c} | {r['requests']} | {r['tokens']} | {r['tok_s']:.1f} | "
+              f"{r['ttft_p50']:.2f} | {r['ttft_p95']:.2f} |")
+    print("\n| model | raw decode step tok/s | qianwen serve, 1 client: after the first token tok/s | "
+          "1 client / raw step |")
+    print("|---|---:|---:|---:|")
+    for path in models:
+        one = next((r["decode_tok_s"] for _, p, e, c, r in rows if p == path and e == "qianwen" and c == 1), None)
+        ratio = f"{one / raw[path]:.2f}" if one else "-"
+        print(f"| {Path(path).name} | {raw[path]:.1f} | {f'{one:.1f}' if one else '-'} | {ratio} |")
+    if chats:
+        print(f"\n10-turn chat, one client, {args.chat_tokens}-token greedy answers: time to first token (s) per turn\n")
+        print("| server | model | " + " | ".join(f"turn {i + 1}" for i in range(len(QUESTIONS))) + " | turn 10 / turn 1 |")
+        print("|---|---|" + "---:|" * (len(QUESTIONS) + 1))
+        for label, path, turns in chats:
+            print(f"| {label} | {Path(path).name} | " + " | ".join(f"{t:.3f}" for t in turns) +
+                  f" | {turns[-1] / turns[0]:.2f} |")
     return 0
 
 

@@ -132,9 +132,9 @@ class AsyncEngine:
         eng.seqs.clear()
         return outs
 
-    def submit(self, seqs: list[Sequence], queue: asyncio.Queue | None = None) -> asyncio.Queue:
+    def submit(self, seqs: list[Sequence]) -> asyncio.Queue:
         """Queue built sequences; their outputs (tagged by seq_id) arrive on one asyncio queue."""
-        queue = queue if queue is not None else asyncio.Queue()
+        queue: asyncio.Queue = asyncio.Queue()
         target = (asyncio.get_running_loop(), queue)
         for seq in seqs:
             self._targets[seq.seq_id] = target

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,6 +23,9 @@ from .model_runner import ModelRunner
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import Sequence, Status, StepOutput
 
+if TYPE_CHECKING:
+    from ..api import Model  # the loaded model (type only: no upward import at run time)
+
 
 @dataclass
 class EngineConfig:
@@ -33,7 +36,7 @@ class EngineConfig:
 
 
 class LLMEngine:
-    def __init__(self, model: Any, config: EngineConfig | None = None) -> None:
+    def __init__(self, model: Model, config: EngineConfig | None = None) -> None:
         self.model = model
         self.config = config = config or EngineConfig()
         c = model.config
@@ -189,7 +192,7 @@ class LLM:
     comes back with finish_reason "error" and its `error`; the others are unaffected.
     """
 
-    def __init__(self, model: Any = None, config: EngineConfig | None = None, **load_kwargs: Any) -> None:
+    def __init__(self, model: Model | str | None = None, config: EngineConfig | None = None, **load_kwargs: Any) -> None:
         if model is None or isinstance(model, str) or hasattr(model, "__fspath__"):
             import qianwen
 

@@ -6,7 +6,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
@@ -15,13 +15,16 @@ from ..errors import QianwenError
 from ..generation.params import check_option, plain_options
 from . import data as D
 
+if TYPE_CHECKING:
+    from ..api import Model  # the loaded model (type only: no upward import at run time)
+
 TASKS = ("mmlu", "cmmlu", "ceval", "gsm8k", "humaneval", "perplexity")
 DEFAULT_SHOTS = {"mmlu": 5, "cmmlu": 5, "ceval": 5, "gsm8k": 8, "humaneval": 0, "perplexity": 0}
 METRIC = {"mmlu": "accuracy", "cmmlu": "accuracy", "ceval": "accuracy", "gsm8k": "accuracy",
           "humaneval": "pass@1", "perplexity": "perplexity"}
 
 
-def _requests(model: Any, prompts: list[list[int]], stop: list[str], max_tokens: int, temperature: float,
+def _requests(model: Model, prompts: list[list[int]], stop: list[str], max_tokens: int, temperature: float,
               seeds: list[int | None]) -> list[dict[str, Any]]:
     # a prompt longer than the context keeps its end (as Qwen's scripts do), leaving room to answer
     keep = max(1, model.context_length - min(max_tokens, model.context_length // 2))
@@ -31,7 +34,7 @@ def _requests(model: Any, prompts: list[list[int]], stop: list[str], max_tokens:
              "stop": list(stop), "seed": seed} for ids, seed in zip(prompts, seeds, strict=True)]
 
 
-def generate_all(model: Any, prompts: list[list[int]], stop: list[str], max_tokens: int, temperature: float = 0.0,
+def generate_all(model: Model, prompts: list[list[int]], stop: list[str], max_tokens: int, temperature: float = 0.0,
                  seeds: list[int | None] | None = None, batch_size: int = 8, desc: str = "generate") -> list[str]:
     """Completions of token-id prompts: batched through the continuous-batching engine (which keeps each
     sequence's tokens independent of its neighbours), or one by one with `model.stream_tokens`."""
@@ -53,7 +56,7 @@ def generate_all(model: Any, prompts: list[list[int]], stop: list[str], max_toke
     return texts
 
 
-def _encode_prompt(model: Any, text: str, chat: bool, reply_prefix: str = "") -> list[int]:
+def _encode_prompt(model: Model, text: str, chat: bool, reply_prefix: str = "") -> list[int]:
     tok = model.tokenizer
     if chat:
         ids = model.encode_chat([{"role": "user", "content": text}])
@@ -62,7 +65,7 @@ def _encode_prompt(model: Any, text: str, chat: bool, reply_prefix: str = "") ->
     return bos + tok.encode(text)
 
 
-def run_multiple_choice(model: Any, task: D.MCTask, shots: int, limit: int | None, chat: bool,
+def run_multiple_choice(model: Model, task: D.MCTask, shots: int, limit: int | None, chat: bool,
                         batch_size: int) -> dict[str, Any]:
     from . import multiple_choice as MC
 
@@ -79,7 +82,7 @@ def run_multiple_choice(model: Any, task: D.MCTask, shots: int, limit: int | Non
     return out
 
 
-def run_gsm8k(model: Any, rows: list[dict], shots: int, chat: bool, batch_size: int) -> dict[str, Any]:
+def run_gsm8k(model: Model, rows: list[dict], shots: int, chat: bool, batch_size: int) -> dict[str, Any]:
     from . import gsm8k as G
 
     prompts = [_encode_prompt(model, G.build_prompt(r["question"], shots), chat) for r in rows]
@@ -94,7 +97,7 @@ def run_gsm8k(model: Any, rows: list[dict], shots: int, chat: bool, batch_size: 
     return {"score": 100.0 * correct / max(1, len(rows)), "n": len(rows), "records": records}
 
 
-def run_humaneval(model: Any, problems: list[dict], chat: bool, samples: int, temperature: float,
+def run_humaneval(model: Model, problems: list[dict], chat: bool, samples: int, temperature: float,
                   workers: int, timeout_s: float, batch_size: int) -> dict[str, Any]:
     from . import humaneval as H
     from .sandbox import Limits, Sandbox
@@ -119,7 +122,7 @@ def run_humaneval(model: Any, problems: list[dict], chat: bool, samples: int, te
     return out
 
 
-def run_perplexity(model: Any, path: str, window: int | None, stride: int | None) -> dict[str, Any]:
+def run_perplexity(model: Model, path: str, window: int | None, stride: int | None) -> dict[str, Any]:
     from .perplexity import load_ids, perplexity
 
     ids = load_ids(path, model.tokenizer)
@@ -149,7 +152,7 @@ def check_args(task: str, data: str | None, limit: int | None = None, shots: int
         raise QianwenError(f"no such file or folder: {data}")
 
 
-def run(model: Any, task: str, data: str | None = None, limit: int | None = None, shots: int | None = None,
+def run(model: Model, task: str, data: str | None = None, limit: int | None = None, shots: int | None = None,
         chat: bool = False, batch_size: int = 8, samples: int = 1, temperature: float = 0.8,
         workers: int | None = None, timeout_s: float = 10.0, window: int | None = None,
         stride: int | None = None, log: Callable[[str], Any] = print) -> dict[str, Any]:

@@ -8,36 +8,23 @@ import hmac
 import time
 from collections.abc import AsyncIterator
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.async_engine import AsyncEngine
 from ..engine.llm_engine import EngineConfig, LLMEngine
-from .chat_route import chat_completion, chat_stream_setup
-from .completion_route import completion, completion_stream_setup
+from . import chat_route, completion_route, info_routes
 from .metrics import Metrics
-from .schemas import (
-    ChatCompletion,
-    ChatCompletionRequest,
-    Completion,
-    CompletionRequest,
-    DetokenizeRequest,
-    DetokenizeResponse,
-    ErrorResponse,
-    ModelList,
-    TokenizeRequest,
-    TokenizeResponse,
-    TokenizerInfo,
-)
-from .serving import APIError, ServerConfig, Serving
+from .serving import ERRORS, APIError, ServerConfig, Serving
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503)}
+if TYPE_CHECKING:
+    from ..api import Model  # the loaded model (type only: no upward import at run time)
+
 PROTECTED = ("/v1", "/tokenize", "/detokenize", "/tokenizer_info")  # routes that need a key when keys are set
 WEB_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
              ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png"}
@@ -124,7 +111,7 @@ class AuthAndCount:
         await self.app(scope, receive, counting_send)
 
 
-def create_app(model: Any, engine_config: EngineConfig | None = None,
+def create_app(model: Model, engine_config: EngineConfig | None = None,
                config: ServerConfig | None = None) -> FastAPI:
     config = config or ServerConfig(model_name=model.name)
     engine = LLMEngine(model, engine_config)
@@ -146,66 +133,8 @@ def create_app(model: Any, engine_config: EngineConfig | None = None,
 
     protect(app, config, metrics)
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERRORS,
-              summary="Chat completion (set stream=true for server-sent events)")
-    async def chat(req: ChatCompletionRequest, request: Request) -> Any:
-        if req.stream:
-            return StreamingResponse(chat_stream_setup(serving, req), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        return await chat_completion(serving, req, request)
-
-    @app.post("/v1/completions", response_model=Completion, responses=ERRORS,
-              summary="Text completion (set stream=true for server-sent events)")
-    async def complete(req: CompletionRequest, request: Request) -> Any:
-        if req.stream:
-            return StreamingResponse(completion_stream_setup(serving, req), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        return await completion(serving, req, request)
-
-    @app.get("/v1/models", response_model=ModelList, responses=ERRORS, summary="The served model")
-    async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": serving.created,
-                                            "owned_by": "qianwen", "max_model_len": serving.context_length}]}
-
-    # vLLM's tokenizer routes: lm-evaluation-harness's local-completions finds and uses them, so it scores
-    # with the served model's own tokenizer (text is encoded as plain text, as /v1/completions does)
-    @app.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS, summary="Text to token ids")
-    async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
-        if req.model is not None:
-            serving.check_model(req.model)
-        tok = model.tokenizer
-        ids = tok.encode(req.prompt)
-        if req.add_special_tokens and tok.add_bos and tok.bos_id is not None:
-            ids = [tok.bos_id, *ids]
-        return {"count": len(ids), "max_model_len": serving.context_length, "tokens": ids}
-
-    @app.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS, summary="Token ids to text")
-    async def detokenize(req: DetokenizeRequest) -> dict[str, Any]:
-        if req.model is not None:
-            serving.check_model(req.model)
-        vocab = model.tokenizer.vocab_size
-        if any(t < 0 or t >= vocab for t in req.tokens):
-            raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens")
-        return {"prompt": model.tokenizer.decode(req.tokens)}
-
-    @app.get("/tokenizer_info", response_model=TokenizerInfo, summary="The tokenizer's special tokens")
-    async def tokenizer_info() -> dict[str, Any]:
-        tok = model.tokenizer
-        name = lambda i: None if i is None else tok.id_to_token_bytes(i).decode("utf-8", errors="replace")
-        return {"tokenizer_class": type(tok).__name__, "eos_token": name(tok.eos_id), "bos_token": name(tok.bos_id),
-                "pad_token": name(tok.pad_id), "add_bos_token": tok.add_bos, "model_max_length": serving.context_length}
-
-    @app.get("/health", summary="200 while the engine runs")
-    async def health() -> JSONResponse:
-        ok = async_engine.alive and async_engine.error is None
-        return JSONResponse({"status": "ok" if ok else "error", "model": config.model_name,
-                             "running": engine.num_running, "waiting": engine.num_waiting},
-                            status_code=200 if ok else 503)
-
-    @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
-    async def prometheus() -> PlainTextResponse:
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
+    for module in (chat_route, completion_route, info_routes):
+        app.include_router(module.router)
     web_routes(app, config, serving.context_length, model.sampling_defaults)
     return app
 
@@ -282,4 +211,4 @@ def _version() -> str:
     return __version__
 
 
-__all__ = ["create_app", "ServerConfig"]
+__all__ = ["ERRORS", "create_app", "ServerConfig"]  # ERRORS: for the vLLM gateway's routes

@@ -4,14 +4,31 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
 
 from ..chat import reasoning as R
 from ..chat import tools as T
 from ..chat.template import encode_rendered
-from .schemas import ChatCompletionRequest
-from .serving import APIError, ChunkFormat, Serving, new_id, sse, usage
+from .schemas import ChatCompletion, ChatCompletionRequest
+from .serving import ERRORS, APIError, ChunkFormat, Serving, get_serving, new_id, sse, usage
 from .structured import processor_factory, request_grammar
+
+if TYPE_CHECKING:
+    from ..api import Model  # the loaded model (type only: no upward import at run time)
+
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERRORS,
+             summary="Chat completion (set stream=true for server-sent events)")
+async def chat(req: ChatCompletionRequest, request: Request, serving: Serving = Depends(get_serving)) -> Any:
+    if req.stream:
+        return StreamingResponse(chat_stream_setup(serving, req), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    return await chat_completion(serving, req, request)
 
 
 def _messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
@@ -68,7 +85,7 @@ class ChatPrompt:
         self.grammar = grammar  # llguidance Lark, or None; the vLLM gateway hands it to vLLM's own llguidance
         self.processors = processor_factory(model, grammar, "tools" if self.use_tools else "response_format")
 
-    def _render(self, model: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> str:
+    def _render(self, model: Model, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> str:
         if self.fmt in ("plain", "template"):
             try:
                 return model.chat_template.render(messages, True, tools, **self.kwargs)

@@ -6,9 +6,23 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from .schemas import CompletionRequest
-from .serving import APIError, ChunkFormat, Serving, new_id, sse, usage
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+
+from .schemas import Completion, CompletionRequest
+from .serving import ERRORS, APIError, ChunkFormat, Serving, get_serving, new_id, sse, usage
 from .structured import processor_factory, request_grammar
+
+router = APIRouter()
+
+
+@router.post("/v1/completions", response_model=Completion, responses=ERRORS,
+             summary="Text completion (set stream=true for server-sent events)")
+async def complete(req: CompletionRequest, request: Request, serving: Serving = Depends(get_serving)) -> Any:
+    if req.stream:
+        return StreamingResponse(completion_stream_setup(serving, req), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    return await completion(serving, req, request)
 
 
 def _prompts(serving: Serving, req: CompletionRequest) -> list[tuple[str | None, list[int]]]:

@@ -9,15 +9,24 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from fastapi import Request
 
 from ..engine.async_engine import AsyncEngine
 from ..engine.sequence import Sequence, StepOutput
 from ..errors import QianwenError
 from ..generation.params import OPTIONS, SamplingParams
 from .metrics import Metrics
+from .schemas import ErrorResponse
+
+if TYPE_CHECKING:
+    from ..api import Model  # the loaded model (type only: no upward import at run time)
+
+# the error answers every route may give, for the OpenAPI schema
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503)}
 
 
 class APIError(Exception):
@@ -47,7 +56,7 @@ class ServerConfig:
 class Serving:
     """Model + engine + limits: everything a route needs."""
 
-    def __init__(self, model: Any, engine: AsyncEngine, config: ServerConfig, metrics: Metrics) -> None:
+    def __init__(self, model: Model, engine: AsyncEngine, config: ServerConfig, metrics: Metrics) -> None:
         self.model, self.engine, self.config, self.metrics = model, engine, config, metrics
         self.created = int(time.time())
         # applied to every sequence (constrained decoding hooks; tests force exact outputs with them)
@@ -176,11 +185,16 @@ class Serving:
             self.engine.release(seqs)
 
 
+def get_serving(request: Request) -> Serving:
+    """The routes' dependency: the app's Serving (set by create_app)."""
+    return request.app.state.serving
+
+
 SCORE_ROWS = 256  # logits rows computed at once when scoring a prompt
 
 
 @torch.inference_mode()
-def prompt_logprobs(model: Any, ids: list[int], top: int) -> tuple[list[float], list[list[tuple[int, float]] | None]]:
+def prompt_logprobs(model: Model, ids: list[int], top: int) -> tuple[list[float], list[list[tuple[int, float]] | None]]:
     """The log-probability of each token of `ids` after the first, given the tokens before it, and the
     `top` most likely tokens at each of those positions: one forward over the prompt, as `Model.logits`
     does (float32 logits), with the vocabulary projection SCORE_ROWS rows at a time so that memory stays

@@ -4,7 +4,7 @@ as per-sequence logits processors; what cannot be enforced is a 400 naming it.""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..generation.constrain import (
     GrammarError,
@@ -14,6 +14,9 @@ from ..generation.constrain import (
     ll_tokenizer,
 )
 from .serving import APIError
+
+if TYPE_CHECKING:
+    from ..api import Model  # the loaded model (type only: no upward import at run time)
 
 # vLLM's structured_outputs keys -> ours
 _STRUCTURED_OUTPUTS = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar"}
@@ -48,7 +51,7 @@ def _param(req: Any) -> str:
     return "structured_outputs"
 
 
-def processor_factory(model: Any, grammar: str | None, param: str = "response_format"
+def processor_factory(model: Model, grammar: str | None, param: str = "response_format"
                       ) -> Callable[[], list[Any]] | None:
     """A function making fresh processors for each sequence, after checking the grammar once."""
     if grammar is None:
