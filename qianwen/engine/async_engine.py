@@ -4,8 +4,8 @@ Each request gets an asyncio.Queue; after each step the engine thread hands that
 event loop in one `call_soon_threadsafe`. Closing a request's stream (a client that went away) aborts its
 sequence, which frees its cache at the next step boundary.
 
-Sharing the cores: when the kernels' threads take every core this process may run on (the CPU engine's
-default), the event loop's work for a step (waking the readers, formatting and writing the stream chunks)
+Sharing the cores: when the kernels' threads took every core this process may run on (the CPU engine's
+default on a quiet machine; fewer while other processes keep cores busy), the event loop's work for a step (waking the readers, formatting and writing the stream chunks)
 would run beside the next step's parallel regions, whose barriers then wait for a thread the scheduler has
 put aside (docs/server.md measures it). So the engine thread waits, at most HANDOFF_WAIT seconds, until the
 loop has run the readers it woke; the loop never waits for the engine, and a slow client never holds it up
@@ -38,15 +38,8 @@ def _deliver(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, S
         loop.call_soon(done.set)
 
 
-def shares_cores(device_type: str) -> bool:
-    """Whether the engine's kernels use every core this process may run on (so the event loop has none
-    of its own): a CPU engine whose torch thread count reaches the cores available."""
-    import torch
-
-    if device_type != "cpu":
-        return False
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return torch.get_num_threads() >= cores
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 class AsyncEngine:
@@ -59,8 +52,9 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
         self._targets: dict[int, Target] = {}
-        # None: wait when the kernels take every core (module docstring)
-        self.wait_for_loop = shares_cores(engine.model.device.type) if wait_for_loop is None else wait_for_loop
+        # None: on a CPU, wait after each step whose kernels took every core (module docstring)
+        self.wait_for_loop = wait_for_loop
+        self._cores = usable_cores() if engine.model.device.type == "cpu" else None
 
     def start(self) -> None:
         if self._thread is None:
@@ -96,14 +90,18 @@ class AsyncEngine:
                     outputs = self._fail_all(e)
                 if self.on_step and outputs:
                     self.on_step(time.perf_counter() - t0, sum(o.token_id >= 0 for o in outputs))
-                handed = self._hand_over(outputs)
+                # torch.get_num_threads() in this thread: the count the step's kernels used (fewer than
+                # asked while other processes keep cores busy, qianwen/fast/native.py)
+                wait = self.wait_for_loop if self.wait_for_loop is not None else \
+                    self._cores is not None and torch.get_num_threads() >= self._cores
+                handed = self._hand_over(outputs, wait)
                 deadline = time.monotonic() + HANDOFF_WAIT
                 for done in handed:
                     done.wait(max(0.0, deadline - time.monotonic()))
 
-    def _hand_over(self, outputs: list[StepOutput]) -> list[threading.Event]:
-        """One call into each event loop with this step's outputs for its readers; returns the events that
-        say each loop has run them (empty unless `wait_for_loop`)."""
+    def _hand_over(self, outputs: list[StepOutput], wait: bool) -> list[threading.Event]:
+        """One call into each event loop with this step's outputs for its readers; with `wait`, returns the
+        events that say each loop has run them."""
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, StepOutput]]] = {}
         for out in outputs:
             # a finished sequence's target is dropped here too, in case its reader never started
@@ -112,7 +110,7 @@ class AsyncEngine:
                 by_loop.setdefault(target[0], []).append((target[1], out))
         handed = []
         for loop, items in by_loop.items():
-            done = threading.Event() if self.wait_for_loop else None
+            done = threading.Event() if wait else None
             try:
                 loop.call_soon_threadsafe(_deliver, loop, items, done)
             except RuntimeError:  # that event loop is closed
