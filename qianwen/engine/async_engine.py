@@ -7,8 +7,8 @@ sequence, which frees its cache at the next step boundary.
 Sharing the cores: when the kernels' threads took every core this process may run on (the CPU engine's
 default on a quiet machine; fewer while other processes keep cores busy), the event loop's work for a step (waking the readers, formatting and writing the stream chunks)
 would run beside the next step's parallel regions, whose barriers then wait for a thread the scheduler has
-put aside (docs/server.md measures it). So the engine thread waits, at most HANDOFF_WAIT seconds, until the
-loop has run the readers it woke; the loop never waits for the engine, and a slow client never holds it up
+put aside (docs/server.md measures it). So after a step with few outputs (HANDOFF_WAIT_MAX_OUTPUTS) the engine
+thread waits, at most HANDOFF_WAIT seconds, until the loop has run the readers it woke; the loop never waits for the engine, and a slow client never holds it up
 (its writes are buffered by the transport).
 """
 
@@ -24,6 +24,9 @@ from .llm_engine import LLMEngine
 from .sequence import Sequence, StepOutput
 
 HANDOFF_WAIT = 0.01  # seconds the engine thread waits for an event loop to take a step's outputs
+# the loop's work grows with the outputs it is handed, the stall it causes beside a step does not: waiting
+# paid off for steps of 1-2 outputs and lost for 4 (docs/server.md)
+HANDOFF_WAIT_MAX_OUTPUTS = 2
 
 Target = tuple[asyncio.AbstractEventLoop, asyncio.Queue]
 
@@ -92,8 +95,9 @@ class AsyncEngine:
                     self.on_step(time.perf_counter() - t0, sum(o.token_id >= 0 for o in outputs))
                 # torch.get_num_threads() in this thread: the count the step's kernels used (fewer than
                 # asked while other processes keep cores busy, qianwen/fast/native.py)
-                wait = self.wait_for_loop if self.wait_for_loop is not None else \
-                    self._cores is not None and torch.get_num_threads() >= self._cores
+                wait = self.wait_for_loop if self.wait_for_loop is not None else (
+                    self._cores is not None and len(outputs) <= HANDOFF_WAIT_MAX_OUTPUTS
+                    and torch.get_num_threads() >= self._cores)
                 handed = self._hand_over(outputs, wait)
                 deadline = time.monotonic() + HANDOFF_WAIT
                 for done in handed:
