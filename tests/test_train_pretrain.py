@@ -32,8 +32,8 @@ def _cfg(tmp_path, **kw):
 
 def test_loss_falls_and_export_loads(tmp_path):
     import qianwen
+    from qianwen.loading.export import export_hf
     from qianwen.tokenizer import load_tokenizer
-    from qianwen.train.checkpoint import export_hf
     from qianwen.train.shards import load_tokens
 
     tok_dir, shards = make_shards(tmp_path)

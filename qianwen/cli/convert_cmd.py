@@ -21,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import qianwen
-    from qianwen.train.checkpoint import export_hf
+    from qianwen.loading.export import export_hf
 
     dtype = getattr(torch, args.dtype)
     m = qianwen.load(args.model, dtype="float32", device="cpu", quantized=False)

@@ -33,7 +33,7 @@ def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, bits: int, g
     """Quantize `src` (any model qianwen loads) into the HF folder `out`; returns it."""
     import qianwen
 
-    from ..train.checkpoint import export_hf
+    from ..loading.export import export_hf
 
     if bits not in (4, 8):
         raise QianwenError(f"--bits must be 4 or 8, got {bits}")

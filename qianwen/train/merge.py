@@ -10,7 +10,7 @@ import torch
 
 def merge(base: str, adapter: str | os.PathLike, out: str | os.PathLike, dtype: str = "float32") -> Path:
     from .. import load
-    from .checkpoint import export_hf
+    from ..loading.export import export_hf
     from .lora import merged_state
     from .sft import base_config
 

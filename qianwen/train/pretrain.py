@@ -87,8 +87,8 @@ def split_specs(data: str, val_data: str | None) -> tuple[str, str | None]:
 
 
 def run_pretrain(args: Any) -> int:
+    from ..loading.export import export_hf
     from . import distributed as ddist
-    from .checkpoint import export_hf
     from .loop import TrainConfig, train
     from .prepare import document_separator, load_any_tokenizer
     from .presets import count_parameters, preset_config

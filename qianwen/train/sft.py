@@ -275,8 +275,8 @@ def run_sft(args: Any) -> int:
     import torch
 
     from .. import load
+    from ..loading.export import export_hf
     from . import distributed as ddist
-    from .checkpoint import export_hf
     from .loop import TrainConfig, train
     from .lora import adapter_tensors, apply_lora, lora_config, save_adapter
     from .pretrain import _train_dtype
