@@ -14,8 +14,8 @@ from tqdm import tqdm
 
 from ..config import ROPE_TYPES, ModelConfig, as_float, as_int, head_dim_of
 from ..errors import ModelLoadError
+from ..gguf_reader import GGUFFile
 from ..models import Transformer
-from .gguf_reader import GGUFFile
 from .weights import check_shapes, materialize
 
 GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
@@ -48,23 +48,11 @@ def open_reader(path: Path) -> GGUFFile:
 _BIG_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
 
 
-def metadata(reader) -> dict[str, Any]:
-    """Config-level metadata of a `GGUFFile` (or a `gguf.GGUFReader`), without the vocabulary arrays."""
-    if isinstance(reader, Mapping):
-        out = {k: v for k, v in reader.items() if k not in _BIG_ARRAYS}
-        if (tokens := reader.get("tokenizer.ggml.tokens")) is not None:
-            out["_n_tokens"] = len(tokens)
-        return out
-    out: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key in _BIG_ARRAYS:
-            continue
-        try:
-            out[key] = field.contents()
-        except Exception:  # unreadable optional field: skip rather than fail the load
-            continue
-    if (tokens := reader.fields.get("tokenizer.ggml.tokens")) is not None:
-        out["_n_tokens"] = len(tokens.data)
+def metadata(reader: Mapping[str, Any]) -> dict[str, Any]:
+    """Config-level metadata of a `GGUFFile`, without the vocabulary arrays."""
+    out = {k: v for k, v in reader.items() if k not in _BIG_ARRAYS}
+    if (tokens := reader.get("tokenizer.ggml.tokens")) is not None:
+        out["_n_tokens"] = len(tokens)
     return out
 
 
