@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 def load(model=None, dtype=None, device=None, quantized=None) -> Model:
     """Load a model: a Hugging Face folder, a .gguf file, a name (`qianwen list`, a hub id), or None for the
     default model. `quantized` keeps GGUF block weights quantized (default: on for bfloat16 on the CPU)."""
-    from .loading import load as _load
+    from .api import load as _load
 
     return _load(model, dtype=dtype, device=device, quantized=quantized)
 

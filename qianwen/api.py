@@ -1,4 +1,4 @@
-"""The public Python API: `qianwen.load()` returns a Model."""
+"""The public Python API: `qianwen.load()` returns a Model, made of the parts `loading` reads."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from .generation.generate import stream_tokens
 from .generation.params import SamplingParams, defaults_from_generation_config, make_params
 from .generation.sampling import LogitsProcessor
 from .generation.step import TokenStep
+from .loading import load_checkpoint
 from .models.layers import Transformer
 
 # control tokens that end a chat turn in ChatML-style models (docs/qwen-facts.md §3)
@@ -122,3 +123,12 @@ class Model:
         if stream:
             return (s.text for s in steps if s.text)
         return "".join(s.text for s in steps)
+
+
+def load(model: str | Path | None = None, dtype: str | torch.dtype | None = None,
+         device: str | torch.device | None = None, quantized: bool | None = None) -> Model:
+    """A Model of a Hugging Face folder, a .gguf file, a name (`qianwen list`, a hub id), or None for the default
+    model. `quantized` keeps GGUF block weights quantized (default: on for bfloat16 on the CPU)."""
+    c = load_checkpoint(model, dtype=dtype, device=device, quantized=quantized)
+    return Model(name=c.name, path=c.path, config=c.config, net=c.net, tokenizer=c.tokenizer,
+                 chat_template=c.chat_template, generation_config=c.generation_config)

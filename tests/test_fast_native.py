@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import qianwen
+from qianwen.convert import quantize_folder
 from qianwen.engine import LLM
 from qianwen.engine.cache_manager import BatchCache, CacheManager
 from qianwen.fast import StaticKVCache, native, optimize
 from qianwen.loading.hf import load_hf_weights
 from qianwen.quant.linear import Int4Linear, Int8Linear
-from qianwen.quant.quantize import quantize_folder
 
 from .conftest import save_tiny
 from .test_engine import PROMPTS, greedy

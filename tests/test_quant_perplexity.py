@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import qianwen
+from qianwen.convert import quantize_folder
 from qianwen.eval.perplexity import perplexity
 from qianwen.loading.export import export_hf
 from qianwen.paths import home
 from qianwen.quant.linear import Int4Linear
-from qianwen.quant.quantize import quantize_folder
 from qianwen.train.sample import TATOEBA, fetch_source
 
 PAIRS = 120  # ~3,000 tokens: enough to tell +1% from +5% (the runs are deterministic)

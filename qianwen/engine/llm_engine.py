@@ -185,9 +185,9 @@ class LLM:
 
     def __init__(self, model: Any = None, config: EngineConfig | None = None, **load_kwargs: Any) -> None:
         if model is None or isinstance(model, str) or hasattr(model, "__fspath__"):
-            import qianwen
+            from ..api import load
 
-            model = qianwen.load(model, **load_kwargs)
+            model = load(model, **load_kwargs)
         self.model = model
         self.engine = LLMEngine(model, config)
 

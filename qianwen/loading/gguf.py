@@ -1,5 +1,6 @@
 """Load a GGUF file (read by `gguf_reader.GGUFFile`): hyperparameters, tokenizer and chat template from
-its metadata, tensors dequantized into the model (F32, F16, BF16, Q4_0, Q4_1, Q8_0 and what else `gguf` can dequantize)."""
+its metadata, tensors dequantized into the model (F32, F16, BF16, Q4_0, Q4_1, Q8_0 and what else `gguf` can
+dequantize) or, for the block formats quant/gguf.py repacks, kept quantized."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from ..config import ROPE_TYPES, ModelConfig, as_float, as_int, head_dim_of
 from ..errors import ModelLoadError
 from ..gguf_reader import GGUFFile
 from ..models import Transformer
+from ..quant.gguf import quantized_linear_from_gguf, supports
+from ..quant.linear import Int4Linear, Int8Linear
 from .weights import check_shapes, materialize
 
 GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
@@ -164,18 +167,36 @@ def named_tensors(reader, config: ModelConfig, progress: bool = True) -> Iterato
         yield t, name
 
 
-def load_gguf_weights(reader, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> Transformer:
+def _is_linear_weight(name: str) -> bool:
+    return name.endswith("_proj.weight") or name in ("lm_head.weight", "model.embed_tokens.weight")
+
+
+def load_gguf_weights(reader, config: ModelConfig, dtype: torch.dtype, device: torch.device,
+                      quantized: bool = False) -> Transformer:
+    """The model of a GGUF file, its tensors dequantized to `dtype`. `quantized`: projections, lm_head and the
+    embedding in a block format quant/gguf.py repacks stay quantized (`Int4Linear`/`Int8Linear`, the embedding
+    a `QuantEmbedding`), run by the CPU kernels."""
+    if quantized and device.type != "cpu":
+        raise ModelLoadError("quantized GGUF weights run on the CPU kernels only; load with quantized=False")
     weights: dict[str, torch.Tensor] = {}
+    kept: dict[str, Int4Linear | Int8Linear] = {}
     release = getattr(reader, "release", lambda t: None)  # a GGUFFile drops copied pages
     for t, name in named_tensors(reader, config):
+        shape = [int(d) for d in reversed(t.shape)]
+        permute = config.model_type == "llama" and name.endswith(("q_proj.weight", "k_proj.weight"))
+        heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
+        if quantized and _is_linear_weight(name) and supports(t):
+            kept[name] = quantized_linear_from_gguf(t, unpermute(np.arange(shape[0]), heads) if permute else None)
+            release(t)
+            continue
         try:
             w = dequantize(t)
         except Exception as e:
             raise ModelLoadError(f"cannot read GGUF tensor '{t.name}' ({t.tensor_type.name}): {e}") from None
-        w = w.reshape([int(d) for d in reversed(t.shape)]) if w.ndim != len(t.shape) else w
-        if config.model_type == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-            w = unpermute(w, config.num_attention_heads if "q_proj" in name else config.num_key_value_heads)
+        w = w.reshape(shape) if w.ndim != len(shape) else w
+        if permute:
+            w = unpermute(w, heads)
         w = np.ascontiguousarray(w, dtype=np.float32)
         weights[name] = torch.from_numpy(w if w.flags.writeable else w.copy()).to(dtype)
         release(t)
-    return materialize(config, weights, dtype, device)
+    return materialize(config, weights, dtype, device, kept)

@@ -12,6 +12,8 @@ from ..config import ModelConfig
 from ..errors import ModelLoadError
 from ..models import Transformer, build_model
 from ..models.rope import RotaryEmbedding
+from ..quant.install import install, placeholder
+from ..quant.linear import Int4Linear, Int8Linear
 
 
 @contextmanager
@@ -67,8 +69,13 @@ def check_shapes(config: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> Non
                              f"for model_type '{config.model_type}'")
 
 
-def materialize(config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
-                device: torch.device) -> Transformer:
+def materialize(config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
+                quantized: dict[str, Int4Linear | Int8Linear] | None = None) -> Transformer:
+    """`config`'s model built on the meta device and filled from `weights` (our names), every tensor's presence,
+    shape and dtype checked first. `quantized`: `NAME.weight` -> a quantized layer (quant/) that takes that
+    weight's place (it is absent from `weights`); checked by its logical shape like the others."""
+    quantized = quantized or {}
+    weights.update({k: placeholder([lin.out_features, lin.in_features], dtype) for k, lin in quantized.items()})
     if config.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
     check_shapes(config, {k: tuple(v.shape) for k, v in weights.items()})
@@ -85,4 +92,5 @@ def materialize(config: ModelConfig, weights: dict[str, torch.Tensor], dtype: to
     net.model.rotary_emb = RotaryEmbedding(c.head_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings).to(device)
     if config.tie_word_embeddings:
         net.lm_head.weight = net.model.embed_tokens.weight
+    install(net, quantized, config, dtype)  # the placeholders' modules give way (their biases are kept)
     return net.eval().requires_grad_(False)

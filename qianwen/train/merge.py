@@ -9,7 +9,7 @@ import torch
 
 
 def merge(base: str, adapter: str | os.PathLike, out: str | os.PathLike, dtype: str = "float32") -> Path:
-    from .. import load
+    from ..api import load
     from ..loading.export import export_hf
     from .lora import merged_state
     from .sft import base_config

@@ -274,7 +274,7 @@ def base_config(model) -> dict[str, Any]:
 def run_sft(args: Any) -> int:
     import torch
 
-    from .. import load
+    from ..api import load
     from ..loading.export import export_hf
     from . import distributed as ddist
     from .loop import TrainConfig, train
