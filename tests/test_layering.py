@@ -138,3 +138,13 @@ def test_no_cycle_between_packages():
         if v not in index:
             visit(v)
     assert not cycles, "import cycles between packages: " + "; ".join(" <-> ".join(c) for c in cycles)
+
+
+def test_walker_sees_every_kind_of_import(tmp_path):
+    f = tmp_path / "example.py"
+    f.write_text("import os\nimport qianwen\nfrom .. import api\nfrom . import native\n\n\ndef g():\n"
+                 "    from ..loading.hf import read_json\n    import qianwen.train.merge\n"
+                 "    from qianwen import load\n")
+    known = {"api", "fast.native", "loading.hf", "train.merge"}
+    assert imports("fast.example", f, known) == [("qianwen", 2), ("api", 3), ("fast.native", 4), ("loading.hf", 8),
+                                                 ("train.merge", 9), ("qianwen", 10)]
