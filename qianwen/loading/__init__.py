@@ -1,7 +1,7 @@
 """From a model argument (folder, .gguf file, name or None) to its parts (`Checkpoint`), one way:
 resolve the name (hub.py) -> read the text side with the format's reader (hf.py, gguf.py) -> build the
-network on the meta device, put in the quantized layers and fill it through `weights.materialize`'s checks
--> the fast path (qianwen.fast). `qianwen.api` makes a Model of the parts."""
+network on the meta device, put in the quantized layers and fill the rest, through `weights.materialize`'s
+checks -> the fast path (qianwen.fast). `qianwen.api` makes a Model of the parts (docs/design.md, "Loading")."""
 
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ def load_checkpoint(model: str | Path | None = None, dtype: str | torch.dtype | 
             keep = quantized if quantized is not None else (dev.type == "cpu" and dt == torch.bfloat16)
         else:  # a folder: quantized when `qianwen quantize` wrote it
             keep = is_quantized_config(text["raw"])
-        net = _load_weights({**text, "path": path}, dt, dev, keep)  # 3. meta skeleton, quantized layers, filled
+        net = _load_weights({**text, "path": path}, dt, dev, keep)  # 3. skeleton, quantized layers, filled
     if fast and keep:  # 4. the fast path (qianwen.fast): loading's one call to it
         net = optimize(net)
     return Checkpoint(name=str(model) if model else path.name, path=path, net=net, config=text["config"],
