@@ -17,7 +17,7 @@ PACKAGE = ROOT / "qianwen"
 
 def layers() -> dict[str, int]:
     """Entry -> its layer's number, from the numbered list under docs/design.md's "## Layers"."""
-    text = (ROOT / "docs" / "design.md").read_text()
+    text = (ROOT / "docs/design.md").read_text()
     section = text.split("\n## Layers\n", 1)[1].split("\n## ", 1)[0]
     out: dict[str, int] = {}
     for line in section.splitlines():
