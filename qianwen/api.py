@@ -126,9 +126,10 @@ class Model:
 
 
 def load(model: str | Path | None = None, dtype: str | torch.dtype | None = None,
-         device: str | torch.device | None = None, quantized: bool | None = None) -> Model:
+         device: str | torch.device | None = None, quantized: bool | None = None, fast: bool = True) -> Model:
     """A Model of a Hugging Face folder, a .gguf file, a name (`qianwen list`, a hub id), or None for the default
-    model. `quantized` keeps GGUF block weights quantized (default: on for bfloat16 on the CPU)."""
-    c = load_checkpoint(model, dtype=dtype, device=device, quantized=quantized)
+    model. `quantized` keeps GGUF block weights quantized (default: on for bfloat16 on the CPU); `fast=False`
+    skips the fast path, keeping the checkpoint's modules and parameter names (see `loading.load_checkpoint`)."""
+    c = load_checkpoint(model, dtype=dtype, device=device, quantized=quantized, fast=fast)
     return Model(name=c.name, path=c.path, config=c.config, net=c.net, tokenizer=c.tokenizer,
                  chat_template=c.chat_template, generation_config=c.generation_config)
