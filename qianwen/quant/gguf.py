@@ -160,7 +160,7 @@ def load_gguf_quantized(reader, config, dtype: torch.dtype, device: torch.device
 
     from ..errors import ModelLoadError
     from ..fast import optimize
-    from ..loading.gguf import dequantize, named_tensors, unpermute
+    from ..loading.gguf import dequantize, named_tensors, permuted, unpermute
     from ..loading.weights import materialize
     from .install import install, placeholder
 
@@ -171,7 +171,7 @@ def load_gguf_quantized(reader, config, dtype: torch.dtype, device: torch.device
     release = getattr(reader, "release", lambda t: None)  # a GGUFFile drops copied pages
     for t, name in named_tensors(reader, config):
         shape = [int(d) for d in reversed(t.shape)]
-        permute = config.model_type == "llama" and name.endswith(("q_proj.weight", "k_proj.weight"))
+        permute = permuted(config, name)
         if _is_linear_weight(name) and supports(t):
             order = None
             if permute:
