@@ -20,7 +20,7 @@ from ..chat.template import QWEN25_SYSTEM
 from ..config import as_int, read_bool, read_int
 from ..errors import ModelLoadError
 from . import qwen3
-from .layers import MLP, Transformer
+from .layers import HEAD_ROWS, MLP, Transformer
 from .registry import Architecture, register
 
 
@@ -84,10 +84,15 @@ class SparseMoE(nn.Module):
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         weights = weights.to(x.dtype)
+        # batch invariance: each expert multiplies however many rows chose it, and float32/float16 kernels
+        # change path below HEAD_ROWS rows (layers.py); so they get at least that many (bfloat16 needs none)
+        pad = HEAD_ROWS if x.dtype != torch.bfloat16 and not torch.is_grad_enabled() else 0
         out = torch.zeros_like(x)
         for e in chosen.unique().tolist():  # ascending: each token sums its experts in index order
             rows, slot = torch.where(chosen == e)
-            out.index_add_(0, rows, self.experts[e](x[rows]) * weights[rows, slot, None])
+            n = len(rows)
+            y = self.experts[e](F.pad(x[rows], (0, 0, 0, pad - n)) if n < pad else x[rows])[:n]
+            out.index_add_(0, rows, y * weights[rows, slot, None])
         return out.view(shape)
 
 
