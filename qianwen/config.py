@@ -82,8 +82,6 @@ class ModelConfig:
     eos_token_id: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
 
-    HF_CLASS: ClassVar[str] = ""  # the `architectures` entry of an export, set by each architecture
-
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> ModelConfig:
         """From config.json's contents (its model_type already matched), every value read checked."""
