@@ -41,6 +41,9 @@ def test_aliases_and_unknown_types():
     assert models.architecture("mistral") is models.architecture("llama")
     with pytest.raises(qianwen.errors.QianwenError, match="unknown model_type 'gpt2'; supported: llama, qwen"):
         models.architecture("gpt2")
+    # Qwen3-MoE is read from safetensors folders only (llama.cpp stacks its experts in one tensor each)
+    with pytest.raises(qianwen.errors.QianwenError, match="unsupported GGUF architecture 'qwen3moe'"):
+        models.gguf_architecture("qwen3moe")
 
 
 @pytest.fixture(scope="module")
