@@ -161,10 +161,10 @@ def test_fused_decode_with_qwen7b_ntk_and_logn(tmp_path):
     cfg = qwen_v1_config("v1.1", json.loads((src / "config.json").read_text())["vocab_size"], 16, True, True)
     (tmp_path / "v1" / "config.json").write_text(json.dumps(cfg))
     st.save_file(to_qwen_names(st.load_file(str(src / "model.safetensors"))), str(tmp_path / "v1" / "model.safetensors"))
-    from qianwen.config import ModelConfig
     from qianwen.loading.hf import read_json
+    from qianwen.models import read_config
 
-    config = ModelConfig.from_dict(read_json(tmp_path / "v1" / "config.json"))
+    config = read_config(read_json(tmp_path / "v1" / "config.json"))
     plain = load_hf_weights(tmp_path / "v1", config, torch.float32, torch.device("cpu"))
     fast = optimize(copy.deepcopy(plain))
     assert fast.fast_decode is not None

@@ -61,6 +61,8 @@ def optimize(net: torch.nn.Module) -> torch.nn.Module:
                 mod.gate_up_proj = fused
                 del mod.gate_proj, mod.up_proj
                 mod.__class__ = FusedMLP
-    if hasattr(net, "fast_decode") and native.lib() is not None:
+    # the native step computes dense MLPs only: a mixture of experts keeps the model's own forward
+    if hasattr(net, "fast_decode") and native.lib() is not None \
+            and all(isinstance(layer.mlp, MLP) for layer in net.model.layers):
         net.fast_decode = NativeDecoder(net)
     return net

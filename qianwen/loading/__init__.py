@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 
-from ..chat.template import QWEN_DEFAULT_SYSTEM, ChatTemplate
+from ..chat.template import ChatTemplate
 from ..config import ModelConfig
 from ..errors import ModelLoadError, QianwenError
 from ..fast import optimize
 from ..fast.native import set_threads
-from ..models import Transformer
+from ..models import Transformer, architecture, read_config
 from ..quant.quantize import is_quantized_config
 from ..tokenizer import Tokenizer
 from .gguf import load_gguf_weights
@@ -142,7 +142,7 @@ def read_text_side(path: Path) -> dict[str, Any]:
         if not (path / "config.json").exists():
             raise ModelLoadError(f"{path} has no config.json")
         raw = read_json(path / "config.json")
-        config = ModelConfig.from_dict(raw)
+        config = read_config(raw)
         tokenizer = load_tokenizer(path)
         template, generation_config, extra = read_chat_template(path), read_generation_config(path), {"raw": raw}
     elif path.suffix == ".gguf" or _is_gguf(path):
@@ -158,7 +158,7 @@ def read_text_side(path: Path) -> dict[str, Any]:
     else:
         raise ModelLoadError(f"{path} is neither a model folder nor a .gguf file")
     check_vocabulary(tokenizer, config)
-    default_system = QWEN_DEFAULT_SYSTEM if config.model_type == "qwen" and template is None else None
+    default_system = architecture(config.model_type).default_system if template is None else None
     chat_template = ChatTemplate(template, default_system, _special_strings(tokenizer))  # parsed before the weights
     return dict(config=config, tokenizer=tokenizer, chat_template=chat_template,
                 generation_config=generation_config, **extra)

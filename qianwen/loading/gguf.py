@@ -16,28 +16,15 @@ from tqdm import tqdm
 from ..config import ROPE_TYPES, ModelConfig, as_float, as_int, head_dim_of
 from ..errors import ModelLoadError
 from ..gguf_reader import GGUFFile
-from ..models import Transformer
+from ..models import Architecture, Transformer, architecture, gguf_architecture
 from ..quant.gguf import quantized_linear_from_gguf, supports
 from ..quant.linear import Int4Linear, Int8Linear
 from .weights import check_shapes, materialize
 
-GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
-_NAMES = [
-    (r"token_embd\.weight", "model.embed_tokens.weight"),
-    (r"output_norm\.weight", "model.norm.weight"),
-    (r"output\.weight", "lm_head.weight"),
-    (r"blk\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
-    (r"blk\.(\d+)\.ffn_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
-    (r"blk\.(\d+)\.attn_(q|k|v)\.(weight|bias)", r"model.layers.\1.self_attn.\2_proj.\3"),
-    (r"blk\.(\d+)\.attn_output\.(weight|bias)", r"model.layers.\1.self_attn.o_proj.\2"),
-    (r"blk\.(\d+)\.attn_(q|k)_norm\.weight", r"model.layers.\1.self_attn.\2_norm.weight"),
-    (r"blk\.(\d+)\.ffn_(gate|up|down)\.(weight|bias)", r"model.layers.\1.mlp.\2_proj.\3"),
-]
-
-
-def hf_name(gguf_name: str) -> str | None:
-    for pat, rep in _NAMES:
+def hf_name(gguf_name: str, arch: Architecture) -> str | None:
+    """Our name for a GGUF tensor of `arch` (its `gguf_names`), or None."""
+    for pat, rep in arch.gguf_names:
         if re.fullmatch(pat, gguf_name):
             return re.sub(pat, rep, gguf_name)
     return None
@@ -61,9 +48,8 @@ def metadata(reader: Mapping[str, Any]) -> dict[str, Any]:
 
 def config_from_metadata(meta: dict[str, Any], tensor_names: set[str]) -> ModelConfig:
     """The hyperparameters in a GGUF file's metadata, each checked for its type and range (then `ModelConfig.check`)."""
-    arch = meta.get("general.architecture")
-    if not isinstance(arch, str) or arch not in GGUF_ARCHS:
-        raise ModelLoadError(f"unsupported GGUF architecture {arch!r:.40}; supported: {', '.join(GGUF_ARCHS)}")
+    spec = gguf_architecture(meta.get("general.architecture"))
+    arch = spec.gguf_arch
 
     def get(key: str, default: Any = ...) -> Any:
         v = meta.get(f"{arch}.{key}")
@@ -105,8 +91,7 @@ def config_from_metadata(meta: dict[str, Any], tensor_names: set[str]) -> ModelC
         return None if v is None else as_int(v, f"GGUF 'tokenizer.ggml.{key}'", 0)
 
     eos = token_id("eos_token_id")
-    return ModelConfig(
-        model_type=GGUF_ARCHS[arch],
+    return spec.config(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=num("feed_forward_length"),
@@ -120,7 +105,6 @@ def config_from_metadata(meta: dict[str, Any], tensor_names: set[str]) -> ModelC
         max_position_embeddings=num("context_length", 4096),
         tie_word_embeddings="output.weight" not in tensor_names,
         attention_bias="blk.0.attn_q.bias" in tensor_names,
-        qk_norm=arch == "qwen3",
         bos_token_id=token_id("bos_token_id"),
         eos_token_id=[eos] if eos is not None else [],
         pad_token_id=token_id("padding_token_id"),
@@ -141,8 +125,14 @@ def check_tensors(reader, config: ModelConfig) -> None:
     check_shapes(config, shapes)
 
 
+def permuted(config: ModelConfig, name: str) -> bool:
+    """Whether our tensor `name` of a GGUF `config` model holds q/k rows llama.cpp permuted."""
+    return architecture(config.model_type).gguf_permute_qk and name.endswith(("q_proj.weight", "k_proj.weight"))
+
+
 def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo llama.cpp's rotary permutation of Llama q/k rows (its converter interleaves the halves)."""
+    """Undo llama.cpp's rotary permutation of q/k rows (`Architecture.gguf_permute_qk`: its Llama
+    converter interleaves the halves)."""
     dim = w.shape[0] // n_head // 2
     return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
 
@@ -158,8 +148,9 @@ def dequantize(t) -> np.ndarray:
 
 def named_tensors(reader, config: ModelConfig, progress: bool = True) -> Iterator[tuple[Any, str]]:
     """Each GGUF tensor with our parameter name, under a progress bar; a tensor with no place is an error."""
+    arch = architecture(config.model_type)
     for t in tqdm(reader.tensors, desc="Loading GGUF", unit="tensor", disable=None if progress else True, leave=False):
-        name = hf_name(t.name)
+        name = hf_name(t.name, arch)
         if name is None:
             if t.name.startswith("rope_freqs"):  # llama3 frequency factors: derived from the config
                 continue
@@ -183,7 +174,7 @@ def load_gguf_weights(reader, config: ModelConfig, dtype: torch.dtype, device: t
     release = getattr(reader, "release", lambda t: None)  # a GGUFFile drops copied pages
     for t, name in named_tensors(reader, config):
         shape = [int(d) for d in reversed(t.shape)]
-        permute = config.model_type == "llama" and name.endswith(("q_proj.weight", "k_proj.weight"))
+        permute = permuted(config, name)
         heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
         if quantized and _is_linear_weight(name) and supports(t):
             kept[name] = quantized_linear_from_gguf(t, unpermute(np.arange(shape[0]), heads) if permute else None)

@@ -68,11 +68,10 @@ def init_weights(net: nn.Module, std: float = 0.02) -> None:
 
 
 def build_net(config: dict[str, Any], seed: int) -> nn.Module:
-    from ..config import ModelConfig
-    from ..models import build_model
+    from ..models import build_model, read_config
 
     torch.manual_seed(seed)
-    net = build_model(ModelConfig.from_dict(config))
+    net = build_model(read_config(config))
     init_weights(net, float(config.get("initializer_range", 0.02)))
     return net
 

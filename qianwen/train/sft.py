@@ -266,8 +266,8 @@ def base_config(model) -> dict[str, Any]:
     path = Path(getattr(model, "path", "") or "")
     if path.is_dir() and (path / "config.json").is_file():
         cfg = json.loads((path / "config.json").read_text())
-        if cfg.get("model_type") in ("qwen2", "qwen3", "llama"):
-            return cfg
+        ours = model.config.to_hf_dict()
+        return cfg if cfg.get("model_type") == ours["model_type"] else ours  # Qwen-7B's is remote code
     return model.config.to_hf_dict()
 
 
