@@ -53,7 +53,7 @@ def test_fast_path_matches_reference_path(quant, default_gguf):
     from qianwen.loading.gguf import open_reader
     from qianwen.quant.gguf import load_gguf_quantized
 
-    plain = load_gguf_quantized(open_reader(default_gguf), quant.config, torch.bfloat16, torch.device("cpu"), fast=False)
+    plain = load_gguf_quantized(open_reader(default_gguf), quant.config, torch.bfloat16, torch.device("cpu"))
     assert isinstance(plain.model.layers[0].self_attn.q_proj, Int4Linear)
     fast = optimize(copy.deepcopy(plain))
     assert hasattr(fast.model.layers[0].self_attn, "qkv_proj")

@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from qianwen.train.checkpoint import export_hf
 
     dtype = getattr(torch, args.dtype)
-    m = qianwen.load(args.model, dtype="float32", device="cpu", quantized=False)
+    m = qianwen.load(args.model, dtype="float32", device="cpu", quantized=False, fast=False)
     state = {k: v for k, v in m.net.state_dict().items()}
     gen = dict(m.generation_config)
     folder = export_hf(args.out, m.config.to_hf_dict(), state, m.tokenizer, dtype=dtype, generation_config=gen)

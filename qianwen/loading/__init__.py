@@ -66,11 +66,15 @@ def parse_device(device: str | torch.device) -> torch.device:
 
 
 def load(model: str | Path | None = None, dtype: str | torch.dtype | None = None,
-         device: str | torch.device | None = None, quantized: bool | None = None):  # -> qianwen.api.Model
+         device: str | torch.device | None = None, quantized: bool | None = None,
+         fast: bool = True):  # -> qianwen.api.Model
     """`quantized`: keep GGUF Q4_0/Q4_1/Q4_K/Q8_0/Q6_K weights quantized (qianwen.quant, run by the C
     kernels of qianwen.fast); by default on when running bfloat16 on the CPU, off otherwise (the float
-    reference path)."""
+    reference path). `fast`: on the CPU, run every checkpoint through `qianwen.fast.optimize` (fused
+    projections, the C kernels, the one-call decode step); False keeps the checkpoint's own modules and
+    parameter names (export, quantization, training)."""
     from ..api import Model
+    from ..fast import optimize
     from ..fast.native import set_threads
 
     set_threads()  # $QIANWEN_THREADS
@@ -81,6 +85,8 @@ def load(model: str | Path | None = None, dtype: str | torch.dtype | None = None
         text = read_text_side(path)
         keep = quantized if quantized is not None else (dev.type == "cpu" and dt == torch.bfloat16)
         net = _load_weights({**text, "path": path}, dt, dev, keep)
+    if fast and dev.type == "cpu":
+        net = optimize(net)
     return Model(name=str(model) if model else path.name, path=path, net=net, config=text["config"],
                  tokenizer=text["tokenizer"], generation_config=text["generation_config"],
                  chat_template=text["chat_template"])

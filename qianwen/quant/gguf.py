@@ -153,13 +153,12 @@ def _is_linear_weight(name: str) -> bool:
     return name.endswith("_proj.weight") or name in ("lm_head.weight", "model.embed_tokens.weight")
 
 
-def load_gguf_quantized(reader, config, dtype: torch.dtype, device: torch.device, fast: bool = True):
+def load_gguf_quantized(reader, config, dtype: torch.dtype, device: torch.device):
     """Like `loading.gguf.load_gguf_weights`, but projections, lm_head and the embedding in a supported
-    block format stay quantized (`Int4Linear` / `QuantEmbedding`) instead of being dequantized;
-    `fast` also applies `qianwen.fast.optimize` (fused projections)."""
+    block format stay quantized (`Int4Linear` / `QuantEmbedding`) instead of being dequantized
+    (`qianwen.load` then applies `qianwen.fast.optimize`)."""
 
     from ..errors import ModelLoadError
-    from ..fast import optimize
     from ..loading.gguf import dequantize, named_tensors, unpermute
     from ..loading.weights import materialize
     from .install import install, placeholder
@@ -191,4 +190,4 @@ def load_gguf_quantized(reader, config, dtype: torch.dtype, device: torch.device
         weights[name] = torch.from_numpy(np.array(w, dtype=np.float32)).to(dtype)  # a copy: w may be a read-only map
         release(t)
     net = install(materialize(config, weights, dtype, device), kept, config, dtype)
-    return optimize(net) if fast else net
+    return net

@@ -39,7 +39,7 @@ def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, bits: int, g
         raise QianwenError(f"--bits must be 4 or 8, got {bits}")
     if bits == 8 and group_size is not None:
         raise QianwenError("8-bit quantization is per output channel; --group-size applies to 4 bits only")
-    m = qianwen.load(src, dtype="float32", device="cpu", quantized=False)
+    m = qianwen.load(src, dtype="float32", device="cpu", quantized=False, fast=False)
     tied = m.config.tie_word_embeddings
     state = m.net.state_dict()
     tensors: dict[str, torch.Tensor] = {}
@@ -76,9 +76,8 @@ def is_quantized_config(raw: dict[str, Any]) -> bool:
     return (raw.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
 
 
-def load_quantized_hf(folder: Path, config, dtype: torch.dtype, device: torch.device, fast: bool = True):
+def load_quantized_hf(folder: Path, config, dtype: torch.dtype, device: torch.device):
     """Build the model of a folder written by `quantize_folder` with its projections kept quantized."""
-    from ..fast import optimize
     from ..loading.hf import read_safetensors, weight_files
     from ..loading.weights import materialize
     from .install import install, placeholder
@@ -103,4 +102,4 @@ def load_quantized_hf(folder: Path, config, dtype: torch.dtype, device: torch.de
         weights[mod + ".weight"] = placeholder([lin.out_features, lin.in_features], dtype)
     weights.update({k: v.to(dtype) if v.is_floating_point() else v for k, v in raw.items()})
     net = install(materialize(config, weights, dtype, device), kept, config, dtype)
-    return optimize(net) if fast else net
+    return net
