@@ -17,9 +17,10 @@ from torch import nn
 
 from ..quant.linear import NativeLinear
 
-# Tokens per sequence from which torch's matmul (oneDNN, AVX512-BF16 where the CPU has it) beats
-# dense_gemm; measured on the development CPU for SmolLM2-135M's projections (docs/fast-cpu.md).
-DENSE_PREFILL_TOKENS = 64
+# Tokens per sequence from which a call runs torch's matmul instead of dense_gemm. dense_gemm runs at
+# the CPU's fp32 FMA peak from about 4 rows on; torch's bf16 matmul (AVX512-BF16 dot products, on bf16
+# activations) is faster from 8-16 rows; for fp32 weights the two are even (docs/fast-cpu.md).
+DENSE_PREFILL_TOKENS = 16
 DTYPES = (torch.bfloat16, torch.float32)
 
 
