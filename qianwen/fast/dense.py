@@ -5,8 +5,8 @@ every such projection and for the output layer, and `NativeDecoder` then runs th
 one call. The weight is the Linear's own Parameter (no copy; a tied lm_head still shares the embedding),
 and its state_dict names are the Linear's.
 
-Long prompts (tokens per sequence >= DENSE_PREFILL_TOKENS) and anything needing gradients run torch's
-matmul instead, one call per sequence, so a sequence's rows go through the same kernels alone or in a
+Long prompts on bf16 weights (tokens per sequence >= DENSE_PREFILL_TOKENS) and anything needing
+gradients run torch's matmul instead, one call per sequence, so a sequence's rows go through the same kernels alone or in a
 batch (docs/conventions.md)."""
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ from torch import nn
 
 from ..quant.linear import NativeLinear
 
-# Tokens per sequence from which a call runs torch's matmul instead of dense_gemm. dense_gemm runs at
-# the CPU's fp32 FMA peak from about 4 rows on; torch's bf16 matmul (AVX512-BF16 dot products, on bf16
-# activations) is faster from 8-16 rows; for fp32 weights the two are even (docs/fast-cpu.md).
+# Tokens per sequence from which a call on bf16 weights runs torch's matmul instead of dense_gemm.
+# dense_gemm runs at the CPU's fp32 FMA peak from about 4 rows on; torch's bf16 matmul (AVX512-BF16 dot
+# products, on bf16 activations) is faster from 8-16 rows. On fp32 weights dense_gemm is as fast as
+# torch's at any row count measured (1-128), and far faster on a busy machine, so it runs them all
+# (docs/fast-cpu.md).
 DENSE_PREFILL_TOKENS = 16
 DTYPES = (torch.bfloat16, torch.float32)
 
@@ -47,13 +49,17 @@ class DenseLinear(NativeLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         training = x.requires_grad or (torch.is_grad_enabled() and self.weight.requires_grad)
-        if not training and not (x.dim() == 3 and x.shape[1] >= DENSE_PREFILL_TOKENS):
+        if not training and not self.prefill(x):
             y = self.native_forward(x)
             if y is not None:
                 return y
         if x.dim() == 3 and not training:  # one matmul per sequence: rows never mix across the batch
             return torch.stack([F.linear(x[b], self.weight, self.bias) for b in range(x.shape[0])])
         return F.linear(x, self.weight, self.bias)
+
+    def prefill(self, x: torch.Tensor) -> bool:
+        """Whether torch's matmul takes this call (many tokens per sequence on bf16 weights)."""
+        return self.weight.dtype == torch.bfloat16 and x.dim() == 3 and x.shape[1] >= DENSE_PREFILL_TOKENS
 
     def torch_f32(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight.float())  # only without the kernels
