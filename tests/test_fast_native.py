@@ -428,3 +428,17 @@ def test_portable_dense_kernel_computes_the_same(portable_kernels, bf16_folder, 
     got = _decode_logits(net, ids, steps)
     want = _decode_logits(qianwen.load(str(bf16_folder), dtype=torch.float32, fast=False).net, ids, steps)
     assert (got - want).abs().max().item() <= (1e-4 if dtype == torch.float32 else 0.02) * want.abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dense_one_call_equals_the_kernels_called_one_by_one(bf16_folder, dtype):
+    """decode_layers' Proj kinds 16 and 32 run dense_gemm exactly as the Python step calls it."""
+    net = qianwen.load(str(bf16_folder), dtype=dtype).net
+    fd, ids, steps = net.fast_decode, list(range(3, 30)), [5, 17, 9]
+    one = _decode_logits(net, ids, steps)
+    fd.one_call = False
+    try:
+        by_one = _decode_logits(net, ids, steps)
+    finally:
+        fd.one_call = True
+    assert torch.equal(one, by_one)
