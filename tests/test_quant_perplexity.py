@@ -29,7 +29,7 @@ def heldout(default_gguf) -> str:
 
 @pytest.fixture(scope="module")
 def folders(default_gguf, tmp_path_factory):
-    m = qianwen.load(default_gguf, dtype="float32", quantized=False)
+    m = qianwen.load(default_gguf, dtype="float32", quantized=False, fast=False)
     f32 = export_hf(tmp_path_factory.mktemp("f32") / "m", m.config.to_hf_dict(), m.net.state_dict(), m.tokenizer,
                     generation_config=dict(m.generation_config))
     return {"float32": f32,

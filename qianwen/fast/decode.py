@@ -28,7 +28,7 @@ class Projection:
         self.mods = mods
         self.native = native.lib() is not None and all(isinstance(m, NativeLinear) for m in mods)
         self.calls: list[tuple] = []
-        self._anchor, self._ptr = next(mods[0].buffers(), None), None
+        self._anchor, self._ptr = next(iter([*mods[0].buffers(), *mods[0].parameters()]), None), None
 
     def __getstate__(self) -> dict:  # a copied or pickled model plans again: addresses, ctypes functions
         return {**self.__dict__, "calls": [], "_ptr": None}
@@ -69,6 +69,9 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 
 def _proj(mod: NativeLinear) -> native.Proj:
     a = mod.kernel_args()
+    if mod.KERNEL == "dense_gemm":
+        w, bf16, n, bias = a
+        return native.Proj(16 if bf16 else 32, mod.in_features, n, 0, 0, w, None, bias)
     if mod.KERNEL == "q4_gemm":
         w, s, g, n, npad, bias = a
         return native.Proj(4, mod.in_features, n, npad, g, w, s, bias)

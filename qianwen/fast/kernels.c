@@ -9,6 +9,7 @@
    Each kernel has an AVX-512 body and a plain C body for other CPUs (auto-vectorised by -O3). */
 
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -212,6 +213,117 @@ void q8_gemm(const float *x, int M, int K, const int8_t *q, const float *scales,
                 float *dst = y + (size_t)m * ldy + n0 + r;
                 *dst = accumulate ? *dst + v : v;
             }
+        }
+    }
+}
+
+/* ---- dense GEMM on nn.Linear's own weight: w [N, K] row-major, bf16 (bf16 = 1) or fp32 ----------
+   y[m, n] (+)= sum_k x[m, k] w[n, k] + bias[n], rows of y `ldy` floats apart. bf16 -> fp32 is exact
+   (a 16-bit shift) and an fp32 FMA of it with fp32 x rounds only the sum: the products are exact.
+   Tiles of 4 weight rows (contiguous in w) by R = 4, 2 or 1 rows of x: each tile comes from memory once
+   for all M rows. A row's dot product is the same sequence of operations wherever it falls (16 lanes
+   each summing k = lane mod 16 in order, the tail of K masked into the same lanes, then the lanes
+   reduced), so it does not depend on M or on its tile. */
+#define DENSE_ROWS 4
+#ifdef __AVX512F__
+static inline __attribute__((always_inline)) __m512 dense_w(const void *w, size_t off, const int bf16) {
+    if (bf16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w + off))), 16));
+    return _mm512_loadu_ps((const float *)w + off);
+}
+
+static inline __attribute__((always_inline)) void dense_tile(const void *const *wr, int K, const float *const *xr,
+                                                             float (*out)[DENSE_ROWS], const int bf16, const int R) {
+    __m512 acc[4][DENSE_ROWS]; /* fixed size, not [R]: R is a constant at each call, so this stays in registers */
+    for (int r = 0; r < R; r++)
+        for (int i = 0; i < DENSE_ROWS; i++) acc[r][i] = _mm512_setzero_ps();
+    int k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m512 wv[DENSE_ROWS];
+        for (int i = 0; i < DENSE_ROWS; i++) {
+            _mm_prefetch((const char *)wr[i] + ((size_t)k + 8 * (size_t)K) * (bf16 ? 2 : 4), _MM_HINT_T0);
+            wv[i] = dense_w(wr[i], k, bf16);
+        }
+        for (int r = 0; r < R; r++) {
+            __m512 xv = _mm512_loadu_ps(xr[r] + k);
+            for (int i = 0; i < DENSE_ROWS; i++) acc[r][i] = _mm512_fmadd_ps(wv[i], xv, acc[r][i]);
+        }
+    }
+    if (k < K) { /* the last K % 16: zeros in the lanes past K */
+        int t = K - k;
+        __mmask16 mask = (__mmask16)((1u << t) - 1);
+        __m512 wv[DENSE_ROWS];
+        for (int i = 0; i < DENSE_ROWS; i++) {
+            if (bf16) {
+                uint16_t tmp[16] = {0};
+                memcpy(tmp, (const uint16_t *)wr[i] + k, sizeof(uint16_t) * t);
+                wv[i] = dense_w(tmp, 0, 1);
+            } else {
+                wv[i] = _mm512_maskz_loadu_ps(mask, (const float *)wr[i] + k);
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            __m512 xv = _mm512_maskz_loadu_ps(mask, xr[r] + k);
+            for (int i = 0; i < DENSE_ROWS; i++) acc[r][i] = _mm512_fmadd_ps(wv[i], xv, acc[r][i]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int i = 0; i < DENSE_ROWS; i++) out[r][i] = _mm512_reduce_add_ps(acc[r][i]);
+}
+#else
+/* The plain C body: the same lane structure, in a form -O3 vectorises for whatever the CPU has. */
+static void dense_tile(const void *const *wr, int K, const float *const *xr, float (*out)[DENSE_ROWS], const int bf16,
+                       const int R) {
+    for (int r = 0; r < R; r++)
+        for (int i = 0; i < DENSE_ROWS; i++) {
+            float acc[16] = {0};
+            const uint16_t *wh = wr[i];
+            const float *wf = wr[i], *x = xr[r];
+            for (int k0 = 0; k0 < K; k0 += 16) {
+                int t = K - k0 < 16 ? K - k0 : 16;
+                if (bf16)
+                    for (int j = 0; j < t; j++) acc[j] += bf16_to_f32(wh[k0 + j]) * x[k0 + j];
+                else
+                    for (int j = 0; j < t; j++) acc[j] += wf[k0 + j] * x[k0 + j];
+            }
+            float s = 0;
+            for (int j = 0; j < 16; j++) s += acc[j];
+            out[r][i] = s;
+        }
+}
+#endif
+
+void dense_gemm(const float *x, int M, int K, const void *w, int bf16, int N, const float *bias, float *y, long ldy,
+                int accumulate) {
+    size_t el = bf16 ? 2 : 4;
+#pragma omp parallel for schedule(static)
+    for (int n0 = 0; n0 < N; n0 += DENSE_ROWS) {
+        const void *wr[DENSE_ROWS];
+        for (int i = 0; i < DENSE_ROWS; i++) /* rows past N repeat the last one and are not stored */
+            wr[i] = (const char *)w + (size_t)(n0 + i < N ? n0 + i : N - 1) * K * el;
+        for (int m0 = 0; m0 < M;) {
+            int R = M - m0 >= 4 ? 4 : M - m0 >= 2 ? 2 : 1; /* rows sharing one pass over the tile */
+            float out[4][DENSE_ROWS];
+            const float *xr[4];
+            for (int r = 0; r < R; r++) xr[r] = x + (size_t)(m0 + r) * K;
+            if (bf16) {
+                if (R == 4) dense_tile(wr, K, xr, out, 1, 4);
+                else if (R == 2) dense_tile(wr, K, xr, out, 1, 2);
+                else dense_tile(wr, K, xr, out, 1, 1);
+            } else {
+                if (R == 4) dense_tile(wr, K, xr, out, 0, 4);
+                else if (R == 2) dense_tile(wr, K, xr, out, 0, 2);
+                else dense_tile(wr, K, xr, out, 0, 1);
+            }
+            for (int r = 0; r < R; r++) {
+                float *ym = y + (size_t)(m0 + r) * ldy;
+                for (int i = 0; i < DENSE_ROWS && n0 + i < N; i++) {
+                    float v = out[r][i] + (bias ? bias[n0 + i] : 0.f);
+                    ym[n0 + i] = accumulate ? ym[n0 + i] + v : v;
+                }
+            }
+            m0 += R;
         }
     }
 }
@@ -429,7 +541,7 @@ void silu_mul(const float *gu, int M, int I, float *out) {
    models whose projections all have kernels: the same kernels in the same order as the step written
    out in Python, without a Python round trip per kernel (a fifth of a small model's step). ---------- */
 typedef struct {
-    int kind; /* 4: q4_gemm, 8: q8_gemm (arguments as there) */
+    int kind; /* 4: q4_gemm, 8: q8_gemm, 16: dense_gemm on bf16, 32: dense_gemm on fp32 (arguments as there) */
     int K, N, Npad, g;
     const void *w, *s;
     const float *bias;
@@ -441,10 +553,25 @@ typedef struct {
     Proj qkv[3], o, gu[2], down;
 } Layer;
 
+/* sizeof and offsetof of Proj's and Layer's fields, in declaration order, for native.py to check its
+   ctypes mirror against (a library whose structs differ is refused). Returns how many it wrote. */
+int struct_layout(long *out) {
+    long v[] = {sizeof(Proj), offsetof(Proj, kind), offsetof(Proj, K), offsetof(Proj, N), offsetof(Proj, Npad),
+                offsetof(Proj, g), offsetof(Proj, w), offsetof(Proj, s), offsetof(Proj, bias),
+                sizeof(Layer), offsetof(Layer, ln1), offsetof(Layer, ln2), offsetof(Layer, q_norm),
+                offsetof(Layer, k_norm), offsetof(Layer, n_qkv), offsetof(Layer, n_gu), offsetof(Layer, qkv),
+                offsetof(Layer, o), offsetof(Layer, gu), offsetof(Layer, down)};
+    int n = sizeof(v) / sizeof(v[0]);
+    memcpy(out, v, sizeof(v));
+    return n;
+}
+
 static void project(const Proj *p, int n, const float *x, int M, float *y, long ldy, int accumulate) {
     for (int i = 0; i < n; i++) { /* parts side by side in y */
         if (p[i].kind == 4)
             q4_gemm(x, M, p[i].K, p[i].w, p[i].s, p[i].g, p[i].N, p[i].Npad, p[i].bias, y, ldy, accumulate);
+        else if (p[i].kind == 16 || p[i].kind == 32)
+            dense_gemm(x, M, p[i].K, p[i].w, p[i].kind == 16, p[i].N, p[i].bias, y, ldy, accumulate);
         else
             q8_gemm(x, M, p[i].K, p[i].w, p[i].s, p[i].g, p[i].N, p[i].bias, y, ldy, accumulate);
         y += p[i].N;

@@ -108,7 +108,7 @@ def load_checkpoint(model: str | Path | None = None, dtype: str | torch.dtype | 
         else:  # a folder: quantized when `qianwen quantize` wrote it
             keep = is_quantized_config(text["raw"])
         net = _load_weights({**text, "path": path}, dt, dev, keep)  # 3. skeleton, quantized layers, filled
-    if fast and keep:  # 4. the fast path (qianwen.fast): loading's one call to it
+    if fast and dev.type == "cpu":  # 4. the fast path (qianwen.fast) for every CPU checkpoint: loading's one call to it
         net = optimize(net)
     return Checkpoint(name=str(model) if model else path.name, path=path, net=net, config=text["config"],
                       tokenizer=text["tokenizer"], generation_config=text["generation_config"],

@@ -158,13 +158,14 @@ class Transformer(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The logits [..., vocab] of final hidden states [..., hidden], in float32 whatever the model's
         dtype: the head takes float32 input and gives float32 output (fp32 accumulation, no rounding
-        to bf16, which would tie near-equal logits and flip greedy choices). Quantized heads run their
-        float32 kernels (`forward_f32`); a bf16/fp16 weight runs as a float32 copy of itself, made once.
-        With gradients on (training) the head runs as it is, under any autocast."""
+        to bf16, which would tie near-equal logits and flip greedy choices). Heads with a float32 kernel
+        (`forward_f32`: qianwen.fast's DenseLinear on the CPU, which reads a bf16 weight as it is, and the
+        quantized layers) run it; elsewhere (a GPU, fp16) a bf16/fp16 weight runs as a float32 copy of
+        itself, made once. With gradients on (training) the head runs as it is, under any autocast."""
         head = self.lm_head
         if torch.is_grad_enabled():
             return head(hidden)
-        if hasattr(head, "forward_f32"):  # qianwen.quant's Int4Linear / Int8Linear
+        if hasattr(head, "forward_f32"):  # DenseLinear, Int4Linear, Int8Linear
             return head.forward_f32(hidden.float())
         x = hidden.reshape(-1, hidden.shape[-1]).float()
         if isinstance(head, nn.Linear) and head.weight.dtype != torch.float32:

@@ -283,7 +283,7 @@ def run_sft(args: Any) -> int:
 
     d = ddist.init(args.device)
     try:
-        model = load(args.model, dtype="float32", device="cpu")
+        model = load(args.model, dtype="float32", device="cpu", fast=False)
         tok, template = model.tokenizer, model.chat_template
         config = base_config(model)
         if args.seq_len > model.context_length:
