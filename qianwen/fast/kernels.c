@@ -368,7 +368,11 @@ void q8_gemm(const float *x, int M, int K, const int8_t *q, const float *scales,
                 for (int i = 0; i < 4; i++) {
 #ifdef __AVX512F__
                     if (vec) {
-                        for (int k = 0; k < K; k += 16) _mm512_store_ps(buf + (size_t)i * K + k, q8_load(qr[i] + k, sr[i][k / g]));
+                        for (int k = 0; k < K; k += 16) {
+                            if (k % 64 == 0) /* the next tile, while this one's rows run */
+                                _mm_prefetch((const char *)(qr[i] + k + 4 * K), _MM_HINT_T0);
+                            _mm512_store_ps(buf + (size_t)i * K + k, q8_load(qr[i] + k, sr[i][k / g]));
+                        }
                         continue;
                     }
 #endif
