@@ -133,3 +133,14 @@ def test_zero_rows_of_x_give_the_bias(lib):
         out = torch.full((3, mod.out_features), 5.0)
         run(lib, mod, torch.zeros(3, mod.in_features), out)
         assert torch.equal(out, (mod.bias.float() if mod.bias is not None else torch.zeros(1)).expand_as(out))
+
+
+def test_a_nan_in_x_reaches_its_rows_outputs_only(lib):
+    """A NaN activation makes its own row's outputs NaN (the sampler reports it), never another row's."""
+    for mod in (int4(100, 256, 32, True), int8(30, 96, 32, False)):
+        x = acts(9, mod.in_features)
+        x[4, 7] = float("nan")
+        out = torch.empty(9, mod.out_features)
+        run(lib, mod, x, out)
+        assert out[4].isnan().all()
+        assert torch.isfinite(out[torch.arange(9) != 4]).all()

@@ -109,7 +109,7 @@ static void q4_quantize_x(const float *x, int K, int g, int16_t *xq, float *sx) 
         __m512 amax = _mm512_setzero_ps();
         for (int k = k0; k < k0 + g; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
         float a = _mm512_reduce_max_ps(amax), inv = a > 0 ? 32767.f / a : 0.f;
-        sx[k0 / g] = a / 32767.f; /* inf or NaN in x: the outputs become inf or NaN too */
+        sx[k0 / g] = a / 32767.f; /* a NaN or inf in x still reaches its outputs, by the sum of x */
         for (int k = k0; k < k0 + g; k += 16) {
             __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), _mm512_set1_ps(inv)));
             _mm256_storeu_si256((__m256i *)(xq + k), _mm512_cvtsepi32_epi16(v));
