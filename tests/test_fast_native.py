@@ -209,7 +209,10 @@ def test_fused_decode_over_a_long_cache_merges_its_chunks(tmp_path):
     fd, net.fast_decode = net.fast_decode, None
     want = _decode(net, ids, steps, StaticKVCache.for_model(net, 1, 640))
     net.fast_decode = fd
-    assert (fast - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+    # 3e-4, not 1e-4: with AVX-512 VNNI q4_gemm holds x as int16 per group (a step of 2^-16 of the
+    # group's largest |x|), so the two paths' last-bit attention differences can round an activation
+    # one step apart (1.2e-4 here; 5e-7 with fp32 activations throughout)
+    assert (fast - want).abs().max().item() <= 3e-4 * want.abs().max().item()
 
 
 @pytest.fixture

@@ -64,156 +64,360 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
 /* ---- int4 GEMM on torch's `_weight_int4pack_mm_for_cpu` layout ----------------------------------
    packed [Npad/64, K, 32] bytes: byte (blk, k, j) holds row 64 blk + j in its low nibble and row
    64 blk + 32 + j in its high nibble. sz [K/g, Npad, 2] bf16 (scale, zero): w = (q - 8) scale + zero.
-   y[m, n] (+)= sum_k x[m, k] w[n, k] + bias[n], rows of y `ldy` floats apart. */
+   y[m, n] (+)= sum_k x[m, k] w[n, k] + bias[n], rows of y `ldy` floats apart.
+
+   Threads take 64-output blocks; in a block, up to Q_ROWS rows of x share each unpacked weight vector
+   (Q_ROWS x 4 accumulators in registers). Every output of every row gets the same operations whatever
+   M or the row's place (batch invariance), per group of g inputs:
+   - with AVX-512 VNNI: x is held per row and group as 16-bit integers xq = round(x / sx), sx = max|x|
+     / 32767 over the group (rounding 2^-16 of the group's largest |x|, far below the bf16 scale's
+     own), so the group's sum of q xq is an exact integer (vpdpwssd: 32 products of 16-bit pairs per
+     instruction, twice an fp32 FMA's 16 at the same rate); then out = fma(isum sx, scale, out).
+   - otherwise, in fp32: acc = fma(q[k], x[k], acc) over the group's k in order from 0; out = fma(acc,
+     scale, out).
+   then out = fma(zero - 8 scale, sum of x over the group, out), and the bias last. */
+#define Q_ROWS 6 /* rows of x sharing each weight vector (more spills registers) */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define Q4_VNNI 1
+#endif
 #ifdef __AVX512F__
-/* One group of one 64-row block for R rows of x at once: the nibbles are unpacked once and used by
-   every row (a row's own operations are the same for any R). out[r] accumulates 64 outputs. */
-static inline __attribute__((always_inline)) void q4_group(const uint8_t *wb, const uint16_t *s, int k0, int g,
-                                                           const float **xr, const float *xsum, float (*out)[64],
-                                                           const int R) {
-    /* nibbles become floats by a 16-entry table lookup (vpermps reads the low 4 bits) */
-    const __m512 tbl = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    __m512 acc[4][4]; /* fixed size, not [R]: R is a constant at each call, so this stays in registers */
-    for (int r = 0; r < R; r++)
-        for (int i = 0; i < 4; i++) acc[r][i] = _mm512_setzero_ps();
-    for (int k = k0; k < k0 + g; k++) {
-        _mm_prefetch((const char *)(wb + k * 32 + 2048), _MM_HINT_T0); /* 64 k ahead */
-        __m512i a = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wb + k * 32)));
-        __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wb + k * 32 + 16)));
-        __m512 w[4] = {_mm512_permutexvar_ps(a, tbl), _mm512_permutexvar_ps(b, tbl),
-                       _mm512_permutexvar_ps(_mm512_srli_epi32(a, 4), tbl),
-                       _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), tbl)};
-        for (int r = 0; r < R; r++) {
-            __m512 xk = _mm512_set1_ps(xr[r][k]);
-            for (int i = 0; i < 4; i++) acc[r][i] = _mm512_fmadd_ps(w[i], xk, acc[r][i]);
-        }
-    }
+/* out[r] (64 floats, rows 64 apart) += t[r] scale + (zero - 8 scale) xsum[r], for one group;
+   t = acc (fp32 path) or acc sx[r] (int16 path: acc holds integer sums). */
+static inline __attribute__((always_inline)) void q4_finish(const uint16_t *s, __m512 (*acc)[4], const float *sx,
+                                                            const float *xsum, float *out, const int R) {
     for (int i = 0; i < 4; i++) {
         __m512i v = _mm512_loadu_si512(s + i * 32); /* 16 (scale, zero) bf16 pairs */
         __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
         __m512 zr = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000)));
         __m512 z8 = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), sc, zr); /* zero - 8 scale */
         for (int r = 0; r < R; r++) {
-            __m512 o = _mm512_fmadd_ps(acc[r][i], sc, _mm512_loadu_ps(out[r] + i * 16));
-            _mm512_storeu_ps(out[r] + i * 16, _mm512_fmadd_ps(z8, _mm512_set1_ps(xsum[r]), o));
+            __m512 t = acc[r][i];
+#ifdef Q4_VNNI
+            t = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_castps_si512(t)), _mm512_set1_ps(sx[r]));
+#endif
+            __m512 o = _mm512_fmadd_ps(t, sc, _mm512_loadu_ps(out + r * 64 + i * 16));
+            _mm512_storeu_ps(out + r * 64 + i * 16, _mm512_fmadd_ps(z8, _mm512_set1_ps(xsum[r]), o));
         }
     }
+    (void)sx;
+}
+#endif
+
+#ifdef Q4_VNNI
+/* x[0 .. K) as int16 per group of g (xq) and the groups' scales (sx). */
+static void q4_quantize_x(const float *x, int K, int g, int16_t *xq, float *sx) {
+    for (int k0 = 0; k0 < K; k0 += g) {
+        __m512 amax = _mm512_setzero_ps();
+        for (int k = k0; k < k0 + g; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+        float a = _mm512_reduce_max_ps(amax), inv = a > 0 ? 32767.f / a : 0.f;
+        sx[k0 / g] = a / 32767.f; /* a NaN or inf in x still reaches its outputs, by the sum of x */
+        for (int k = k0; k < k0 + g; k += 16) {
+            __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), _mm512_set1_ps(inv)));
+            _mm256_storeu_si256((__m256i *)(xq + k), _mm512_cvtsepi32_epi16(v));
+        }
+    }
+}
+
+/* acc + the sums of the two 16-bit products in each 32-bit lane. In asm: with the intrinsic, GCC copies
+   the accumulators between registers around every instruction of these loops. */
+static inline __attribute__((always_inline)) __m512i dpwssd(__m512i acc, __m512i w, __m512i x) {
+    __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(x));
+    return acc;
+}
+
+/* The nibbles of k and k + 1 of a 64-output block as 16-bit pairs (q[k] low, q[k + 1] high). */
+static inline __attribute__((always_inline)) void q4_pairs(const uint8_t *wk, __m512i w[4]) {
+    const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                                        37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+    __m512i a = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)wk));
+    __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(wk + 32)));
+    __m512i v0 = _mm512_permutex2var_epi16(a, lo, b), v1 = _mm512_permutex2var_epi16(a, hi, b);
+    w[0] = _mm512_and_si512(v0, _mm512_set1_epi16(15));
+    w[1] = _mm512_and_si512(v1, _mm512_set1_epi16(15));
+    w[2] = _mm512_srli_epi16(v0, 4);
+    w[3] = _mm512_srli_epi16(v1, 4);
+}
+
+/* One group (k0 .. k0 + g - 1) of one block for R rows; xp[r]: row r's x as int16 pairs from k0. */
+static inline __attribute__((always_inline)) void q4_rows(const uint8_t *wb, const uint16_t *s, int k0, int g,
+                                                          const int32_t **xp, const float *sx, const float *xsum,
+                                                          float *out, const int R) {
+    __m512i acc[Q_ROWS][4]; /* fixed size, not [R]: R is a constant at each call, so this stays in registers */
+    for (int r = 0; r < R; r++)
+        for (int i = 0; i < 4; i++) acc[r][i] = _mm512_setzero_si512();
+    for (int p = 0; p < g / 2; p++) {
+        _mm_prefetch((const char *)(wb + (k0 + 2 * p) * 32 + 2048), _MM_HINT_T0); /* 64 k ahead */
+        __m512i w[4];
+        q4_pairs(wb + (k0 + 2 * p) * 32, w);
+        for (int r = 0; r < R; r++) {
+            __m512i xv = _mm512_set1_epi32(xp[r][p]);
+            for (int i = 0; i < 4; i++) acc[r][i] = dpwssd(acc[r][i], w[i], xv);
+        }
+    }
+    __m512 f[Q_ROWS][4];
+    for (int r = 0; r < R; r++)
+        for (int i = 0; i < 4; i++) f[r][i] = _mm512_castsi512_ps(acc[r][i]);
+    q4_finish(s, f, sx, xsum, out, R);
+}
+#elif defined(__AVX512F__)
+/* The nibbles of one k of a 64-output block as floats 0..15 (a 16-entry table lookup: vpermps reads
+   the low 4 bits of each index). */
+static inline __attribute__((always_inline)) void q4_unpack(const uint8_t *wk, __m512 w[4]) {
+    const __m512 tbl = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512i a = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)wk));
+    __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wk + 16)));
+    w[0] = _mm512_permutexvar_ps(a, tbl);
+    w[1] = _mm512_permutexvar_ps(b, tbl);
+    w[2] = _mm512_permutexvar_ps(_mm512_srli_epi32(a, 4), tbl);
+    w[3] = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), tbl);
+}
+
+/* One group of one block for R rows (xr[r]: row r of x), in fp32. */
+static inline __attribute__((always_inline)) void q4_rows(const uint8_t *wb, const uint16_t *s, int k0, int g,
+                                                          const float **xr, const float *xsum, float *out,
+                                                          const int R) {
+    __m512 acc[Q_ROWS][4];
+    for (int r = 0; r < R; r++)
+        for (int i = 0; i < 4; i++) acc[r][i] = _mm512_setzero_ps();
+    for (int k = k0; k < k0 + g; k++) {
+        _mm_prefetch((const char *)(wb + k * 32 + 2048), _MM_HINT_T0); /* 64 k ahead */
+        __m512 w[4];
+        q4_unpack(wb + k * 32, w);
+        for (int r = 0; r < R; r++) {
+            __m512 xk = _mm512_set1_ps(xr[r][k]);
+            for (int i = 0; i < 4; i++) acc[r][i] = _mm512_fmadd_ps(w[i], xk, acc[r][i]);
+        }
+    }
+    q4_finish(s, acc, NULL, xsum, out, R);
 }
 #endif
 
 void q4_gemm(const float *x, int M, int K, const uint8_t *packed, const uint16_t *sz, int g, int N, int Npad,
              const float *bias, float *y, long ldy, int accumulate) {
     int G = K / g, nblk = Npad / 64;
-    float *xs = malloc(sizeof(float) * (size_t)M * G); /* per-group sums of x, for the zero term */
+    if (M <= 0) return;
+    float *xs = malloc(sizeof(float) * (size_t)M * G); /* per row and group: sums of x, for the zero term */
     for (int m = 0; m < M; m++)
         for (int gi = 0; gi < G; gi++) {
             float s = 0;
             for (int k = gi * g; k < (gi + 1) * g; k++) s += x[(size_t)m * K + k];
             xs[m * G + gi] = s;
         }
-#pragma omp parallel for schedule(static)
-    for (int blk = 0; blk < nblk; blk++) {
-        for (int m0 = 0; m0 < M;) {
-            int R = M - m0 >= 4 ? 4 : M - m0 >= 2 ? 2 : 1; /* rows sharing one pass over the weights */
-            float out[4][64] = {{0}};
-            const float *xr[4];
-            for (int r = 0; r < R; r++) xr[r] = x + (size_t)(m0 + r) * K;
+#ifdef Q4_VNNI
+    float *sxs = malloc(sizeof(float) * (size_t)M * G);  /* per row and group: x's scale */
+    int32_t *xq = malloc(sizeof(int16_t) * (size_t)M * K); /* x as int16 pairs */
+    for (int m = 0; m < M; m++)
+        q4_quantize_x(x + (size_t)m * K, K, g, (int16_t *)(xq + (size_t)m * K / 2), sxs + (size_t)m * G);
+#endif
+#pragma omp parallel
+    {
+#ifndef __AVX512F__
+        float *buf = malloc(sizeof(float) * 64 * g); /* a group's nibbles as floats, for all the rows */
+#endif
+#pragma omp for schedule(static)
+        for (int blk = 0; blk < nblk; blk++) {
             const uint8_t *wb = packed + (size_t)blk * K * 32;
-            for (int gi = 0; gi < G; gi++) {
-                const uint16_t *s = sz + ((size_t)gi * Npad + blk * 64) * 2;
-                float xsum[4];
-                for (int r = 0; r < R; r++) xsum[r] = xs[(m0 + r) * G + gi];
+            for (int m0 = 0; m0 < M; m0 += Q_ROWS) {
+                int R = M - m0 < Q_ROWS ? M - m0 : Q_ROWS;
+                float out[Q_ROWS * 64] = {0}, xsum[Q_ROWS];
+                const float *xr[Q_ROWS];
+                for (int r = 0; r < R; r++) xr[r] = x + (size_t)(m0 + r) * K;
+                (void)xr;
+                for (int gi = 0; gi < G; gi++) {
+                    const uint16_t *s = sz + ((size_t)gi * Npad + blk * 64) * 2;
+                    int k0 = gi * g;
+                    for (int r = 0; r < R; r++) xsum[r] = xs[(m0 + r) * G + gi];
+#if defined(Q4_VNNI)
+                    const int32_t *xp[Q_ROWS];
+                    float sx[Q_ROWS];
+                    for (int r = 0; r < R; r++) {
+                        xp[r] = xq + ((size_t)(m0 + r) * K + k0) / 2;
+                        sx[r] = sxs[(m0 + r) * G + gi];
+                    }
+#define Q4_CALL(R) q4_rows(wb, s, k0, g, xp, sx, xsum, out, R)
+#elif defined(__AVX512F__)
+#define Q4_CALL(R) q4_rows(wb, s, k0, g, xr, xsum, out, R)
+#endif
 #ifdef __AVX512F__
-                if (R == 4)
-                    q4_group(wb, s, gi * g, g, xr, xsum, out, 4);
-                else if (R == 2)
-                    q4_group(wb, s, gi * g, g, xr, xsum, out, 2);
-                else
-                    q4_group(wb, s, gi * g, g, xr, xsum, out, 1);
+                    switch (R) {
+                    case 1: Q4_CALL(1); break;
+                    case 2: Q4_CALL(2); break;
+                    case 3: Q4_CALL(3); break;
+                    case 4: Q4_CALL(4); break;
+                    case 5: Q4_CALL(5); break;
+                    default: Q4_CALL(6);
+                    }
+#undef Q4_CALL
 #else
-                for (int r = 0; r < R; r++) {
-                    float acc[64] = {0};
-                    for (int k = gi * g; k < (gi + 1) * g; k++) {
-                        const uint8_t *wk = wb + k * 32;
+                    for (int k = 0; k < g; k++) { /* the nibbles as floats, once for the R rows */
+                        const uint8_t *wk = wb + (k0 + k) * 32;
                         for (int j = 0; j < 32; j++) {
-                            acc[j] += (float)(wk[j] & 15) * xr[r][k];
-                            acc[j + 32] += (float)(wk[j] >> 4) * xr[r][k];
+                            buf[k * 64 + j] = (float)(wk[j] & 15);
+                            buf[k * 64 + j + 32] = (float)(wk[j] >> 4);
                         }
                     }
-                    for (int j = 0; j < 64; j++) {
-                        float sc = bf16_to_f32(s[2 * j]), zr = bf16_to_f32(s[2 * j + 1]);
-                        out[r][j] += acc[j] * sc + (zr - 8.f * sc) * xsum[r];
+                    for (int r = 0; r < R; r++) {
+                        float acc[64] = {0};
+                        for (int k = 0; k < g; k++) {
+                            float xk = xr[r][k0 + k];
+                            for (int j = 0; j < 64; j++) acc[j] += buf[k * 64 + j] * xk;
+                        }
+                        for (int j = 0; j < 64; j++) {
+                            float sc = bf16_to_f32(s[2 * j]), zr = bf16_to_f32(s[2 * j + 1]);
+                            out[r * 64 + j] += acc[j] * sc + (zr - 8.f * sc) * xsum[r];
+                        }
+                    }
+#endif
+                }
+                for (int r = 0; r < R; r++) {
+                    float *ym = y + (size_t)(m0 + r) * ldy;
+                    for (int j = 0; j < 64 && blk * 64 + j < N; j++) {
+                        int n = blk * 64 + j;
+                        float v = out[r * 64 + j] + (bias ? bias[n] : 0.f);
+                        ym[n] = accumulate ? ym[n] + v : v;
                     }
                 }
-#endif
             }
-            for (int r = 0; r < R; r++) {
-                float *ym = y + (size_t)(m0 + r) * ldy;
-                for (int j = 0; j < 64 && blk * 64 + j < N; j++) {
-                    int n = blk * 64 + j;
-                    float v = out[r][j] + (bias ? bias[n] : 0.f);
-                    ym[n] = accumulate ? ym[n] + v : v;
-                }
-            }
-            m0 += R;
         }
+#ifndef __AVX512F__
+        free(buf);
+#endif
     }
     free(xs);
+#ifdef Q4_VNNI
+    free(sxs);
+    free(xq);
+#endif
 }
 
 /* ---- int8 GEMM, row-major: q [N, K] int8, scales [N, K/g] fp32: w[n, k] = q[n, k] scale[n, k/g] ----
-   (GGUF Q8_0 blocks have g = 32; per-channel int8 has g = K.) Four rows at a time share the loads of x;
-   a row's arithmetic is the same wherever it falls. */
+   (GGUF Q8_0 blocks have g = 32, Q6_K 16; per-channel int8 has g = K.)
+   Every output, for every row of x, gets the same operations whatever M or the row's place: the weight
+   w = q scale (rounded to fp32, as the dequantized reference), 16 lane sums acc[l] = fma(w[k], x[k],
+   acc[l]) over k = l, l + 16, ... in order, then the lanes added in one fixed tree; the bias last.
+   Threads take tiles of 4 outputs. Up to Q_ROWS rows convert the tile's weights in registers; more rows
+   convert them once into a buffer of floats [4][K] and run over it Q_ROWS rows at a time. The plain C
+   body (also taken when K or g is not a multiple of 16) does the same with a sequential lane sum. */
+#ifdef __AVX512F__
+static inline __attribute__((always_inline)) __m512 q8_load(const int8_t *q, float s) {
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q))),
+                         _mm512_set1_ps(s));
+}
+
+/* out[i] = the sum of v[i]'s 16 lanes, the four at once (one fixed order of additions). */
+static inline __attribute__((always_inline)) void q8_sum4(const __m512 v[4], float out[4]) {
+    __m512 a = _mm512_add_ps(_mm512_shuffle_f32x4(v[0], v[1], 0x44), _mm512_shuffle_f32x4(v[0], v[1], 0xee));
+    __m512 b = _mm512_add_ps(_mm512_shuffle_f32x4(v[2], v[3], 0x44), _mm512_shuffle_f32x4(v[2], v[3], 0xee));
+    __m512 c = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xdd)); /* v[i]: 128-bit lane i */
+    c = _mm512_add_ps(c, _mm512_permute_ps(c, 0x4e));
+    c = _mm512_add_ps(c, _mm512_permute_ps(c, 0xb1));
+    float t[16];
+    _mm512_storeu_ps(t, c);
+    for (int i = 0; i < 4; i++) out[i] = t[4 * i];
+}
+
+/* R rows of x against the 4 outputs of a tile, the weights converted in registers (WEIGHTS: from qr, sr)
+   or read from buf [4][K] converted once for all rows. */
+#define Q8_ROWS(name, WEIGHTS)                                                                                    \
+    static inline __attribute__((always_inline)) void name(const int8_t **qr, const float **sr, const float *buf, \
+                                                           int K, int g, const float **xr, float (*out)[4],       \
+                                                           const int R) {                                         \
+        __m512 acc[Q_ROWS][4];                                                                                    \
+        for (int r = 0; r < R; r++)                                                                               \
+            for (int i = 0; i < 4; i++) acc[r][i] = _mm512_setzero_ps();                                          \
+        for (int k = 0; k < K; k += 16) {                                                                         \
+            __m512 w[4];                                                                                          \
+            for (int i = 0; i < 4; i++) WEIGHTS;                                                                  \
+            for (int r = 0; r < R; r++) {                                                                         \
+                __m512 xv = _mm512_loadu_ps(xr[r] + k);                                                           \
+                for (int i = 0; i < 4; i++) acc[r][i] = _mm512_fmadd_ps(w[i], xv, acc[r][i]);                     \
+            }                                                                                                     \
+        }                                                                                                         \
+        for (int r = 0; r < R; r++) q8_sum4(acc[r], out[r]);                                                      \
+        (void)qr, (void)sr, (void)buf, (void)g;                                                                   \
+    }
+Q8_ROWS(q8_direct, (_mm_prefetch((const char *)(qr[i] + k + 16 * K), _MM_HINT_T0), /* 4 tiles ahead */
+                    w[i] = q8_load(qr[i] + k, sr[i][k / g])))
+Q8_ROWS(q8_buffered, w[i] = _mm512_load_ps(buf + (size_t)i * K + k))
+#undef Q8_ROWS
+#endif
+
 void q8_gemm(const float *x, int M, int K, const int8_t *q, const float *scales, int g, int N,
              const float *bias, float *y, long ldy, int accumulate) {
     int G = K / g;
-#pragma omp parallel for schedule(static)
-    for (int n0 = 0; n0 < N; n0 += 4) {
-        const int8_t *qr[4];
-        const float *sr[4];
-        for (int r = 0; r < 4; r++) { /* rows past N repeat the last one and are not stored */
-            int n = n0 + r < N ? n0 + r : N - 1;
-            qr[r] = q + (size_t)n * K;
-            sr[r] = scales + (size_t)n * G;
-        }
-        for (int m = 0; m < M; m++) {
-            const float *xm = x + (size_t)m * K;
-            float out[4];
 #ifdef __AVX512F__
-            if (g % 16 == 0) {
-                __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-                for (int gi = 0; gi < G; gi++) {
-                    __m512 blk[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-                    for (int k = gi * g; k < (gi + 1) * g; k += 16) {
-                        __m512 xv = _mm512_loadu_ps(xm + k);
-                        for (int r = 0; r < 4; r++) {
-                            _mm_prefetch((const char *)(qr[r] + k + 16 * K), _MM_HINT_T0);
-                            __m512i w = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qr[r] + k)));
-                            blk[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(w), xv, blk[r]);
-                        }
-                    }
-                    for (int r = 0; r < 4; r++) acc[r] = _mm512_fmadd_ps(blk[r], _mm512_set1_ps(sr[r][gi]), acc[r]);
-                }
-                for (int r = 0; r < 4; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
-            } else
+    int vec = K % 16 == 0 && g % 16 == 0;
+#else
+    int vec = 0;
 #endif
-            {
-                for (int r = 0; r < 4; r++) {
-                    float acc = 0;
-                    for (int gi = 0; gi < G; gi++) {
-                        float blk = 0;
-                        for (int k = gi * g; k < (gi + 1) * g; k++) blk += (float)qr[r][k] * xm[k];
-                        acc += blk * sr[r][gi];
-                    }
-                    out[r] = acc;
-                }
+    if (M <= 0) return;
+#pragma omp parallel
+    {
+        float *buf = aligned_alloc(64, sizeof(float) * 4 * ((K + 15) / 16 * 16));
+#pragma omp for schedule(static)
+        for (int n0 = 0; n0 < N; n0 += 4) {
+            const int8_t *qr[4];
+            const float *sr[4];
+            for (int i = 0; i < 4; i++) { /* outputs past N repeat the last one and are not stored */
+                int n = n0 + i < N ? n0 + i : N - 1;
+                qr[i] = q + (size_t)n * K;
+                sr[i] = scales + (size_t)n * G;
             }
-            for (int r = 0; r < 4 && n0 + r < N; r++) {
-                float v = out[r] + (bias ? bias[n0 + r] : 0.f);
-                float *dst = y + (size_t)m * ldy + n0 + r;
-                *dst = accumulate ? *dst + v : v;
+            int direct = vec && M <= Q_ROWS;
+            if (!direct) /* the tile's weights as floats, once for all rows */
+                for (int i = 0; i < 4; i++) {
+#ifdef __AVX512F__
+                    if (vec) {
+                        for (int k = 0; k < K; k += 16) {
+                            if (k % 64 == 0) /* the next tile, while this one's rows run */
+                                _mm_prefetch((const char *)(qr[i] + k + 4 * K), _MM_HINT_T0);
+                            _mm512_store_ps(buf + (size_t)i * K + k, q8_load(qr[i] + k, sr[i][k / g]));
+                        }
+                        continue;
+                    }
+#endif
+                    for (int k = 0; k < K; k++) buf[(size_t)i * K + k] = (float)qr[i][k] * sr[i][k / g];
+                }
+            for (int m0 = 0; m0 < M; m0 += Q_ROWS) {
+                int R = M - m0 < Q_ROWS ? M - m0 : Q_ROWS;
+                const float *xr[Q_ROWS];
+                float out[Q_ROWS][4];
+                for (int r = 0; r < R; r++) xr[r] = x + (size_t)(m0 + r) * K;
+#ifdef __AVX512F__
+                if (vec) {
+#define Q8_CALL(R) direct ? q8_direct(qr, sr, buf, K, g, xr, out, R) : q8_buffered(qr, sr, buf, K, g, xr, out, R)
+                    switch (R) {
+                    case 1: Q8_CALL(1); break;
+                    case 2: Q8_CALL(2); break;
+                    case 3: Q8_CALL(3); break;
+                    case 4: Q8_CALL(4); break;
+                    case 5: Q8_CALL(5); break;
+                    default: Q8_CALL(6);
+                    }
+#undef Q8_CALL
+                } else
+#endif
+                {
+                    for (int r = 0; r < R; r++)
+                        for (int i = 0; i < 4; i++) {
+                            const float *w = buf + (size_t)i * K;
+                            float lane[16] = {0}, sum = 0;
+                            for (int k0 = 0; k0 < K; k0 += 16)
+                                for (int l = 0; l < 16 && k0 + l < K; l++) lane[l] += w[k0 + l] * xr[r][k0 + l];
+                            for (int l = 0; l < 16; l++) sum += lane[l];
+                            out[r][i] = sum;
+                        }
+                }
+                for (int r = 0; r < R; r++)
+                    for (int i = 0; i < 4 && n0 + i < N; i++) {
+                        float v = out[r][i] + (bias ? bias[n0 + i] : 0.f);
+                        float *dst = y + (size_t)(m0 + r) * ldy + n0 + i;
+                        *dst = accumulate ? *dst + v : v;
+                    }
             }
         }
+        free(buf);
     }
 }
 
