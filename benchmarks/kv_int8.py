@@ -8,7 +8,8 @@ decode speed over a long cache, against the bf16 cache, on the default model.
   every position's next-token distribution is compared with the bf16 cache's: top-1 agreement and mean
   KL(bf16 cache || other) in nats. The fp32 cache against bf16 is there for scale.
 - Memory: bytes per token (int8 counts its fp32 scale per vector) and the tokens `--kv-cache-mb` holds.
-- Speed: one sequence with a `--context`-token cache (prefilled), then `--steps` decode steps timed.
+- Speed: `--batch` sequences with a `--context`-token cache each (prefilled), then `--steps` decode
+  steps timed.
 """
 
 from __future__ import annotations
@@ -42,16 +43,16 @@ def stepwise(net: torch.nn.Module, ids: list[list[int]], dtype: torch.dtype) -> 
     return out
 
 
-def decode_speed(net: torch.nn.Module, prompt: list[int], dtype: torch.dtype, steps: int) -> float:
-    """Tokens per second of `steps` greedy decode steps after `prompt` is cached."""
+def decode_speed(net: torch.nn.Module, prompt: list[int], dtype: torch.dtype, steps: int, batch: int) -> float:
+    """Tokens per second of `steps` greedy decode steps of `batch` rows after `prompt` is cached in each."""
     with torch.inference_mode():
-        cache = StaticKVCache.for_model(net, 1, len(prompt) + steps + 1, dtype)
-        token = net(torch.tensor([prompt]), cache=cache)[0, -1].argmax().item()
-        net(torch.tensor([[token]]), cache=cache)  # one warm-up step
+        cache = StaticKVCache.for_model(net, batch, len(prompt) + steps + 1, dtype)
+        tokens = net(torch.tensor([prompt] * batch), cache=cache)[:, -1].argmax(-1, keepdim=True)
+        net(tokens, cache=cache)  # one warm-up step
         t0 = time.perf_counter()
         for _ in range(steps):
-            token = net(torch.tensor([[token]]), cache=cache)[0, -1].argmax().item()
-        return steps / (time.perf_counter() - t0)
+            tokens = net(tokens, cache=cache)[:, -1].argmax(-1, keepdim=True)
+        return batch * steps / (time.perf_counter() - t0)
 
 
 def main() -> int:
@@ -60,6 +61,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch and kernel threads (default 2)")
     ap.add_argument("--context", type=int, default=2048, help="cached tokens for the speed run (default 2048)")
     ap.add_argument("--steps", type=int, default=32, help="timed decode steps (default 32)")
+    ap.add_argument("--batch", type=int, default=1, help="sequences decoded together in the speed run (default 1)")
     ap.add_argument("--kv-cache-mb", type=float, default=2048, help="budget for the token count (default 2048)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -85,9 +87,9 @@ def main() -> int:
 
     text = [t for x in ids for t in x]
     prompt = (text * (args.context // len(text) + 1))[:args.context]
-    print(f"\ndecode at {args.context} cached tokens, batch 1, {args.steps} steps:")
+    print(f"\ndecode at {args.context} cached tokens, batch {args.batch}, {args.steps} steps:")
     for name in ("bfloat16", "int8"):
-        print(f"  {name:8s} cache: {decode_speed(net, prompt, DTYPES[name], args.steps):6.1f} tok/s")
+        print(f"  {name:8s} cache: {decode_speed(net, prompt, DTYPES[name], args.steps, args.batch):6.1f} tok/s")
     return 0
 
 

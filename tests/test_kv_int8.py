@@ -17,6 +17,7 @@ from qianwen.errors import QianwenError
 from qianwen.fast import StaticKVCache, native
 from qianwen.fast.cache import dequantize_kv, quantize_kv
 from qianwen.models.cache import causal_attention
+from qianwen.server import create_app
 
 from .test_engine import PROMPTS, greedy
 from .test_fast_native import _decode, portable_kernels, quantized  # noqa: F401  (fixtures)
@@ -167,6 +168,22 @@ def test_default_model_greedy_with_an_int8_cache_starts_as_bf16s(default_gguf):
     assert kl.mean() < 5e-3 and (lr.argmax(-1) == lg.argmax(-1)).float().mean() >= 0.95
 
 
+def test_server_with_an_int8_cache(tiny_qwen2_dir):
+    """The server's engine takes the dtype (`qianwen serve --kv-cache-dtype int8` passes it) and answers
+    as the offline engine does."""
+    from fastapi.testclient import TestClient
+
+    model = qianwen.load(str(tiny_qwen2_dir), dtype="bfloat16")
+    want = LLM(model, EngineConfig(kv_cache_dtype="int8")).generate([greedy(PROMPTS[3], 8)])[0].text
+    app = create_app(model, EngineConfig(kv_cache_dtype="int8"))
+    assert app.state.engine.engine.cache.dtype == torch.int8
+    with TestClient(app) as c:
+        r = c.post("/v1/completions", json={"model": model.name, "prompt": PROMPTS[3], "max_tokens": 8,
+                                            "temperature": 0, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == want
+
+
 def test_unknown_kv_cache_dtype_is_a_clear_error(tiny_qwen2_dir, capsys):
     from qianwen.cli.main import main
 
@@ -176,6 +193,8 @@ def test_unknown_kv_cache_dtype_is_a_clear_error(tiny_qwen2_dir, capsys):
     model.kv_cache_dtype = "fp8"
     with pytest.raises(QianwenError, match="unknown KV cache dtype 'fp8'"):
         model.stream_tokens([1, 2, 3])
+    with pytest.raises(QianwenError, match="unknown KV cache dtype 'int4'"):
+        create_app(model, EngineConfig(kv_cache_dtype="int4"))
     with pytest.raises(SystemExit) as e:  # argparse: usage and one line, before any model is read
         main(["serve", "-m", "/nonexistent/model", "--kv-cache-dtype", "int4"])
     err = capsys.readouterr().err
