@@ -6,7 +6,8 @@ decode speed over a long cache, against the bf16 cache, on the default model.
 - Accuracy: benchmarks/quant_agreement.py's prompts (English and Chinese prose and chats) run token by
   token through a StaticKVCache of each dtype (the decode step: the C kernels where they are built), and
   every position's next-token distribution is compared with the bf16 cache's: top-1 agreement and mean
-  KL(bf16 cache || other) in nats. The fp32 cache against bf16 is there for scale.
+  KL(bf16 cache || other) in nats. The fp32 cache against bf16 is there for scale. Then the same for one
+  forward per prompt (the prefill path, torch attention over the cache's dequantized values).
 - Memory: bytes per token (int8 counts its fp32 scale per vector) and the tokens `--kv-cache-mb` holds.
 - Speed: `--batch` sequences with a `--context`-token cache each (prefilled), then `--steps` decode
   steps timed.
@@ -41,6 +42,13 @@ def stepwise(net: torch.nn.Module, ids: list[list[int]], dtype: torch.dtype) -> 
             cache = StaticKVCache.for_model(net, 1, len(x), dtype)
             out.append(torch.stack([net(torch.tensor([[t]]), cache=cache)[0, -1].float() for t in x]))
     return out
+
+
+def one_forward(net: torch.nn.Module, ids: list[list[int]], dtype: torch.dtype) -> list[torch.Tensor]:
+    """Logits at every position from one forward per prompt (the prefill path: torch attention over the
+    cache's values, int8 dequantized to the model's dtype)."""
+    with torch.inference_mode():
+        return [net(torch.tensor([x]), cache=StaticKVCache.for_model(net, 1, len(x), dtype))[0].float() for x in ids]
 
 
 def decode_speed(net: torch.nn.Module, prompt: list[int], dtype: torch.dtype, steps: int, batch: int) -> float:
@@ -79,6 +87,8 @@ def main() -> int:
     for name in ("float32", "int8"):
         top1, kl = compare(ref, stepwise(net, ids, DTYPES[name]))
         print(f"  {name:8s} cache: top-1 agreement {top1:.4f}, mean KL {_sci(kl)} nats")
+    top1, kl = compare(one_forward(net, ids, torch.bfloat16), one_forward(net, ids, torch.int8))
+    print(f"  int8     cache, one forward per prompt (prefill path): top-1 agreement {top1:.4f}, mean KL {_sci(kl)}")
 
     print(f"\nmemory (--kv-cache-mb {args.kv_cache_mb:g}):")
     for name, dtype in DTYPES.items():
