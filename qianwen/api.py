@@ -11,6 +11,7 @@ import torch
 from .chat.reasoning import template_thinks, thinking_allowed
 from .chat.template import ChatTemplate
 from .config import ModelConfig
+from .fast.cache import kv_cache_dtype
 from .generation.constrain import CONSTRAINT_OPTIONS, grammar_from_request, make_processor
 from .generation.generate import stream_tokens
 from .generation.params import SamplingParams, defaults_from_generation_config, make_params
@@ -43,6 +44,7 @@ class Model:
         self.tokenizer, self.chat_template, self.generation_config = tokenizer, chat_template, generation_config
         self.sampling_defaults = defaults_from_generation_config(generation_config)
         self.stop_token_ids = self._stop_ids()
+        self.kv_cache_dtype = "auto"  # stream_tokens' KV cache: auto (the model's dtype), bfloat16, float32, int8
 
     @property
     def device(self) -> torch.device:
@@ -73,7 +75,7 @@ class Model:
         """One TokenStep per new token. `logits_processors`: fn(prompt_ids, output_ids, logits[V] float32)
         -> logits, run in order after the penalties, before sampling."""
         return stream_tokens(self.net, self.tokenizer, prompt_ids, params or self.params(), self.context_length,
-                             logits_processors or ())
+                             logits_processors or (), kv_cache_dtype(self.kv_cache_dtype, self.dtype))
 
     def constraint(self, think: bool = False, **spec: Any) -> list[Any]:
         """Logits processors enforcing `response_format`, `json_schema`, `regex`, `choice` or `grammar`

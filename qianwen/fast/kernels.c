@@ -564,19 +564,50 @@ void rope(float *qk, int M, int heads, int D, long row_stride, const float *cos,
         }
 }
 
+/* ---- K/V cache element types (`dtype` below): 0 fp32, 1 bf16 (rounded to nearest even), 2 int8 with
+   one fp32 scale per (head, position): symmetric absmax over the D values, q = rint(x * (127 / amax)),
+   scale = amax / 127, x ~ q * scale (all zero when amax is 0). fast/cache.py `quantize_kv` writes the
+   same bytes. A vector's scale sits at index (its element offset) / D of the scales array, so the
+   scales take the values' strides divided by D. */
+#define KV_F32 0
+#define KV_BF16 1
+#define KV_INT8 2
+
+static inline float kv_quantize(const float *x, int8_t *q, int D) {
+    float amax = 0;
+    for (int i = 0; i < D; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+    float inv = amax > 0 ? 127.f / amax : 0.f;
+#ifdef __AVX512F__
+    if (D % 16 == 0) {
+        for (int i = 0; i < D; i += 16) /* cvtps rounds to nearest even, as rintf and torch.round */
+            _mm_storeu_si128((__m128i *)(q + i),
+                             _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + i),
+                                                                                   _mm512_set1_ps(inv)))));
+        return amax / 127.f;
+    }
+#endif
+    for (int i = 0; i < D; i++) q[i] = (int8_t)rintf(x[i] * inv);
+    return amax / 127.f;
+}
+
 /* ---- K/V store: row m's k and v (Hkv heads of D, at qkv + m * row_stride + k_off / v_off) go to
-   position pos[m] of its cache; kb[m], vb[m] point at head 0, position 0; heads `head_stride[m]`
-   elements apart. bf16 caches are rounded to nearest even. */
+   position pos[m] of its cache; kb[m], vb[m] point at head 0, position 0 (ks[m], vs[m] at their
+   scales, int8 only); heads `head_stride[m]` elements apart. */
 void kv_store(const float *qkv, int M, long row_stride, long k_off, long v_off, int Hkv, int D,
-              void **kb, void **vb, const int *pos, const long *head_stride, int bf16) {
+              void **kb, void **vb, float **ks, float **vs, const int *pos, const long *head_stride, int dtype) {
     for (int m = 0; m < M; m++) {
         if (!kb[m]) continue;
         for (int h = 0; h < Hkv; h++) {
             const float *k = qkv + m * row_stride + k_off + (long)h * D;
             const float *v = qkv + m * row_stride + v_off + (long)h * D;
             long at = h * head_stride[m] + (long)pos[m] * D;
+            if (dtype == KV_INT8) {
+                ks[m][at / D] = kv_quantize(k, (int8_t *)kb[m] + at, D);
+                vs[m][at / D] = kv_quantize(v, (int8_t *)vb[m] + at, D);
+                continue;
+            }
             for (int i = 0; i < D; i++) {
-                if (bf16) {
+                if (dtype == KV_BF16) {
                     ((uint16_t *)kb[m])[at + i] = f32_to_bf16(k[i]);
                     ((uint16_t *)vb[m])[at + i] = f32_to_bf16(v[i]);
                 } else {
@@ -588,24 +619,36 @@ void kv_store(const float *qkv, int M, long row_stride, long k_off, long v_off, 
     }
 }
 
-/* A cached K or V vector (bf16 or fp32) as fp32. */
-static inline void load_kv(float *dst, const void *src, int D, int bf16) {
+/* A cached K or V vector as fp32 (int8: times its scale). */
+static inline void load_kv(float *dst, const void *src, int D, int dtype, float scale) {
 #ifdef __AVX512F__
-    if (bf16 && D % 16 == 0) {
+    if (dtype == KV_BF16 && D % 16 == 0) {
         for (int i = 0; i < D; i += 16) {
             __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)src + i));
             _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
         }
         return;
     }
+    if (dtype == KV_INT8 && D % 16 == 0) {
+        for (int i = 0; i < D; i += 16) {
+            __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)src + i)));
+            _mm512_storeu_ps(dst + i, _mm512_mul_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(scale)));
+        }
+        return;
+    }
 #endif
-    if (bf16) {
+    if (dtype == KV_BF16) {
         const uint16_t *h = src;
         for (int i = 0; i < D; i++) dst[i] = bf16_to_f32(h[i]);
+    } else if (dtype == KV_INT8) {
+        const int8_t *q = src;
+        for (int i = 0; i < D; i++) dst[i] = (float)q[i] * scale;
     } else {
         memcpy(dst, src, sizeof(float) * D);
     }
 }
+
+static inline size_t kv_size(int dtype) { return dtype == KV_F32 ? 4 : dtype == KV_BF16 ? 2 : 1; }
 
 static inline float dot(const float *a, const float *b, int D) {
 #ifdef __AVX512F__
@@ -659,10 +702,10 @@ static inline float exp_sum(float *s, int n, float mx) {
    and sums (as flash-decoding does). The chunking depends only on the row's length: a row's result
    is the same in any batch. scale[m] multiplies the scores (1/sqrt(D), times LogN). */
 #define ATT_CHUNK 256
-void attend(const float *q, int M, int Hq, int Hkv, int D, long q_stride, void **kb, void **vb,
-            const int *len, const long *head_stride, int bf16, const float *scale, float *out) {
+void attend(const float *q, int M, int Hq, int Hkv, int D, long q_stride, void **kb, void **vb, float **ks,
+            float **vs, const int *len, const long *head_stride, int dtype, const float *scale, float *out) {
     int group = Hq / Hkv;
-    size_t el = bf16 ? 2 : 4;
+    size_t el = kv_size(dtype);
     int *first = malloc(sizeof(int) * (M + 1)); /* tasks of row m: first[m] .. first[m + 1] - 1 */
     first[0] = 0;
     for (int m = 0; m < M; m++) {
@@ -685,9 +728,12 @@ void attend(const float *q, int M, int Hq, int Hkv, int D, long q_stride, void *
             const char *kh = (const char *)kb[m] + (size_t)kvh * head_stride[m] * el;
             const char *vh = (const char *)vb[m] + (size_t)kvh * head_stride[m] * el;
             const float *qh = q + m * q_stride + (long)kvh * group * D;
+            /* int8: the scales of this head's positions (index = element offset / D) */
+            const float *ksh = dtype == KV_INT8 ? ks[m] + kvh * head_stride[m] / D : NULL;
+            const float *vsh = dtype == KV_INT8 ? vs[m] + kvh * head_stride[m] / D : NULL;
             float *pt = part + (size_t)task * per;
             for (int t = 0; t < n; t++) {
-                load_kv(kv, kh + (size_t)(t0 + t) * D * el, D, bf16);
+                load_kv(kv, kh + (size_t)(t0 + t) * D * el, D, dtype, ksh ? ksh[t0 + t] : 1.f);
                 for (int g = 0; g < group; g++) s[g * ATT_CHUNK + t] = dot(qh + g * D, kv, D) * scale[m];
             }
             for (int g = 0; g < group; g++) {
@@ -698,7 +744,7 @@ void attend(const float *q, int M, int Hq, int Hkv, int D, long q_stride, void *
                 memset(pt + g * (D + 2) + 2, 0, sizeof(float) * D);
             }
             for (int t = 0; t < n; t++) {
-                load_kv(kv, vh + (size_t)(t0 + t) * D * el, D, bf16);
+                load_kv(kv, vh + (size_t)(t0 + t) * D * el, D, dtype, vsh ? vsh[t0 + t] : 1.f);
                 for (int g = 0; g < group; g++) {
                     float p = s[g * ATT_CHUNK + t], *o = pt + g * (D + 2) + 2;
 #pragma omp simd
@@ -784,16 +830,19 @@ static void project(const Proj *p, int n, const float *x, int M, float *y, long 
 
 void decode_layers(const Layer *layers, int L, int M, int H, int Hq, int Hkv, int D, int I, float eps,
                    float *x, float *hbuf, float *qkv, float *att, float *gu, float *act, const float *cos,
-                   const float *sin, const float *scale, void **k0, void **v0, const long *layer_stride,
-                   const long *head_stride, const int *pos, const int *len, int bf16) {
+                   const float *sin, const float *scale, void **k0, void **v0, float **ks0, float **vs0,
+                   const long *layer_stride, const long *head_stride, const int *pos, const int *len, int dtype) {
     long qkv_n = (long)(Hq + 2 * Hkv) * D;
-    size_t el = bf16 ? 2 : 4;
+    size_t el = kv_size(dtype);
     void **kb = malloc(sizeof(void *) * 2 * (M ? M : 1)), **vb = kb + M;
+    float **ks = malloc(sizeof(float *) * 2 * (M ? M : 1)), **vs = ks + M;
     for (int l = 0; l < L; l++) {
         const Layer *ly = &layers[l];
         for (int m = 0; m < M; m++) { /* row m's K/V for layer l */
             kb[m] = k0[m] ? (char *)k0[m] + (size_t)l * layer_stride[m] * el : NULL;
             vb[m] = v0[m] ? (char *)v0[m] + (size_t)l * layer_stride[m] * el : NULL;
+            ks[m] = dtype == KV_INT8 && k0[m] ? ks0[m] + (size_t)l * layer_stride[m] / D : NULL;
+            vs[m] = dtype == KV_INT8 && v0[m] ? vs0[m] + (size_t)l * layer_stride[m] / D : NULL;
         }
         rms_norm(x, hbuf, M, H, H, H, ly->ln1, eps);
         project(ly->qkv, ly->n_qkv, hbuf, M, qkv, qkv_n, 0);
@@ -803,8 +852,8 @@ void decode_layers(const Layer *layers, int L, int M, int H, int Hq, int Hkv, in
             rms_norm(k, k, Hkv, D, D, D, ly->k_norm, eps);
         }
         rope(qkv, M, Hq + Hkv, D, qkv_n, cos, sin);
-        kv_store(qkv, M, qkv_n, (long)Hq * D, (long)(Hq + Hkv) * D, Hkv, D, kb, vb, pos, head_stride, bf16);
-        attend(qkv, M, Hq, Hkv, D, qkv_n, kb, vb, len, head_stride, bf16, scale, att);
+        kv_store(qkv, M, qkv_n, (long)Hq * D, (long)(Hq + Hkv) * D, Hkv, D, kb, vb, ks, vs, pos, head_stride, dtype);
+        attend(qkv, M, Hq, Hkv, D, qkv_n, kb, vb, ks, vs, len, head_stride, dtype, scale, att);
         project(&ly->o, 1, att, M, x, H, 1);
         rms_norm(x, hbuf, M, H, H, H, ly->ln2, eps);
         project(ly->gu, ly->n_gu, hbuf, M, gu, 2L * I, 0);
@@ -812,4 +861,5 @@ void decode_layers(const Layer *layers, int L, int M, int H, int Hq, int Hkv, in
         project(&ly->down, 1, act, M, x, H, 1);
     }
     free(kb);
+    free(ks);
 }
