@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import QianwenError
+from ..fast.cache import kv_cache_dtype
 from ..generation.constrain import CONSTRAINT_OPTIONS
 from ..generation.params import SamplingParams
 from ..generation.sampling import LogitsProcessor
@@ -32,6 +33,7 @@ class EngineConfig:
     max_num_seqs: int = 16
     max_prefill_tokens: int = 2048
     kv_cache_mb: float = 2048.0  # KV cache budget
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype), bfloat16, float32 or int8 (fast/cache.py)
     batch_invariant: bool = True
 
 
@@ -41,8 +43,9 @@ class LLMEngine:
         self.config = config = config or EngineConfig()
         c = model.config
         n_kv, head_dim = c.num_key_value_heads, c.head_dim
-        per_token = CacheManager.bytes_per_token(c.num_hidden_layers, n_kv, head_dim, model.dtype)
-        self.cache = CacheManager(c.num_hidden_layers, n_kv, head_dim, model.dtype, model.device,
+        kv_dtype = kv_cache_dtype(config.kv_cache_dtype, model.dtype)
+        per_token = CacheManager.bytes_per_token(c.num_hidden_layers, n_kv, head_dim, kv_dtype)
+        self.cache = CacheManager(c.num_hidden_layers, n_kv, head_dim, kv_dtype, model.device,
                                   int(config.kv_cache_mb * 2**20) // per_token)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_prefill_tokens), self.cache)
         self.runner = ModelRunner(model.net, model.device, model.dtype, config.batch_invariant)
@@ -194,9 +197,9 @@ class LLM:
 
     def __init__(self, model: Model | str | None = None, config: EngineConfig | None = None, **load_kwargs: Any) -> None:
         if model is None or isinstance(model, str) or hasattr(model, "__fspath__"):
-            import qianwen
+            from ..api import load
 
-            model = qianwen.load(model, **load_kwargs)
+            model = load(model, **load_kwargs)
         self.model = model
         self.engine = LLMEngine(model, config)
 
