@@ -94,7 +94,7 @@ class AsyncEngine:
                 if self.on_step and outputs:
                     self.on_step(time.perf_counter() - t0, sum(o.token_id >= 0 for o in outputs))
                 # torch.get_num_threads() in this thread: the count the step's kernels used (fewer than
-                # asked while other processes keep cores busy, qianwen/fast/native.py)
+                # asked while other processes keep cores busy, qianwen/native/)
                 wait = self.wait_for_loop if self.wait_for_loop is not None else (
                     self._cores is not None and len(outputs) <= HANDOFF_WAIT_MAX_OUTPUTS
                     and torch.get_num_threads() >= self._cores)
