@@ -3,7 +3,8 @@
 Each sequence owns a buffer [layers, 2, kv_heads, capacity, head_dim] that grows in whole blocks, so
 its attention always reads a contiguous prefix of its own buffer: the same shapes and the same kernel
 calls whether it runs alone or beside others (batch invariance). The budget counts allocated capacity;
-when it is spent the scheduler queues or preempts sequences.
+when it is spent the scheduler queues or preempts sequences. Finished prompts leave copies of their full
+blocks behind for later prompts that start the same way (prefix_cache.py), in the same budget.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from ..fast.cache import KVRow
 from ..models.cache import causal_attention
+from .prefix_cache import PrefixCache
 
 
 class SeqKV:
@@ -28,13 +30,19 @@ class SeqKV:
 
 
 class CacheManager:
+    """The token budget, shared by live sequences' buffers (`used`) and cached prefix blocks
+    (`prefix.num_tokens`, prefix_cache.py); cached blocks are evicted, least recently used first, whenever
+    a live sequence needs their room."""
+
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device, max_tokens: int, block_size: int = 256) -> None:
+                 device: torch.device, max_tokens: int, block_size: int = 256,
+                 prefix_block_size: int | None = 16) -> None:
         self.shape = (num_layers, 2, num_kv_heads, head_dim)
         self.dtype, self.device = dtype, device
         self.block_size = block_size
         self.max_tokens = max(block_size, max_tokens // block_size * block_size)
-        self.used = 0
+        self.used = 0  # capacity of live sequences' buffers
+        self.prefix = PrefixCache(prefix_block_size) if prefix_block_size else None
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -43,30 +51,44 @@ class CacheManager:
     def _round(self, n: int) -> int:
         return -(-n // self.block_size) * self.block_size
 
+    def _buffer(self, capacity: int) -> torch.Tensor:
+        """A K/V buffer [layers, 2, kv_heads, capacity, head_dim]: the one place buffers are made."""
+        layers, two, hkv, d = self.shape
+        return torch.empty(layers, two, hkv, capacity, d, dtype=self.dtype, device=self.device)
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.prefix.num_tokens if self.prefix is not None else 0
+
     @property
     def free_tokens(self) -> int:
-        return self.max_tokens - self.used
+        return self.max_tokens - self.used - self.cached_tokens
+
+    def _make_room(self, n_tokens: int) -> bool:
+        """Evict cached prefix blocks until n_tokens are free; False when even that is not enough."""
+        while n_tokens > self.free_tokens:
+            if self.prefix is None or not self.prefix.evict():
+                return False
+        return True
 
     def can_allocate(self, n_tokens: int) -> bool:
-        return self._round(n_tokens) <= self.free_tokens
+        return self._round(n_tokens) <= self.max_tokens - self.used
 
     def allocate(self, n_tokens: int) -> SeqKV | None:
         cap = self._round(n_tokens)
-        if cap > self.free_tokens:
+        if not self._make_room(cap):
             return None
         self.used += cap
-        layers, two, hkv, d = self.shape
-        return SeqKV(torch.empty(layers, two, hkv, cap, d, dtype=self.dtype, device=self.device))
+        return SeqKV(self._buffer(cap))
 
     def ensure(self, kv: SeqKV, n_tokens: int, keep: int) -> bool:
         """Grow `kv` to hold `n_tokens` (copying the first `keep`); False when the budget is spent."""
         if n_tokens <= kv.capacity:
             return True
         cap = self._round(n_tokens)
-        if cap - kv.capacity > self.free_tokens:
+        if not self._make_room(cap - kv.capacity):
             return False
-        layers, two, hkv, d = self.shape
-        new = torch.empty(layers, two, hkv, cap, d, dtype=self.dtype, device=self.device)
+        new = self._buffer(cap)
         new[:, :, :, :keep] = kv.buf[:, :, :, :keep]
         self.used += cap - kv.capacity
         kv.buf = new
@@ -76,6 +98,42 @@ class CacheManager:
         if kv is not None and kv.buf.numel():
             self.used -= kv.capacity
             kv.buf = kv.buf.new_empty(0)
+
+    # ------------------------------------------------------------------ prefix caching
+
+    def reuse(self, ids: list[int], kv: SeqKV) -> int:
+        """Copy the longest cached prefix of `ids` (never all of it: the last token is computed for its
+        logits) into `kv`; returns how many tokens it holds now."""
+        if self.prefix is None:
+            return 0
+        blocks = self.prefix.match(ids, len(ids) - 1)
+        b = self.prefix.block_size
+        for i, block in enumerate(blocks):
+            kv.buf[:, :, :, i * b:(i + 1) * b] = block
+        self.prefix.count(len(ids), len(blocks) * b)
+        return len(blocks) * b
+
+    def remember(self, ids: list[int], kv: SeqKV, n_tokens: int) -> None:
+        """Keep copies of the full blocks among the first n_tokens of `ids` that `kv` holds (computed by a
+        prefill), evicting older blocks for room but never live sequences."""
+        if self.prefix is None:
+            return
+        b, chain = self.prefix.block_size, self.prefix.chain(ids, n_tokens)
+        keys = [key for key, _, _ in chain]
+        self.prefix.touch(keys)  # the blocks already cached are not the ones to make room
+        for i, (key, parent, tokens) in enumerate(chain):
+            if key in self.prefix.blocks:
+                continue
+            if not self._make_room(b):
+                break
+            block = self._buffer(b)
+            block.copy_(kv.buf[:, :, :, i * b:(i + 1) * b])
+            self.prefix.add(key, parent, tokens, block)
+        self.prefix.touch(keys)
+
+    def clear_prefix_cache(self) -> None:
+        while self.prefix is not None and self.prefix.evict():
+            pass
 
 
 class BatchCache:
