@@ -25,7 +25,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together (default 16)")
     g.add_argument("--kv-cache-mb", type=float, default=2048, help="KV cache budget in MiB (default 2048)")
-    g.add_argument("--max-prefill-tokens", type=int, default=2048, help="prompt tokens prefilled per step")
+    g.add_argument("--max-prefill-tokens", type=int, default=512,
+                   help="prompt tokens prefilled per step; longer prompts run in chunks between decode steps "
+                        "(default 512)")
+    g.add_argument("--no-prefix-cache", action="store_true",
+                   help="do not reuse the KV cache of prompt prefixes earlier requests computed")
     g.add_argument("--no-batch-invariance", action="store_true",
                    help="let batch size change kernel paths (slightly faster; greedy output may depend on load)")
     g = p.add_argument_group("limits")
@@ -91,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
     name = args.served_model_name or served_name(model.name)
     config = server_config(args, name)
     engine_config = EngineConfig(max_num_seqs=args.max_num_seqs, max_prefill_tokens=args.max_prefill_tokens,
-                                 kv_cache_mb=args.kv_cache_mb, batch_invariant=not args.no_batch_invariance)
+                                 kv_cache_mb=args.kv_cache_mb, batch_invariant=not args.no_batch_invariance,
+                                 prefix_caching=not args.no_prefix_cache)
     app = create_app(model, engine_config, config)
     cache = app.state.engine.engine.cache
     print(f"serving {name} ({model.dtype}, KV cache {cache.max_tokens} tokens) on http://{args.host}:{args.port}"

@@ -78,7 +78,7 @@ class Scheduler:
         budget = self.config.max_prefill_tokens
         for seq in self.running:  # the next chunks of prompts being prefilled
             if seq.prefilling and budget > 0:
-                budget -= self._chunk(out, seq, budget)
+                budget -= self._chunk(out, seq, budget) or budget
         # admit waiting sequences
         while self.waiting and len(self.running) < self.config.max_num_seqs and budget > 0:
             seq = self.waiting[0]
@@ -94,14 +94,18 @@ class Scheduler:
             seq.kv, seq.status, seq.prefilling = kv, Status.RUNNING, True
             seq.num_cached = self.cache.reuse(seq.all_ids, kv)
             self.running.append(seq)
-            budget -= self._chunk(out, seq, budget)
+            budget -= self._chunk(out, seq, budget) or budget
         return out
 
     def _chunk(self, out: Schedule, seq: Sequence, budget: int) -> int:
-        b = self.config.prefill_block
-        n = min(seq.num_tokens - seq.num_cached, max(b, budget // b * b))
-        out.prefill.append(seq)
-        out.chunks[seq.seq_id] = n
+        """Schedule the next chunk of `seq`'s prefill within `budget` tokens: its rest if that fits, else
+        whole prefill blocks (chunks end at block boundaries), at least one block in a step; returns its
+        size (0: nothing fits this step)."""
+        b, left = self.config.prefill_block, seq.num_tokens - seq.num_cached
+        n = left if left <= budget else budget // b * b or (0 if out.prefill else b)
+        if n:
+            out.prefill.append(seq)
+            out.chunks[seq.seq_id] = n
         return n
 
     def finish(self, seq: Sequence) -> None:
