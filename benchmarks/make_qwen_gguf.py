@@ -157,7 +157,7 @@ def quantize_q4_0(exe: Path, f16: Path, out: Path) -> Path:
 
 def tensor_types(path: Path) -> dict[str, int]:
     """How many tensors of each GGML type the file holds (qianwen's reader: gguf's takes ~10 s here)."""
-    from qianwen.loading.gguf_reader import GGUFFile
+    from qianwen.gguf_reader import GGUFFile
 
     counts: dict[str, int] = {}
     for t in GGUFFile(path).tensors:

@@ -7,7 +7,7 @@ Files (cached under $QIANWEN_HOME/bench/smollm2-formats/, each written atomicall
 1. `qianwen convert` of the default GGUF to a float32 Hugging Face folder (the source);
 2. llama.cpp's convert_hf_to_gguf.py to f16, then llama-quantize to Q4_0, Q4_1, Q8_0, Q4_K_M and Q6_K
    (llama.cpp 0.3.36 as benchmarks/make_qwen_gguf.py fetches and builds it);
-3. `qianwen.quant.quantize.quantize_folder` of the source at 8 and 4 bits.
+3. `qianwen.convert.quantize_folder` of the source at 8 and 4 bits.
 Each is loaded quantized (bf16) and as its float reference (float32, blocks dequantized exactly; for the
 quantized HF folders, the float32 source), and their `logits` on the prompts are compared: top-1 agreement
 over all positions and mean KL(reference || quantized) per position. Two baselines (F16, and the source
@@ -87,7 +87,7 @@ def llama_quantize(exe: Path, f16: Path, out: Path, kind: str) -> Path:
 
 def hf_quantized(src: Path, out: Path, bits: int) -> Path:
     if not (out / "config.json").is_file():  # quantize_folder swaps the finished folder in
-        from qianwen.quant.quantize import quantize_folder
+        from qianwen.convert import quantize_folder
 
         step(f"quantize_folder {src.name} -> {out.name} ({bits} bits)")
         quantize_folder(src, out, bits=bits)

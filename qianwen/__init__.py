@@ -14,12 +14,13 @@ if TYPE_CHECKING:
     from .api import Model
 
 
-def load(model=None, dtype=None, device=None, quantized=None) -> Model:
+def load(model=None, dtype=None, device=None, quantized=None, fast=True) -> Model:
     """Load a model: a Hugging Face folder, a .gguf file, a name (`qianwen list`, a hub id), or None for the
-    default model. `quantized` keeps GGUF block weights quantized (default: on for bfloat16 on the CPU)."""
-    from .loading import load as _load
+    default model. `quantized` keeps GGUF block weights quantized (default: on for bfloat16 on the CPU).
+    `fast=False` keeps the checkpoint's modules as stored (no fast path: see `qianwen.api.load`)."""
+    from .api import load as _load
 
-    return _load(model, dtype=dtype, device=device, quantized=quantized)
+    return _load(model, dtype=dtype, device=device, quantized=quantized, fast=fast)
 
 
 def __getattr__(name: str) -> Any:

@@ -1,4 +1,4 @@
-"""The public Python API: `qianwen.load()` returns a Model."""
+"""The public Python API: `qianwen.load()` returns a Model, made of the parts `loading` reads."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ import torch
 from .chat.reasoning import template_thinks, thinking_allowed
 from .chat.template import ChatTemplate
 from .config import ModelConfig
+from .fast.cache import kv_cache_dtype
 from .generation.constrain import CONSTRAINT_OPTIONS, grammar_from_request, make_processor
 from .generation.generate import stream_tokens
 from .generation.params import SamplingParams, defaults_from_generation_config, make_params
 from .generation.sampling import LogitsProcessor
 from .generation.step import TokenStep
+from .loading import load_checkpoint
 from .models.layers import Transformer
 
 # control tokens that end a chat turn in ChatML-style models (docs/qwen-facts.md §3)
@@ -42,6 +44,7 @@ class Model:
         self.tokenizer, self.chat_template, self.generation_config = tokenizer, chat_template, generation_config
         self.sampling_defaults = defaults_from_generation_config(generation_config)
         self.stop_token_ids = self._stop_ids()
+        self.kv_cache_dtype = "auto"  # stream_tokens' KV cache: auto (the model's dtype), bfloat16, float32, int8
 
     @property
     def device(self) -> torch.device:
@@ -72,7 +75,7 @@ class Model:
         """One TokenStep per new token. `logits_processors`: fn(prompt_ids, output_ids, logits[V] float32)
         -> logits, run in order after the penalties, before sampling."""
         return stream_tokens(self.net, self.tokenizer, prompt_ids, params or self.params(), self.context_length,
-                             logits_processors or ())
+                             logits_processors or (), kv_cache_dtype(self.kv_cache_dtype, self.dtype))
 
     def constraint(self, think: bool = False, **spec: Any) -> list[Any]:
         """Logits processors enforcing `response_format`, `json_schema`, `regex`, `choice` or `grammar`
@@ -122,3 +125,13 @@ class Model:
         if stream:
             return (s.text for s in steps if s.text)
         return "".join(s.text for s in steps)
+
+
+def load(model: str | Path | None = None, dtype: str | torch.dtype | None = None,
+         device: str | torch.device | None = None, quantized: bool | None = None, fast: bool = True) -> Model:
+    """A Model of a Hugging Face folder, a .gguf file, a name (`qianwen list`, a hub id), or None for the default
+    model. `quantized` keeps GGUF block weights quantized (default: on for bfloat16 on the CPU); `fast=False`
+    skips the fast path, keeping the checkpoint's modules and parameter names (see `loading.load_checkpoint`)."""
+    c = load_checkpoint(model, dtype=dtype, device=device, quantized=quantized, fast=fast)
+    return Model(name=c.name, path=c.path, config=c.config, net=c.net, tokenizer=c.tokenizer,
+                 chat_template=c.chat_template, generation_config=c.generation_config)

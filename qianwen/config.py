@@ -1,22 +1,23 @@
-"""One ModelConfig for every supported architecture, read from config.json or GGUF metadata."""
+"""ModelConfig: the fields every architecture shares, and the readers of config.json's shared keys.
+
+Each architecture (qianwen/models/<model_type>.py) subclasses ModelConfig with its own fields and
+defaults, reads its config.json (`from_hf`) and writes its export (`to_hf_dict`); `qianwen.models.read_config`
+picks the architecture by `model_type`."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from .errors import ModelLoadError
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen", "qwen2", "qwen3")
-# checkpoints that are one of ours under another name
-MODEL_TYPE_ALIASES = {"mistral": "llama", "smollm": "llama"}
 ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3")
 MAX_SIZE = 2**31 - 1  # no real size or count comes near it; larger ones are corrupt values
 
 
-def _show(v: Any) -> str:
+def shown(v: Any) -> str:
     r = repr(v)
     return r if len(r) <= 40 else r[:37] + "..."
 
@@ -26,7 +27,7 @@ def as_int(v: Any, what: str, lo: int = 1, hi: int = MAX_SIZE) -> int:
     if isinstance(v, float) and v.is_integer():
         v = int(v)
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise ModelLoadError(f"{what} is {_show(v)}; expected an integer from {lo} to {hi}")
+        raise ModelLoadError(f"{what} is {shown(v)}; expected an integer from {lo} to {hi}")
     return v
 
 
@@ -35,7 +36,7 @@ def as_float(v: Any, what: str, lo: float = 0.0, hi: float = math.inf, lo_open: 
     ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     if not ok or not (lo < v if lo_open else lo <= v) or v > hi:
         low = f"{'>' if lo_open else '>='} {lo:g}"
-        raise ModelLoadError(f"{what} is {_show(v)}; expected a finite number {low}"
+        raise ModelLoadError(f"{what} is {shown(v)}; expected a finite number {low}"
                              + (f" and <= {hi:g}" if hi < math.inf else ""))
     return float(v)
 
@@ -49,13 +50,18 @@ def head_dim_of(hidden: int, heads: int, source: str) -> int:
 
 def as_bool(v: Any, what: str) -> bool:
     if not isinstance(v, bool):
-        raise ModelLoadError(f"{what} is {_show(v)}; expected true or false")
+        raise ModelLoadError(f"{what} is {shown(v)}; expected true or false")
     return v
 
 
 @dataclass
 class ModelConfig:
-    model_type: str
+    """Subclassed by each architecture module, which sets `model_type` and `HF_CLASS` (the
+    `architectures` entry of an export) and may add fields, change defaults, and extend `from_hf`,
+    `check` and `to_hf_dict`."""
+
+    model_type: ClassVar[str] = ""
+    HF_CLASS: ClassVar[str] = ""
     vocab_size: int
     hidden_size: int
     intermediate_size: int  # per-projection MLP width (Qwen-7B's config value is halved at read)
@@ -71,32 +77,15 @@ class ModelConfig:
     attention_bias: bool = False  # bias on q, k, v projections
     o_bias: bool = False
     mlp_bias: bool = False
-    qk_norm: bool = False  # Qwen3
-    # Qwen-7B inference-time context extension
-    seq_length: int | None = None
-    use_dynamic_ntk: bool = False
-    use_logn_attn: bool = False
+    qk_norm: bool = False  # per-head RMSNorm of q and k (Qwen3)
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        """From config.json's contents, every value read checked for its type and range (see `check`)."""
-        if not isinstance(d, dict):
-            raise ModelLoadError(f"config.json holds {type(d).__name__} {_show(d)}, not a JSON object")
-        model_type = d.get("model_type")
-        if model_type is None:
-            raise ModelLoadError("config.json has no 'model_type'")
-        if not isinstance(model_type, str):
-            raise ModelLoadError(f"config.json 'model_type' is {_show(model_type)}; expected a string")
-        model_type = MODEL_TYPE_ALIASES.get(model_type, model_type)
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ModelLoadError(f"unknown model_type '{model_type}'; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-        if not isinstance(d.get("quantization_config") or {}, dict):
-            raise ModelLoadError(f"config.json 'quantization_config' is {_show(d['quantization_config'])}; "
-                                 "expected an object")
-        return (_qwen_v1(d) if model_type == "qwen" else _hf(d, model_type)).check("config.json")
+    def from_hf(cls, d: dict[str, Any]) -> ModelConfig:
+        """From config.json's contents (its model_type already matched), every value read checked."""
+        return cls(**hf_fields(d))
 
     def check(self, source: str) -> ModelConfig:
         """The facts that tie fields together (head counts dividing, rope scaling complete); `source`
@@ -123,11 +112,9 @@ class ModelConfig:
         return self
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """config.json in the Hugging Face layout (Qwen-7B is exported as qwen2: same math once mapped)."""
-        model_type = "qwen2" if self.model_type == "qwen" else self.model_type
-        archs = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-        d: dict[str, Any] = {
-            "architectures": [archs[model_type]], "model_type": model_type, "vocab_size": self.vocab_size,
+        """config.json in the Hugging Face layout: the shared keys; each architecture adds its own."""
+        return {
+            "architectures": [self.HF_CLASS], "model_type": self.model_type, "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
             "num_hidden_layers": self.num_hidden_layers, "num_attention_heads": self.num_attention_heads,
             "num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim,
@@ -138,17 +125,12 @@ class ModelConfig:
             "eos_token_id": self.eos_token_id[0] if len(self.eos_token_id) == 1 else self.eos_token_id,
             "pad_token_id": self.pad_token_id,
         }
-        if model_type in ("llama", "qwen3"):
-            d["attention_bias"] = self.attention_bias
-        if model_type == "llama":
-            d["mlp_bias"] = self.mlp_bias
-        return d
 
     def replace(self, **kw: Any) -> ModelConfig:
         return dataclasses.replace(self, **kw)
 
 
-def _get(d: dict[str, Any], *keys: str, default: Any = ...) -> Any:
+def get_key(d: dict[str, Any], *keys: str, default: Any = ...) -> Any:
     for k in keys:
         if d.get(k) is not None:
             return d[k]
@@ -157,28 +139,28 @@ def _get(d: dict[str, Any], *keys: str, default: Any = ...) -> Any:
     return default
 
 
-def _int(d: dict[str, Any], *keys: str, default: Any = ..., lo: int = 1) -> int:
+def read_int(d: dict[str, Any], *keys: str, default: Any = ..., lo: int = 1) -> int:
     """An integer field (the first of `keys` present), checked for its type and range."""
     key = next((k for k in keys if d.get(k) is not None), keys[0])
-    return as_int(_get(d, *keys, default=default), f"config.json '{key}'", lo)
+    return as_int(get_key(d, *keys, default=default), f"config.json '{key}'", lo)
 
 
-def _float(d: dict[str, Any], key: str, default: float, **limits: Any) -> float:
-    return as_float(_get(d, key, default=default), f"config.json '{key}'", **limits)
+def read_float(d: dict[str, Any], key: str, default: float, **limits: Any) -> float:
+    return as_float(get_key(d, key, default=default), f"config.json '{key}'", **limits)
 
 
-def _bool(d: dict[str, Any], key: str) -> bool:
+def read_bool(d: dict[str, Any], key: str) -> bool:
     return as_bool(d.get(key, False), f"config.json '{key}'")
 
 
-def _token_id(d: dict[str, Any], key: str) -> int | None:
+def read_token_id(d: dict[str, Any], key: str) -> int | None:
     v = d.get(key)
     if key == "pad_token_id" and v == -1:  # an old convention for "no pad token"
         return None
     return None if v is None else as_int(v, f"config.json '{key}'", 0)
 
 
-def _eos_list(v: Any) -> list[int]:
+def read_eos(v: Any) -> list[int]:
     if v is None:
         return []
     return [as_int(x, "config.json 'eos_token_id'", 0) for x in (v if isinstance(v, (list, tuple)) else [v])]
@@ -189,7 +171,7 @@ def _rope(d: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     params = d.get("rope_parameters") or {}
     for key, v in (("rope_parameters", params), ("rope_scaling", d.get("rope_scaling") or {})):
         if not isinstance(v, dict):
-            raise ModelLoadError(f"config.json '{key}' is {_show(v)}; expected an object")
+            raise ModelLoadError(f"config.json '{key}' is {shown(v)}; expected an object")
     theta = params.get("rope_theta") if params.get("rope_theta") is not None else d.get("rope_theta")
     theta = as_float(theta if theta is not None else 10000.0, "config.json 'rope_theta'", lo_open=True)
     scaling = d.get("rope_scaling") or {k: v for k, v in params.items() if k != "rope_theta"} or None
@@ -200,59 +182,30 @@ def _rope(d: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
         if rtype == "default":
             scaling = None
         elif rtype not in ROPE_TYPES:
-            raise ModelLoadError(f"unsupported rope scaling type {_show(rtype)} ({', '.join(ROPE_TYPES)} are)")
+            raise ModelLoadError(f"unsupported rope scaling type {shown(rtype)} ({', '.join(ROPE_TYPES)} are)")
     return theta, scaling
 
 
-def _hf(d: dict[str, Any], model_type: str) -> ModelConfig:
-    hidden = _int(d, "hidden_size")
-    heads = _int(d, "num_attention_heads")
+def hf_fields(d: dict[str, Any]) -> dict[str, Any]:
+    """The ModelConfig fields every Hugging Face config.json gives in the same keys (all but model_type
+    and the architecture's own), each checked for its type and range."""
+    hidden = read_int(d, "hidden_size")
+    heads = read_int(d, "num_attention_heads")
     theta, scaling = _rope(d)
-    return ModelConfig(
-        model_type=model_type,
-        vocab_size=_int(d, "vocab_size"),
+    return dict(
+        vocab_size=read_int(d, "vocab_size"),
         hidden_size=hidden,
-        intermediate_size=_int(d, "intermediate_size"),
-        num_hidden_layers=_int(d, "num_hidden_layers"),
+        intermediate_size=read_int(d, "intermediate_size"),
+        num_hidden_layers=read_int(d, "num_hidden_layers"),
         num_attention_heads=heads,
-        num_key_value_heads=_int(d, "num_key_value_heads", default=heads),
-        head_dim=_int(d, "head_dim") if d.get("head_dim") is not None else head_dim_of(hidden, heads, "config.json"),
-        rms_norm_eps=_float(d, "rms_norm_eps", 1e-6, hi=1.0),
+        num_key_value_heads=read_int(d, "num_key_value_heads", default=heads),
+        head_dim=read_int(d, "head_dim") if d.get("head_dim") is not None else head_dim_of(hidden, heads, "config.json"),
+        rms_norm_eps=read_float(d, "rms_norm_eps", 1e-6, hi=1.0),
         rope_theta=theta,
         rope_scaling=scaling,
-        max_position_embeddings=_int(d, "max_position_embeddings", default=4096),
-        tie_word_embeddings=_bool(d, "tie_word_embeddings"),
-        attention_bias=True if model_type == "qwen2" else _bool(d, "attention_bias"),
-        o_bias=_bool(d, "attention_bias") if model_type in ("llama", "qwen3") else False,
-        mlp_bias=_bool(d, "mlp_bias") if model_type == "llama" else False,
-        qk_norm=model_type == "qwen3",
-        bos_token_id=_token_id(d, "bos_token_id"),
-        eos_token_id=_eos_list(d.get("eos_token_id")),
-        pad_token_id=_token_id(d, "pad_token_id"),
-    )
-
-
-def _qwen_v1(d: dict[str, Any]) -> ModelConfig:
-    """The original Qwen-7B config, in either its v1.1 or v1.0 key names."""
-    hidden = _int(d, "hidden_size", "n_embd")
-    heads = _int(d, "num_attention_heads", "n_head")
-    seq_length = _int(d, "seq_length", default=_get(d, "max_position_embeddings", "n_positions", default=2048))
-    return ModelConfig(
-        model_type="qwen",
-        vocab_size=_int(d, "vocab_size", "padded_vocab_size"),
-        hidden_size=hidden,
-        intermediate_size=_int(d, "intermediate_size", "ffn_hidden_size", lo=2) // 2,
-        num_hidden_layers=_int(d, "num_hidden_layers", "n_layer"),
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        head_dim=_int(d, "kv_channels") if d.get("kv_channels") is not None else head_dim_of(hidden, heads, "config.json"),
-        rms_norm_eps=_float(d, "layer_norm_epsilon", 1e-6, hi=1.0),
-        rope_theta=_float(d, "rotary_emb_base", 10000.0, lo_open=True),
-        max_position_embeddings=_int(d, "max_position_embeddings", "n_positions", default=seq_length),
-        tie_word_embeddings=_bool(d, "tie_word_embeddings"),
-        attention_bias=True,  # c_attn always has a bias, whatever no_bias says
-        seq_length=seq_length,
-        use_dynamic_ntk=_bool(d, "use_dynamic_ntk"),
-        use_logn_attn=_bool(d, "use_logn_attn"),
-        eos_token_id=_eos_list(d.get("eos_token_id", 151643)),
+        max_position_embeddings=read_int(d, "max_position_embeddings", default=4096),
+        tie_word_embeddings=read_bool(d, "tie_word_embeddings"),
+        bos_token_id=read_token_id(d, "bos_token_id"),
+        eos_token_id=read_eos(d.get("eos_token_id")),
+        pad_token_id=read_token_id(d, "pad_token_id"),
     )

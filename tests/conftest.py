@@ -50,18 +50,23 @@ def is_utf8(b: bytes) -> bool:
         return False
 
 
+# each architecture's tiny-config keys beyond the shared ones: adding an architecture adds one line
+TINY = {
+    "llama": {},
+    "qwen2": {},
+    "qwen3": {"head_dim": 16},
+    "qwen3_moe": {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                  "norm_topk_prob": True, "mlp_only_layers": [1]},
+}
+
+
 def tiny_hf_config(model_type: str, vocab_size: int, **overrides):
     import transformers
 
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=None, eos_token_id=2, pad_token_id=0)
-    common.update(overrides)
-    cls = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
-           "llama": transformers.LlamaConfig}[model_type]
-    if model_type == "qwen3":
-        common.setdefault("head_dim", 16)
-    return cls(**common)
+    return transformers.AutoConfig.for_model(model_type, **{**common, **TINY[model_type], **overrides})
 
 
 def save_tiny(folder: Path, model_type: str = "qwen2", seed: int = 0, dtype=torch.float32, **overrides) -> Path:
@@ -71,9 +76,7 @@ def save_tiny(folder: Path, model_type: str = "qwen2", seed: int = 0, dtype=torc
     n = make_tokenizer(folder)
     cfg = tiny_hf_config(model_type, n, **overrides)
     torch.manual_seed(seed)
-    cls = {"qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM,
-           "llama": transformers.LlamaForCausalLM}[model_type]
-    model = cls(cfg).to(dtype)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to(dtype)
     with torch.no_grad():  # random init has zero biases and unit norms: make every parameter matter
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:

@@ -40,7 +40,7 @@ TINY = dict(hidden_size=256, intermediate_size=512, tie_word_embeddings=True)  #
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, str]:
-    from qianwen.quant.quantize import quantize_folder
+    from qianwen.convert import quantize_folder
 
     root = tmp_path_factory.mktemp("formats")
     hf = save_tiny(root / "hf-float32", "qwen2", **TINY)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from qianwen.errors import ModelLoadError
-from qianwen.loading.gguf_reader import GGUFFile
+from qianwen.gguf_reader import GGUFFile
 
 
 def _reference(path):

@@ -183,7 +183,7 @@ def tiny_gguf(path, offsets_shift: int = 0, alignment: int | None = None):
                                             (-32, "the data of tensors 'token_embd.weight' and 'output_norm.weight' overlap"),
                                             (1 << 40, "runs past the end of the file")])
 def test_gguf_tensor_offsets_checked(tmp_path, shift, message):
-    from qianwen.loading.gguf_reader import GGUFFile
+    from qianwen.gguf_reader import GGUFFile
 
     with pytest.raises(ModelLoadError, match=message):
         GGUFFile(tiny_gguf(tmp_path / "t.gguf", shift))
@@ -191,7 +191,7 @@ def test_gguf_tensor_offsets_checked(tmp_path, shift, message):
 
 
 def test_gguf_alignment_must_be_a_power_of_two(tmp_path):
-    from qianwen.loading.gguf_reader import GGUFFile
+    from qianwen.gguf_reader import GGUFFile
 
     with pytest.raises(ModelLoadError, match=r"'general.alignment' is 48; expected a power of two"):
         GGUFFile(tiny_gguf(tmp_path / "t.gguf", alignment=48))

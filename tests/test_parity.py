@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qianwen.config import ModelConfig
 from qianwen.loading.hf import load_hf_weights, read_json
+from qianwen.models import read_config
 from qianwen.models.cache import KVCache
 
 from .conftest import save_tiny
@@ -24,6 +24,9 @@ CASES = {
     "llama-llama3": ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
     "qwen3-theta": ("qwen3", {"rope_theta": 1e6}),
+    "qwen3_moe": ("qwen3_moe", {}),
+    "qwen3_moe-step": ("qwen3_moe", {"decoder_sparse_step": 2, "mlp_only_layers": [], "norm_topk_prob": False,
+                                     "num_hidden_layers": 4}),
 }
 
 
@@ -31,7 +34,7 @@ def load_pair(folder, model_type):
     import transformers
 
     ref = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
-    config = ModelConfig.from_dict(read_json(folder / "config.json"))
+    config = read_config(read_json(folder / "config.json"))
     ours = load_hf_weights(folder, config, torch.float32, torch.device("cpu"))
     return ref, ours
 
@@ -50,7 +53,7 @@ def test_logits_match_transformers(case, tmp_path):
 
 
 # dynamic rope is left out on purpose: its frequencies change with length, so cached keys differ by design
-@pytest.mark.parametrize("case", ["qwen2-untied", "qwen3", "llama", "qwen2-yarn", "llama-bias"])
+@pytest.mark.parametrize("case", ["qwen2-untied", "qwen3", "llama", "qwen2-yarn", "llama-bias", "qwen3_moe"])
 def test_cached_decode_matches_full_forward(case, tmp_path):
     model_type, overrides = CASES[case]
     folder = save_tiny(tmp_path, model_type, **overrides)

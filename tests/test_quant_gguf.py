@@ -50,10 +50,9 @@ def test_top1_agrees_with_dequantized_float_model(ref, quant):
 
 
 def test_fast_path_matches_reference_path(quant, default_gguf):
-    from qianwen.loading.gguf import open_reader
-    from qianwen.quant.gguf import load_gguf_quantized
+    from qianwen.loading.gguf import load_gguf_weights, open_reader
 
-    plain = load_gguf_quantized(open_reader(default_gguf), quant.config, torch.bfloat16, torch.device("cpu"), fast=False)
+    plain = load_gguf_weights(open_reader(default_gguf), quant.config, torch.bfloat16, torch.device("cpu"), quantized=True)
     assert isinstance(plain.model.layers[0].self_attn.q_proj, Int4Linear)
     fast = optimize(copy.deepcopy(plain))
     assert hasattr(fast.model.layers[0].self_attn, "qkv_proj")

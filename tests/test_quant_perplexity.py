@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import qianwen
+from qianwen.convert import quantize_folder
 from qianwen.eval.perplexity import perplexity
+from qianwen.loading.export import export_hf
 from qianwen.paths import home
 from qianwen.quant.linear import Int4Linear
-from qianwen.quant.quantize import quantize_folder
-from qianwen.train.checkpoint import export_hf
 from qianwen.train.sample import TATOEBA, fetch_source
 
 PAIRS = 120  # ~3,000 tokens: enough to tell +1% from +5% (the runs are deterministic)
@@ -29,7 +29,7 @@ def heldout(default_gguf) -> str:
 
 @pytest.fixture(scope="module")
 def folders(default_gguf, tmp_path_factory):
-    m = qianwen.load(default_gguf, dtype="float32", quantized=False)
+    m = qianwen.load(default_gguf, dtype="float32", quantized=False, fast=False)
     f32 = export_hf(tmp_path_factory.mktemp("f32") / "m", m.config.to_hf_dict(), m.net.state_dict(), m.tokenizer,
                     generation_config=dict(m.generation_config))
     return {"float32": f32,

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from qianwen.config import ModelConfig
 from qianwen.loading.hf import load_hf_weights, read_json
+from qianwen.models import read_config
 from qianwen.models.cache import KVCache
 
 from .conftest import save_tiny
@@ -64,7 +64,7 @@ def write_qwen(folder, ref, schema, seq_length=256, ntk=False, logn=False):
     vocab = ref.config.vocab_size
     (folder / "config.json").write_text(json.dumps(qwen_v1_config(schema, vocab, seq_length, ntk, logn)))
     save_file(to_qwen_names(ref.state_dict()), str(folder / "model.safetensors"))
-    return ModelConfig.from_dict(read_json(folder / "config.json"))
+    return read_config(read_json(folder / "config.json"))
 
 
 @pytest.mark.parametrize("schema", ["v1.1", "v1.0"])

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import qianwen
+from qianwen.convert import quantize_folder
 from qianwen.errors import QianwenError
 from qianwen.fast import StaticKVCache, native
-from qianwen.quant.quantize import quantize_folder
 
 from .conftest import save_tiny
 

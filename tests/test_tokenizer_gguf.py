@@ -6,12 +6,12 @@ import pytest
 
 from qianwen import artifacts
 from qianwen.errors import QianwenError
+from qianwen.gguf_reader import GGUFFile
 from qianwen.tokenizer import HFTokenizer, StreamDecoder, load_tokenizer, tokenizer_from_gguf
 from qianwen.tokenizer.gguf_vocab import tokenizer_metadata
 
 from .conftest import is_utf8
 
-gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
 TEXTS = [
@@ -36,7 +36,7 @@ def gguf_path():
 
 @pytest.fixture(scope="module")
 def reader(gguf_path):
-    return gguf.GGUFReader(gguf_path)
+    return GGUFFile(gguf_path)
 
 
 @pytest.fixture(scope="module")

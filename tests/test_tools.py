@@ -92,10 +92,16 @@ def test_prepare_messages_parses_argument_strings_without_touching_input():
 
 
 def test_tool_format_choice():
-    assert T.tool_format("qwen2", "{% if tools %}...{% endif %}") == "template"
-    assert T.tool_format("llama", "{{ messages }}") == "hermes"
-    assert T.tool_format("llama", None) == "hermes"
-    assert T.tool_format("qwen", None) == "react"
+    from qianwen.models import architecture
+
+    def fmt(model_type: str, source: str | None) -> str:
+        return T.tool_format(architecture(model_type).tool_format, source)
+
+    assert fmt("qwen2", "{% if tools %}...{% endif %}") == "template"
+    assert fmt("llama", "{{ messages }}") == "hermes"
+    assert fmt("llama", None) == "hermes"
+    assert fmt("qwen", None) == "react"
+    assert fmt("qwen", "{% if tools %}...{% endif %}") == "template"
 
 
 # ------------------------------------------------------------------ Hermes parsing (recorded answers)

@@ -45,8 +45,8 @@ def make_shards(folder: Path) -> tuple[Path, Path]:
 
 def make_base(folder: Path) -> Path:
     """A tiny random qwen2 checkpoint with the small tokenizer, exported like a training run does."""
+    from qianwen.loading.export import export_hf
     from qianwen.tokenizer import load_tokenizer
-    from qianwen.train.checkpoint import export_hf
     from qianwen.train.presets import preset_config
     from qianwen.train.pretrain import build_net
 

@@ -32,8 +32,8 @@ def _cfg(tmp_path, **kw):
 
 def test_loss_falls_and_export_loads(tmp_path):
     import qianwen
+    from qianwen.loading.export import export_hf
     from qianwen.tokenizer import load_tokenizer
-    from qianwen.train.checkpoint import export_hf
     from qianwen.train.shards import load_tokens
 
     tok_dir, shards = make_shards(tmp_path)
@@ -90,9 +90,9 @@ def test_presets_build_the_7b_shape():
     cfg = preset_config("7b", 151851)
     assert cfg["vocab_size"] == 151936 and cfg["num_key_value_heads"] == 32 and not cfg["tie_word_embeddings"]
     assert set(PRESETS) >= {"tiny", "0.5b", "7b"}
-    from qianwen.config import ModelConfig
-    from qianwen.models import build_model
+    from qianwen.models import build_model, read_config
+
     with torch.device("meta"):
-        net = build_model(ModelConfig.from_dict(cfg))
+        net = build_model(read_config(cfg))
     n = sum(p.numel() for p in net.parameters())
     assert 7.0e9 < n < 8.0e9  # Qwen-7B: 7.7B parameters

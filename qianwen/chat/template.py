@@ -16,6 +16,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from ..errors import QianwenError
 
 QWEN_DEFAULT_SYSTEM = "You are a helpful assistant."
+QWEN25_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."  # Qwen2.5's, for tools
 
 CHATML = (
     "{% for message in messages %}"

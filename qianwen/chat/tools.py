@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..generation.constrain import lark_json, with_thinking
+from .template import QWEN25_SYSTEM, QWEN_DEFAULT_SYSTEM
 
-QWEN25_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-DEFAULT_SYSTEM = "You are a helpful assistant."
+DEFAULT_SYSTEM = QWEN_DEFAULT_SYSTEM
 
 HERMES_TOOLS_HEADER = (
     "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
@@ -75,11 +75,12 @@ def new_call_id() -> str:
     return "call_" + uuid.uuid4().hex[:24]
 
 
-def tool_format(model_type: str, template_source: str | None) -> str:
-    """Which prompt format a model gets for tools: "template", "hermes" or "react"."""
+def tool_format(default: str, template_source: str | None) -> str:
+    """Which prompt format a model gets for tools: "template" when its template handles tools, else
+    its architecture's `default` ("hermes" or "react", qianwen/models/registry.py)."""
     if template_source and re.search(r"\btools\b", template_source):
         return "template"
-    return "react" if model_type == "qwen" else "hermes"
+    return default
 
 
 def prepare_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -20,13 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    import qianwen
-    from qianwen.train.checkpoint import export_hf
+    from ..convert import convert
 
-    dtype = getattr(torch, args.dtype)
-    m = qianwen.load(args.model, dtype="float32", device="cpu", quantized=False)
-    state = {k: v for k, v in m.net.state_dict().items()}
-    gen = dict(m.generation_config)
-    folder = export_hf(args.out, m.config.to_hf_dict(), state, m.tokenizer, dtype=dtype, generation_config=gen)
-    print(f"wrote {folder} ({m.config.model_type}, {args.dtype})", file=sys.stderr)
+    folder = convert(args.model, args.out, getattr(torch, args.dtype))
+    print(f"wrote {folder} ({args.dtype})", file=sys.stderr)
     return 0

@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from qianwen.quant.quantize import quantize_folder
+    from ..convert import quantize_folder
 
     folder = quantize_folder(args.model, args.out, args.bits, args.group_size)
     print(f"wrote {folder} ({args.bits}-bit)", file=sys.stderr)

@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together (default 16)")
     g.add_argument("--kv-cache-mb", type=float, default=2048, help="KV cache budget in MiB (default 2048)")
+    g.add_argument("--kv-cache-dtype", choices=["auto", "bfloat16", "float32", "int8"], default="auto",
+                   help="KV cache elements: auto (the model's dtype), bfloat16, float32, or int8 (about half "
+                        "of bf16's bytes per token, so twice the tokens in --kv-cache-mb; docs/server.md)")
     g.add_argument("--max-prefill-tokens", type=int, default=512,
                    help="prompt tokens prefilled per step; longer prompts run in chunks between decode steps "
                         "(default 512)")
@@ -82,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) < (0 if name == "port" else 1):
             raise QianwenError(f"--{name.replace('_', '-')} must be positive")
     if args.engine == "vllm":
+        if args.kv_cache_dtype != "auto":
+            raise QianwenError("--kv-cache-dtype is for the qianwen engine; give vLLM its own with --vllm-args")
         return run_vllm(args)
     import uvicorn
 
@@ -95,11 +100,11 @@ def run(args: argparse.Namespace) -> int:
     name = args.served_model_name or served_name(model.name)
     config = server_config(args, name)
     engine_config = EngineConfig(max_num_seqs=args.max_num_seqs, max_prefill_tokens=args.max_prefill_tokens,
-                                 kv_cache_mb=args.kv_cache_mb, batch_invariant=not args.no_batch_invariance,
-                                 prefix_caching=not args.no_prefix_cache)
+                                 kv_cache_mb=args.kv_cache_mb, kv_cache_dtype=args.kv_cache_dtype,
+                                 batch_invariant=not args.no_batch_invariance, prefix_caching=not args.no_prefix_cache)
     app = create_app(model, engine_config, config)
     cache = app.state.engine.engine.cache
-    print(f"serving {name} ({model.dtype}, KV cache {cache.max_tokens} tokens) on http://{args.host}:{args.port}"
+    print(f"serving {name} ({model.dtype}, KV cache {cache.max_tokens} tokens of {cache.dtype}) on http://{args.host}:{args.port}"
           f"  chat page: http://{args.host}:{args.port}/", file=sys.stderr)
     if not config.api_keys:
         print("no API keys configured: the API is open to anyone who can reach this address", file=sys.stderr)

@@ -5,6 +5,10 @@ its attention always reads a contiguous prefix of its own buffer: the same shape
 calls whether it runs alone or beside others (batch invariance). The budget counts allocated capacity;
 when it is spent the scheduler queues or preempts sequences. Finished prompts leave copies of their full
 blocks behind for later prompts that start the same way (prefix_cache.py), in the same budget.
+
+
+An int8 cache (`--kv-cache-dtype int8`) keeps beside the buffer one fp32 scale per vector, scales
+[layers, 2, kv_heads, capacity] (fast/cache.py `quantize_kv`, kernels.c `kv_quantize`).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..fast.cache import KVRow
+from ..fast.cache import KVRow, dequantize_kv, quantize_kv
 from ..models.cache import causal_attention
 from .prefix_cache import PrefixCache
 
@@ -21,12 +25,20 @@ from .prefix_cache import PrefixCache
 class SeqKV:
     """One sequence's K/V for every layer."""
 
-    def __init__(self, buf: torch.Tensor) -> None:
+    def __init__(self, buf: torch.Tensor, scales: torch.Tensor | None = None) -> None:
         self.buf = buf  # [layers, 2, Hkv, capacity, D]
+        self.scales = scales  # int8 buf: [layers, 2, Hkv, capacity] fp32, else None
 
     @property
     def capacity(self) -> int:
         return self.buf.shape[3]
+
+
+def _copy(dst: SeqKV, at: int, src: SeqKV, start: int, n: int) -> None:
+    """dst's tokens at..at+n = src's start..start+n (with their int8 scales)."""
+    dst.buf[:, :, :, at:at + n] = src.buf[:, :, :, start:start + n]
+    if dst.scales is not None:
+        dst.scales[:, :, :, at:at + n] = src.scales[:, :, :, start:start + n]
 
 
 class CacheManager:
@@ -46,15 +58,20 @@ class CacheManager:
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        return 2 * num_layers * num_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+        """K and V of every layer for one token (int8: and their fp32 scales)."""
+        per_vector = head_dim * dtype.itemsize + (4 if dtype == torch.int8 else 0)
+        return 2 * num_layers * num_kv_heads * per_vector
+
+    def _empty(self, cap: int) -> SeqKV:
+        layers, two, hkv, d = self.shape
+        buf = torch.empty(layers, two, hkv, cap, d, dtype=self.dtype, device=self.device)
+        scales = None
+        if self.dtype == torch.int8:
+            scales = torch.empty(layers, two, hkv, cap, dtype=torch.float32, device=self.device)
+        return SeqKV(buf, scales)
 
     def _round(self, n: int) -> int:
         return -(-n // self.block_size) * self.block_size
-
-    def _buffer(self, capacity: int) -> torch.Tensor:
-        """A K/V buffer [layers, 2, kv_heads, capacity, head_dim]: the one place buffers are made."""
-        layers, two, hkv, d = self.shape
-        return torch.empty(layers, two, hkv, capacity, d, dtype=self.dtype, device=self.device)
 
     @property
     def cached_tokens(self) -> int:
@@ -79,7 +96,7 @@ class CacheManager:
         if not self._make_room(cap):
             return None
         self.used += cap
-        return SeqKV(self._buffer(cap))
+        return self._empty(cap)
 
     def ensure(self, kv: SeqKV, n_tokens: int, keep: int) -> bool:
         """Grow `kv` to hold `n_tokens` (copying the first `keep`); False when the budget is spent."""
@@ -88,16 +105,16 @@ class CacheManager:
         cap = self._round(n_tokens)
         if not self._make_room(cap - kv.capacity):
             return False
-        new = self._buffer(cap)
-        new[:, :, :, :keep] = kv.buf[:, :, :, :keep]
+        new = self._empty(cap)
+        _copy(new, 0, kv, 0, keep)
         self.used += cap - kv.capacity
-        kv.buf = new
+        kv.buf, kv.scales = new.buf, new.scales
         return True
 
     def free(self, kv: SeqKV | None) -> None:
         if kv is not None and kv.buf.numel():
             self.used -= kv.capacity
-            kv.buf = kv.buf.new_empty(0)
+            kv.buf, kv.scales = kv.buf.new_empty(0), None
 
     # ------------------------------------------------------------------ prefix caching
 
@@ -109,7 +126,7 @@ class CacheManager:
         blocks = self.prefix.match(ids, len(ids) - 1)
         b = self.prefix.block_size
         for i, block in enumerate(blocks):
-            kv.buf[:, :, :, i * b:(i + 1) * b] = block
+            _copy(kv, i * b, block, 0, b)
         self.prefix.count(len(ids), len(blocks) * b)
         return len(blocks) * b
 
@@ -126,8 +143,8 @@ class CacheManager:
                 continue
             if not self._make_room(b):
                 break
-            block = self._buffer(b)
-            block.copy_(kv.buf[:, :, :, i * b:(i + 1) * b])
+            block = self._empty(b)
+            _copy(block, 0, kv, i * b, b)
             self.prefix.add(key, parent, tokens, block)
         self.prefix.touch(keys)
 
@@ -164,7 +181,9 @@ class BatchCache:
             if past + t > cap:
                 raise ValueError(f"sequence cache holds {cap} tokens; {past + t} needed")
             dtype, k = kv.buf.dtype, kv.buf.data_ptr()
-            rows.append(KVRow(k, k + h * cap * d * kv.buf.element_size(), 2 * h * cap * d, cap * d, past))
+            ks = 0 if kv.scales is None else kv.scales.data_ptr()
+            rows.append(KVRow(k, k + h * cap * d * kv.buf.element_size(), 2 * h * cap * d, cap * d, past,
+                              ks, ks and ks + h * cap * 4))
         return rows, dtype
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -176,8 +195,16 @@ class BatchCache:
                 continue
             past = self.past[b]
             buf = kv.buf[layer]
-            buf[0, :, past:past + t] = k[b]
-            buf[1, :, past:past + t] = v[b]
-            keys, values = buf[0, :, :past + t].unsqueeze(0), buf[1, :, :past + t].unsqueeze(0)
+            if kv.scales is None:
+                buf[0, :, past:past + t] = k[b]
+                buf[1, :, past:past + t] = v[b]
+                keys, values = buf[0, :, :past + t], buf[1, :, :past + t]
+            else:
+                sc = kv.scales[layer]
+                buf[0, :, past:past + t], sc[0, :, past:past + t] = quantize_kv(k[b])
+                buf[1, :, past:past + t], sc[1, :, past:past + t] = quantize_kv(v[b])
+                keys = dequantize_kv(buf[0, :, :past + t], sc[0, :, :past + t], q.dtype)
+                values = dequantize_kv(buf[1, :, :past + t], sc[1, :, :past + t], q.dtype)
+            keys, values = keys.to(q.dtype).unsqueeze(0), values.to(q.dtype).unsqueeze(0)
             out.append(causal_attention(q[b:b + 1], keys, values, past))
         return out[0] if len(out) == 1 else torch.cat(out)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..errors import QianwenError
+from ..fast.cache import kv_cache_dtype
 from ..generation.constrain import CONSTRAINT_OPTIONS
 from ..generation.params import SamplingParams
 from ..generation.sampling import LogitsProcessor
@@ -34,6 +35,7 @@ class EngineConfig:
     max_num_seqs: int = 16
     max_prefill_tokens: int = 512  # prompt tokens prefilled per step; longer prompts run in chunks
     kv_cache_mb: float = 2048.0  # KV cache budget (live sequences and cached prefix blocks)
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype), bfloat16, float32 or int8 (fast/cache.py)
     batch_invariant: bool = True
     prefix_caching: bool = True  # reuse the K/V of prompt prefixes earlier prefills computed
 
@@ -44,14 +46,15 @@ class LLMEngine:
         self.config = config = config or EngineConfig()
         c = model.config
         n_kv, head_dim = c.num_key_value_heads, c.head_dim
-        per_token = CacheManager.bytes_per_token(c.num_hidden_layers, n_kv, head_dim, model.dtype)
+        kv_dtype = kv_cache_dtype(config.kv_cache_dtype, model.dtype)
+        per_token = CacheManager.bytes_per_token(c.num_hidden_layers, n_kv, head_dim, kv_dtype)
         if config.max_prefill_tokens < 1:
             raise QianwenError("max_prefill_tokens must be at least 1")
         # Qwen-7B's dynamic NTK picks its rotary base from the whole prompt's length at its first forward:
         # such a prompt is prefilled in one piece and never starts from a cached prefix
         whole = bool(getattr(c, "use_dynamic_ntk", False))
         block = 1 << 62 if whole else PREFILL_BLOCK
-        self.cache = CacheManager(c.num_hidden_layers, n_kv, head_dim, model.dtype, model.device,
+        self.cache = CacheManager(c.num_hidden_layers, n_kv, head_dim, kv_dtype, model.device,
                                   int(config.kv_cache_mb * 2**20) // per_token,
                                   prefix_block_size=block if config.prefix_caching and not whole else None)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, block if whole else config.max_prefill_tokens,
@@ -209,9 +212,9 @@ class LLM:
 
     def __init__(self, model: Any = None, config: EngineConfig | None = None, **load_kwargs: Any) -> None:
         if model is None or isinstance(model, str) or hasattr(model, "__fspath__"):
-            import qianwen
+            from ..api import load
 
-            model = qianwen.load(model, **load_kwargs)
+            model = load(model, **load_kwargs)
         self.model = model
         self.engine = LLMEngine(model, config)
 

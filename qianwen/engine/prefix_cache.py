@@ -3,7 +3,8 @@ tokens that lead up to them.
 
 A block is `block_size` tokens; its key chains the key of the block before it with its own tokens, so a
 key names a whole prefix (the same block after different prefixes gets different keys). Blocks are copies
-(K/V tensors [layers, 2, kv_heads, block_size, head_dim]) taken out of a sequence's buffer after its
+(the cache manager's `SeqKV` of block_size tokens: K/V [layers, 2, kv_heads, block_size, head_dim], with
+int8 scales) taken out of a sequence's buffer after its
 prefill computed them, and copied into a new sequence's buffer when its prompt starts with them: the
 engine's per-sequence buffers stay contiguous, so attention and the C decode kernels (`native_rows`)
 read them unchanged. Only prefill-computed K/V is kept, never what decode steps wrote, so a cached
@@ -17,15 +18,14 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-
-import torch
+from typing import Any
 
 
 @dataclass
 class Block:
     parent: int | None  # the key of the block before it (None: the first block)
     tokens: tuple[int, ...]
-    kv: torch.Tensor  # [layers, 2, kv_heads, block_size, head_dim]
+    kv: Any  # cache_manager.SeqKV holding block_size tokens
 
 
 class PrefixCache:
@@ -60,7 +60,7 @@ class PrefixCache:
             if key in self.blocks:
                 self.blocks.move_to_end(key)
 
-    def match(self, ids: list[int], limit: int) -> list[torch.Tensor]:
+    def match(self, ids: list[int], limit: int) -> list[Any]:
         """K/V blocks of the longest cached prefix of ids, at most `limit` tokens (marked recently used)."""
         found, keys = [], []
         for key, parent, tokens in self.chain(ids, limit):
@@ -76,7 +76,7 @@ class PrefixCache:
         self.queried_tokens += queried
         self.hit_tokens += hit
 
-    def add(self, key: int, parent: int | None, tokens: tuple[int, ...], kv: torch.Tensor) -> None:
+    def add(self, key: int, parent: int | None, tokens: tuple[int, ...], kv: Any) -> None:
         self.blocks[key] = Block(parent, tokens, kv)
 
     def evict(self) -> bool:

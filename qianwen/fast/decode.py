@@ -20,6 +20,8 @@ from torch import nn
 from ..quant.linear import NativeLinear
 from . import native
 
+KV_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # kernels.c's cache element types
+
 
 class Projection:
     """Modules reading the same input whose outputs sit side by side (one when `optimize` fused them)."""
@@ -28,7 +30,7 @@ class Projection:
         self.mods = mods
         self.native = native.lib() is not None and all(isinstance(m, NativeLinear) for m in mods)
         self.calls: list[tuple] = []
-        self._anchor, self._ptr = next(mods[0].buffers(), None), None
+        self._anchor, self._ptr = next(iter([*mods[0].buffers(), *mods[0].parameters()]), None), None
 
     def __getstate__(self) -> dict:  # a copied or pickled model plans again: addresses, ctypes functions
         return {**self.__dict__, "calls": [], "_ptr": None}
@@ -69,6 +71,9 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 
 def _proj(mod: NativeLinear) -> native.Proj:
     a = mod.kernel_args()
+    if mod.KERNEL == "dense_gemm":
+        w, bf16, n, bias = a
+        return native.Proj(16 if bf16 else 32, mod.in_features, n, 0, 0, w, None, bias)
     if mod.KERNEL == "q4_gemm":
         w, s, g, n, npad, bias = a
         return native.Proj(4, mod.in_features, n, npad, g, w, s, bias)
@@ -138,10 +143,10 @@ class NativeDecoder:
         xp, hp, qkvp, attp, gup, actp = (t.data_ptr() for t in (x, hbuf, qkv, att, gu, act))
 
         rows, dtype = cache.native_rows(1)
-        if dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"the decode kernels take fp32 or bf16 caches, not {dtype}")
-        es, bf16 = dtype.itemsize, int(dtype == torch.bfloat16)
-        kb, vb = (ctypes.c_void_p * m)(), (ctypes.c_void_p * m)()
+        if dtype not in KV_CODES:
+            raise ValueError(f"the decode kernels take fp32, bf16 or int8 caches, not {dtype}")
+        es, code = dtype.itemsize, KV_CODES[dtype]
+        kb, vb, ks, vs = ((ctypes.c_void_p * m)() for _ in range(4))  # ks, vs: int8 caches' scales
         pos = (ctypes.c_int * m)(*(r.past if r else 0 for r in rows))
         lens = (ctypes.c_int * m)(*(r.past + 1 if r else 0 for r in rows))
         strides = (ctypes.c_long * m)(*(r.head_stride if r else 0 for r in rows))
@@ -149,15 +154,19 @@ class NativeDecoder:
             layers = self._c_layers if self._c_ptr == self.norm.data_ptr() else self._plan()
             k0 = (ctypes.c_void_p * m)(*(r.k if r else None for r in rows))
             v0 = (ctypes.c_void_p * m)(*(r.v if r else None for r in rows))
+            ks0 = (ctypes.c_void_p * m)(*(r.ks if r else None for r in rows))
+            vs0 = (ctypes.c_void_p * m)(*(r.vs if r else None for r in rows))
             layer_strides = (ctypes.c_long * m)(*(r.layer_stride if r else 0 for r in rows))
             lib.decode_layers(layers, len(self.layers), m, h, hq, hkv, d, self.inter, eps, xp, hp, qkvp, attp, gup,
-                              actp, cos.data_ptr(), sin.data_ptr(), scale.data_ptr(), k0, v0, layer_strides,
-                              strides, pos, lens, bf16)
+                              actp, cos.data_ptr(), sin.data_ptr(), scale.data_ptr(), k0, v0, ks0, vs0,
+                              layer_strides, strides, pos, lens, code)
         else:  # the same kernels, called one by one (some projection runs on torch)
             for i, layer in enumerate(self.layers):
                 for j, r in enumerate(rows):
                     if r is not None:
                         kb[j], vb[j] = r.k + i * r.layer_stride * es, r.v + i * r.layer_stride * es
+                        if code == KV_CODES[torch.int8]:  # one fp32 scale per D elements
+                            ks[j], vs[j] = r.ks + i * r.layer_stride // d * 4, r.vs + i * r.layer_stride // d * 4
                 lib.rms_norm(xp, hp, m, h, h, h, layer["ln1"].data_ptr(), eps)
                 layer["qkv"](hbuf, qkv)
                 if layer["q_norm"] is not None:  # Qwen3: per-head RMSNorm of q and k before rotary
@@ -166,8 +175,8 @@ class NativeDecoder:
                         lib.rms_norm(q0, q0, hq, d, d, d, layer["q_norm"].data_ptr(), eps)
                         lib.rms_norm(k0, k0, hkv, d, d, d, layer["k_norm"].data_ptr(), eps)
                 lib.rope(qkvp, m, hq + hkv, d, qkv_n, cos.data_ptr(), sin.data_ptr())
-                lib.kv_store(qkvp, m, qkv_n, hq * d, (hq + hkv) * d, hkv, d, kb, vb, pos, strides, bf16)
-                lib.attend(qkvp, m, hq, hkv, d, qkv_n, kb, vb, lens, strides, bf16, scale.data_ptr(), attp)
+                lib.kv_store(qkvp, m, qkv_n, hq * d, (hq + hkv) * d, hkv, d, kb, vb, ks, vs, pos, strides, code)
+                lib.attend(qkvp, m, hq, hkv, d, qkv_n, kb, vb, ks, vs, lens, strides, code, scale.data_ptr(), attp)
                 layer["o"](att, x, accumulate=True)
 
                 lib.rms_norm(xp, hp, m, h, h, h, layer["ln2"].data_ptr(), eps)

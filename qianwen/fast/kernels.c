@@ -9,6 +9,7 @@
    Each kernel has an AVX-512 body and a plain C body for other CPUs (auto-vectorised by -O3). */
 
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -63,155 +64,470 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
 /* ---- int4 GEMM on torch's `_weight_int4pack_mm_for_cpu` layout ----------------------------------
    packed [Npad/64, K, 32] bytes: byte (blk, k, j) holds row 64 blk + j in its low nibble and row
    64 blk + 32 + j in its high nibble. sz [K/g, Npad, 2] bf16 (scale, zero): w = (q - 8) scale + zero.
-   y[m, n] (+)= sum_k x[m, k] w[n, k] + bias[n], rows of y `ldy` floats apart. */
+   y[m, n] (+)= sum_k x[m, k] w[n, k] + bias[n], rows of y `ldy` floats apart.
+
+   Threads take 64-output blocks; in a block, up to Q_ROWS rows of x share each unpacked weight vector
+   (Q_ROWS x 4 accumulators in registers). Every output of every row gets the same operations whatever
+   M or the row's place (batch invariance), per group of g inputs:
+   - with AVX-512 VNNI: x is held per row and group as 16-bit integers xq = round(x / sx), sx = max|x|
+     / 32767 over the group (rounding 2^-16 of the group's largest |x|, far below the bf16 scale's
+     own), so the group's sum of q xq is an exact integer (vpdpwssd: 32 products of 16-bit pairs per
+     instruction, twice an fp32 FMA's 16 at the same rate); then out = fma(isum sx, scale, out).
+   - otherwise, in fp32: acc = fma(q[k], x[k], acc) over the group's k in order from 0; out = fma(acc,
+     scale, out).
+   then out = fma(zero - 8 scale, sum of x over the group, out), and the bias last. */
+#define Q_ROWS 6 /* rows of x sharing each weight vector (more spills registers) */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define Q4_VNNI 1
+#endif
 #ifdef __AVX512F__
-/* One group of one 64-row block for R rows of x at once: the nibbles are unpacked once and used by
-   every row (a row's own operations are the same for any R). out[r] accumulates 64 outputs. */
-static inline __attribute__((always_inline)) void q4_group(const uint8_t *wb, const uint16_t *s, int k0, int g,
-                                                           const float **xr, const float *xsum, float (*out)[64],
-                                                           const int R) {
-    /* nibbles become floats by a 16-entry table lookup (vpermps reads the low 4 bits) */
-    const __m512 tbl = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    __m512 acc[4][4]; /* fixed size, not [R]: R is a constant at each call, so this stays in registers */
-    for (int r = 0; r < R; r++)
-        for (int i = 0; i < 4; i++) acc[r][i] = _mm512_setzero_ps();
-    for (int k = k0; k < k0 + g; k++) {
-        _mm_prefetch((const char *)(wb + k * 32 + 2048), _MM_HINT_T0); /* 64 k ahead */
-        __m512i a = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wb + k * 32)));
-        __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wb + k * 32 + 16)));
-        __m512 w[4] = {_mm512_permutexvar_ps(a, tbl), _mm512_permutexvar_ps(b, tbl),
-                       _mm512_permutexvar_ps(_mm512_srli_epi32(a, 4), tbl),
-                       _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), tbl)};
-        for (int r = 0; r < R; r++) {
-            __m512 xk = _mm512_set1_ps(xr[r][k]);
-            for (int i = 0; i < 4; i++) acc[r][i] = _mm512_fmadd_ps(w[i], xk, acc[r][i]);
-        }
-    }
+/* out[r] (64 floats, rows 64 apart) += t[r] scale + (zero - 8 scale) xsum[r], for one group;
+   t = acc (fp32 path) or acc sx[r] (int16 path: acc holds integer sums). */
+static inline __attribute__((always_inline)) void q4_finish(const uint16_t *s, __m512 (*acc)[4], const float *sx,
+                                                            const float *xsum, float *out, const int R) {
     for (int i = 0; i < 4; i++) {
         __m512i v = _mm512_loadu_si512(s + i * 32); /* 16 (scale, zero) bf16 pairs */
         __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
         __m512 zr = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xffff0000)));
         __m512 z8 = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), sc, zr); /* zero - 8 scale */
         for (int r = 0; r < R; r++) {
-            __m512 o = _mm512_fmadd_ps(acc[r][i], sc, _mm512_loadu_ps(out[r] + i * 16));
-            _mm512_storeu_ps(out[r] + i * 16, _mm512_fmadd_ps(z8, _mm512_set1_ps(xsum[r]), o));
+            __m512 t = acc[r][i];
+#ifdef Q4_VNNI
+            t = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_castps_si512(t)), _mm512_set1_ps(sx[r]));
+#endif
+            __m512 o = _mm512_fmadd_ps(t, sc, _mm512_loadu_ps(out + r * 64 + i * 16));
+            _mm512_storeu_ps(out + r * 64 + i * 16, _mm512_fmadd_ps(z8, _mm512_set1_ps(xsum[r]), o));
         }
     }
+    (void)sx;
+}
+#endif
+
+#ifdef Q4_VNNI
+/* x[0 .. K) as int16 per group of g (xq) and the groups' scales (sx). */
+static void q4_quantize_x(const float *x, int K, int g, int16_t *xq, float *sx) {
+    for (int k0 = 0; k0 < K; k0 += g) {
+        __m512 amax = _mm512_setzero_ps();
+        for (int k = k0; k < k0 + g; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+        float a = _mm512_reduce_max_ps(amax), inv = a > 0 ? 32767.f / a : 0.f;
+        sx[k0 / g] = a / 32767.f; /* a NaN or inf in x still reaches its outputs, by the sum of x */
+        for (int k = k0; k < k0 + g; k += 16) {
+            __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), _mm512_set1_ps(inv)));
+            _mm256_storeu_si256((__m256i *)(xq + k), _mm512_cvtsepi32_epi16(v));
+        }
+    }
+}
+
+/* acc + the sums of the two 16-bit products in each 32-bit lane. In asm: with the intrinsic, GCC copies
+   the accumulators between registers around every instruction of these loops. */
+static inline __attribute__((always_inline)) __m512i dpwssd(__m512i acc, __m512i w, __m512i x) {
+    __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(x));
+    return acc;
+}
+
+/* The nibbles of k and k + 1 of a 64-output block as 16-bit pairs (q[k] low, q[k + 1] high). */
+static inline __attribute__((always_inline)) void q4_pairs(const uint8_t *wk, __m512i w[4]) {
+    const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                                        37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+    __m512i a = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)wk));
+    __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(wk + 32)));
+    __m512i v0 = _mm512_permutex2var_epi16(a, lo, b), v1 = _mm512_permutex2var_epi16(a, hi, b);
+    w[0] = _mm512_and_si512(v0, _mm512_set1_epi16(15));
+    w[1] = _mm512_and_si512(v1, _mm512_set1_epi16(15));
+    w[2] = _mm512_srli_epi16(v0, 4);
+    w[3] = _mm512_srli_epi16(v1, 4);
+}
+
+/* One group (k0 .. k0 + g - 1) of one block for R rows; xp[r]: row r's x as int16 pairs from k0. */
+static inline __attribute__((always_inline)) void q4_rows(const uint8_t *wb, const uint16_t *s, int k0, int g,
+                                                          const int32_t **xp, const float *sx, const float *xsum,
+                                                          float *out, const int R) {
+    __m512i acc[Q_ROWS][4]; /* fixed size, not [R]: R is a constant at each call, so this stays in registers */
+    for (int r = 0; r < R; r++)
+        for (int i = 0; i < 4; i++) acc[r][i] = _mm512_setzero_si512();
+    for (int p = 0; p < g / 2; p++) {
+        _mm_prefetch((const char *)(wb + (k0 + 2 * p) * 32 + 2048), _MM_HINT_T0); /* 64 k ahead */
+        __m512i w[4];
+        q4_pairs(wb + (k0 + 2 * p) * 32, w);
+        for (int r = 0; r < R; r++) {
+            __m512i xv = _mm512_set1_epi32(xp[r][p]);
+            for (int i = 0; i < 4; i++) acc[r][i] = dpwssd(acc[r][i], w[i], xv);
+        }
+    }
+    __m512 f[Q_ROWS][4];
+    for (int r = 0; r < R; r++)
+        for (int i = 0; i < 4; i++) f[r][i] = _mm512_castsi512_ps(acc[r][i]);
+    q4_finish(s, f, sx, xsum, out, R);
+}
+#elif defined(__AVX512F__)
+/* The nibbles of one k of a 64-output block as floats 0..15 (a 16-entry table lookup: vpermps reads
+   the low 4 bits of each index). */
+static inline __attribute__((always_inline)) void q4_unpack(const uint8_t *wk, __m512 w[4]) {
+    const __m512 tbl = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512i a = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)wk));
+    __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(wk + 16)));
+    w[0] = _mm512_permutexvar_ps(a, tbl);
+    w[1] = _mm512_permutexvar_ps(b, tbl);
+    w[2] = _mm512_permutexvar_ps(_mm512_srli_epi32(a, 4), tbl);
+    w[3] = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), tbl);
+}
+
+/* One group of one block for R rows (xr[r]: row r of x), in fp32. */
+static inline __attribute__((always_inline)) void q4_rows(const uint8_t *wb, const uint16_t *s, int k0, int g,
+                                                          const float **xr, const float *xsum, float *out,
+                                                          const int R) {
+    __m512 acc[Q_ROWS][4];
+    for (int r = 0; r < R; r++)
+        for (int i = 0; i < 4; i++) acc[r][i] = _mm512_setzero_ps();
+    for (int k = k0; k < k0 + g; k++) {
+        _mm_prefetch((const char *)(wb + k * 32 + 2048), _MM_HINT_T0); /* 64 k ahead */
+        __m512 w[4];
+        q4_unpack(wb + k * 32, w);
+        for (int r = 0; r < R; r++) {
+            __m512 xk = _mm512_set1_ps(xr[r][k]);
+            for (int i = 0; i < 4; i++) acc[r][i] = _mm512_fmadd_ps(w[i], xk, acc[r][i]);
+        }
+    }
+    q4_finish(s, acc, NULL, xsum, out, R);
 }
 #endif
 
 void q4_gemm(const float *x, int M, int K, const uint8_t *packed, const uint16_t *sz, int g, int N, int Npad,
              const float *bias, float *y, long ldy, int accumulate) {
     int G = K / g, nblk = Npad / 64;
-    float *xs = malloc(sizeof(float) * (size_t)M * G); /* per-group sums of x, for the zero term */
+    if (M <= 0) return;
+    float *xs = malloc(sizeof(float) * (size_t)M * G); /* per row and group: sums of x, for the zero term */
     for (int m = 0; m < M; m++)
         for (int gi = 0; gi < G; gi++) {
             float s = 0;
             for (int k = gi * g; k < (gi + 1) * g; k++) s += x[(size_t)m * K + k];
             xs[m * G + gi] = s;
         }
-#pragma omp parallel for schedule(static)
-    for (int blk = 0; blk < nblk; blk++) {
-        for (int m0 = 0; m0 < M;) {
-            int R = M - m0 >= 4 ? 4 : M - m0 >= 2 ? 2 : 1; /* rows sharing one pass over the weights */
-            float out[4][64] = {{0}};
-            const float *xr[4];
-            for (int r = 0; r < R; r++) xr[r] = x + (size_t)(m0 + r) * K;
+#ifdef Q4_VNNI
+    float *sxs = malloc(sizeof(float) * (size_t)M * G);  /* per row and group: x's scale */
+    int32_t *xq = malloc(sizeof(int16_t) * (size_t)M * K); /* x as int16 pairs */
+    for (int m = 0; m < M; m++)
+        q4_quantize_x(x + (size_t)m * K, K, g, (int16_t *)(xq + (size_t)m * K / 2), sxs + (size_t)m * G);
+#endif
+#pragma omp parallel
+    {
+#ifndef __AVX512F__
+        float *buf = malloc(sizeof(float) * 64 * g); /* a group's nibbles as floats, for all the rows */
+#endif
+#pragma omp for schedule(static)
+        for (int blk = 0; blk < nblk; blk++) {
             const uint8_t *wb = packed + (size_t)blk * K * 32;
-            for (int gi = 0; gi < G; gi++) {
-                const uint16_t *s = sz + ((size_t)gi * Npad + blk * 64) * 2;
-                float xsum[4];
-                for (int r = 0; r < R; r++) xsum[r] = xs[(m0 + r) * G + gi];
+            for (int m0 = 0; m0 < M; m0 += Q_ROWS) {
+                int R = M - m0 < Q_ROWS ? M - m0 : Q_ROWS;
+                float out[Q_ROWS * 64] = {0}, xsum[Q_ROWS];
+                const float *xr[Q_ROWS];
+                for (int r = 0; r < R; r++) xr[r] = x + (size_t)(m0 + r) * K;
+                (void)xr;
+                for (int gi = 0; gi < G; gi++) {
+                    const uint16_t *s = sz + ((size_t)gi * Npad + blk * 64) * 2;
+                    int k0 = gi * g;
+                    for (int r = 0; r < R; r++) xsum[r] = xs[(m0 + r) * G + gi];
+#if defined(Q4_VNNI)
+                    const int32_t *xp[Q_ROWS];
+                    float sx[Q_ROWS];
+                    for (int r = 0; r < R; r++) {
+                        xp[r] = xq + ((size_t)(m0 + r) * K + k0) / 2;
+                        sx[r] = sxs[(m0 + r) * G + gi];
+                    }
+#define Q4_CALL(R) q4_rows(wb, s, k0, g, xp, sx, xsum, out, R)
+#elif defined(__AVX512F__)
+#define Q4_CALL(R) q4_rows(wb, s, k0, g, xr, xsum, out, R)
+#endif
 #ifdef __AVX512F__
-                if (R == 4)
-                    q4_group(wb, s, gi * g, g, xr, xsum, out, 4);
-                else if (R == 2)
-                    q4_group(wb, s, gi * g, g, xr, xsum, out, 2);
-                else
-                    q4_group(wb, s, gi * g, g, xr, xsum, out, 1);
+                    switch (R) {
+                    case 1: Q4_CALL(1); break;
+                    case 2: Q4_CALL(2); break;
+                    case 3: Q4_CALL(3); break;
+                    case 4: Q4_CALL(4); break;
+                    case 5: Q4_CALL(5); break;
+                    default: Q4_CALL(6);
+                    }
+#undef Q4_CALL
 #else
-                for (int r = 0; r < R; r++) {
-                    float acc[64] = {0};
-                    for (int k = gi * g; k < (gi + 1) * g; k++) {
-                        const uint8_t *wk = wb + k * 32;
+                    for (int k = 0; k < g; k++) { /* the nibbles as floats, once for the R rows */
+                        const uint8_t *wk = wb + (k0 + k) * 32;
                         for (int j = 0; j < 32; j++) {
-                            acc[j] += (float)(wk[j] & 15) * xr[r][k];
-                            acc[j + 32] += (float)(wk[j] >> 4) * xr[r][k];
+                            buf[k * 64 + j] = (float)(wk[j] & 15);
+                            buf[k * 64 + j + 32] = (float)(wk[j] >> 4);
                         }
                     }
-                    for (int j = 0; j < 64; j++) {
-                        float sc = bf16_to_f32(s[2 * j]), zr = bf16_to_f32(s[2 * j + 1]);
-                        out[r][j] += acc[j] * sc + (zr - 8.f * sc) * xsum[r];
+                    for (int r = 0; r < R; r++) {
+                        float acc[64] = {0};
+                        for (int k = 0; k < g; k++) {
+                            float xk = xr[r][k0 + k];
+                            for (int j = 0; j < 64; j++) acc[j] += buf[k * 64 + j] * xk;
+                        }
+                        for (int j = 0; j < 64; j++) {
+                            float sc = bf16_to_f32(s[2 * j]), zr = bf16_to_f32(s[2 * j + 1]);
+                            out[r * 64 + j] += acc[j] * sc + (zr - 8.f * sc) * xsum[r];
+                        }
+                    }
+#endif
+                }
+                for (int r = 0; r < R; r++) {
+                    float *ym = y + (size_t)(m0 + r) * ldy;
+                    for (int j = 0; j < 64 && blk * 64 + j < N; j++) {
+                        int n = blk * 64 + j;
+                        float v = out[r * 64 + j] + (bias ? bias[n] : 0.f);
+                        ym[n] = accumulate ? ym[n] + v : v;
                     }
                 }
-#endif
             }
-            for (int r = 0; r < R; r++) {
-                float *ym = y + (size_t)(m0 + r) * ldy;
-                for (int j = 0; j < 64 && blk * 64 + j < N; j++) {
-                    int n = blk * 64 + j;
-                    float v = out[r][j] + (bias ? bias[n] : 0.f);
-                    ym[n] = accumulate ? ym[n] + v : v;
-                }
-            }
-            m0 += R;
         }
+#ifndef __AVX512F__
+        free(buf);
+#endif
     }
     free(xs);
+#ifdef Q4_VNNI
+    free(sxs);
+    free(xq);
+#endif
 }
 
 /* ---- int8 GEMM, row-major: q [N, K] int8, scales [N, K/g] fp32: w[n, k] = q[n, k] scale[n, k/g] ----
-   (GGUF Q8_0 blocks have g = 32; per-channel int8 has g = K.) Four rows at a time share the loads of x;
-   a row's arithmetic is the same wherever it falls. */
+   (GGUF Q8_0 blocks have g = 32, Q6_K 16; per-channel int8 has g = K.)
+   Every output, for every row of x, gets the same operations whatever M or the row's place: the weight
+   w = q scale (rounded to fp32, as the dequantized reference), 16 lane sums acc[l] = fma(w[k], x[k],
+   acc[l]) over k = l, l + 16, ... in order, then the lanes added in one fixed tree; the bias last.
+   Threads take tiles of 4 outputs. Up to Q_ROWS rows convert the tile's weights in registers; more rows
+   convert them once into a buffer of floats [4][K] and run over it Q_ROWS rows at a time. The plain C
+   body (also taken when K or g is not a multiple of 16) does the same with a sequential lane sum. */
+#ifdef __AVX512F__
+static inline __attribute__((always_inline)) __m512 q8_load(const int8_t *q, float s) {
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q))),
+                         _mm512_set1_ps(s));
+}
+
+/* out[i] = the sum of v[i]'s 16 lanes, the four at once (one fixed order of additions). */
+static inline __attribute__((always_inline)) void q8_sum4(const __m512 v[4], float out[4]) {
+    __m512 a = _mm512_add_ps(_mm512_shuffle_f32x4(v[0], v[1], 0x44), _mm512_shuffle_f32x4(v[0], v[1], 0xee));
+    __m512 b = _mm512_add_ps(_mm512_shuffle_f32x4(v[2], v[3], 0x44), _mm512_shuffle_f32x4(v[2], v[3], 0xee));
+    __m512 c = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xdd)); /* v[i]: 128-bit lane i */
+    c = _mm512_add_ps(c, _mm512_permute_ps(c, 0x4e));
+    c = _mm512_add_ps(c, _mm512_permute_ps(c, 0xb1));
+    float t[16];
+    _mm512_storeu_ps(t, c);
+    for (int i = 0; i < 4; i++) out[i] = t[4 * i];
+}
+
+/* R rows of x against the 4 outputs of a tile, the weights converted in registers (WEIGHTS: from qr, sr)
+   or read from buf [4][K] converted once for all rows. */
+#define Q8_ROWS(name, WEIGHTS)                                                                                    \
+    static inline __attribute__((always_inline)) void name(const int8_t **qr, const float **sr, const float *buf, \
+                                                           int K, int g, const float **xr, float (*out)[4],       \
+                                                           const int R) {                                         \
+        __m512 acc[Q_ROWS][4];                                                                                    \
+        for (int r = 0; r < R; r++)                                                                               \
+            for (int i = 0; i < 4; i++) acc[r][i] = _mm512_setzero_ps();                                          \
+        for (int k = 0; k < K; k += 16) {                                                                         \
+            __m512 w[4];                                                                                          \
+            for (int i = 0; i < 4; i++) WEIGHTS;                                                                  \
+            for (int r = 0; r < R; r++) {                                                                         \
+                __m512 xv = _mm512_loadu_ps(xr[r] + k);                                                           \
+                for (int i = 0; i < 4; i++) acc[r][i] = _mm512_fmadd_ps(w[i], xv, acc[r][i]);                     \
+            }                                                                                                     \
+        }                                                                                                         \
+        for (int r = 0; r < R; r++) q8_sum4(acc[r], out[r]);                                                      \
+        (void)qr, (void)sr, (void)buf, (void)g;                                                                   \
+    }
+Q8_ROWS(q8_direct, (_mm_prefetch((const char *)(qr[i] + k + 16 * K), _MM_HINT_T0), /* 4 tiles ahead */
+                    w[i] = q8_load(qr[i] + k, sr[i][k / g])))
+Q8_ROWS(q8_buffered, w[i] = _mm512_load_ps(buf + (size_t)i * K + k))
+#undef Q8_ROWS
+#endif
+
 void q8_gemm(const float *x, int M, int K, const int8_t *q, const float *scales, int g, int N,
              const float *bias, float *y, long ldy, int accumulate) {
     int G = K / g;
-#pragma omp parallel for schedule(static)
-    for (int n0 = 0; n0 < N; n0 += 4) {
-        const int8_t *qr[4];
-        const float *sr[4];
-        for (int r = 0; r < 4; r++) { /* rows past N repeat the last one and are not stored */
-            int n = n0 + r < N ? n0 + r : N - 1;
-            qr[r] = q + (size_t)n * K;
-            sr[r] = scales + (size_t)n * G;
-        }
-        for (int m = 0; m < M; m++) {
-            const float *xm = x + (size_t)m * K;
-            float out[4];
 #ifdef __AVX512F__
-            if (g % 16 == 0) {
-                __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-                for (int gi = 0; gi < G; gi++) {
-                    __m512 blk[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-                    for (int k = gi * g; k < (gi + 1) * g; k += 16) {
-                        __m512 xv = _mm512_loadu_ps(xm + k);
-                        for (int r = 0; r < 4; r++) {
-                            _mm_prefetch((const char *)(qr[r] + k + 16 * K), _MM_HINT_T0);
-                            __m512i w = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(qr[r] + k)));
-                            blk[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(w), xv, blk[r]);
-                        }
-                    }
-                    for (int r = 0; r < 4; r++) acc[r] = _mm512_fmadd_ps(blk[r], _mm512_set1_ps(sr[r][gi]), acc[r]);
-                }
-                for (int r = 0; r < 4; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
-            } else
+    int vec = K % 16 == 0 && g % 16 == 0;
+#else
+    int vec = 0;
 #endif
-            {
-                for (int r = 0; r < 4; r++) {
-                    float acc = 0;
-                    for (int gi = 0; gi < G; gi++) {
-                        float blk = 0;
-                        for (int k = gi * g; k < (gi + 1) * g; k++) blk += (float)qr[r][k] * xm[k];
-                        acc += blk * sr[r][gi];
+    if (M <= 0) return;
+#pragma omp parallel
+    {
+        float *buf = aligned_alloc(64, sizeof(float) * 4 * ((K + 15) / 16 * 16));
+#pragma omp for schedule(static)
+        for (int n0 = 0; n0 < N; n0 += 4) {
+            const int8_t *qr[4];
+            const float *sr[4];
+            for (int i = 0; i < 4; i++) { /* outputs past N repeat the last one and are not stored */
+                int n = n0 + i < N ? n0 + i : N - 1;
+                qr[i] = q + (size_t)n * K;
+                sr[i] = scales + (size_t)n * G;
+            }
+            int direct = vec && M <= Q_ROWS;
+            if (!direct) /* the tile's weights as floats, once for all rows */
+                for (int i = 0; i < 4; i++) {
+#ifdef __AVX512F__
+                    if (vec) {
+                        for (int k = 0; k < K; k += 16) {
+                            if (k % 64 == 0) /* the next tile, while this one's rows run */
+                                _mm_prefetch((const char *)(qr[i] + k + 4 * K), _MM_HINT_T0);
+                            _mm512_store_ps(buf + (size_t)i * K + k, q8_load(qr[i] + k, sr[i][k / g]));
+                        }
+                        continue;
                     }
-                    out[r] = acc;
+#endif
+                    for (int k = 0; k < K; k++) buf[(size_t)i * K + k] = (float)qr[i][k] * sr[i][k / g];
+                }
+            for (int m0 = 0; m0 < M; m0 += Q_ROWS) {
+                int R = M - m0 < Q_ROWS ? M - m0 : Q_ROWS;
+                const float *xr[Q_ROWS];
+                float out[Q_ROWS][4];
+                for (int r = 0; r < R; r++) xr[r] = x + (size_t)(m0 + r) * K;
+#ifdef __AVX512F__
+                if (vec) {
+#define Q8_CALL(R) direct ? q8_direct(qr, sr, buf, K, g, xr, out, R) : q8_buffered(qr, sr, buf, K, g, xr, out, R)
+                    switch (R) {
+                    case 1: Q8_CALL(1); break;
+                    case 2: Q8_CALL(2); break;
+                    case 3: Q8_CALL(3); break;
+                    case 4: Q8_CALL(4); break;
+                    case 5: Q8_CALL(5); break;
+                    default: Q8_CALL(6);
+                    }
+#undef Q8_CALL
+                } else
+#endif
+                {
+                    for (int r = 0; r < R; r++)
+                        for (int i = 0; i < 4; i++) {
+                            const float *w = buf + (size_t)i * K;
+                            float lane[16] = {0}, sum = 0;
+                            for (int k0 = 0; k0 < K; k0 += 16)
+                                for (int l = 0; l < 16 && k0 + l < K; l++) lane[l] += w[k0 + l] * xr[r][k0 + l];
+                            for (int l = 0; l < 16; l++) sum += lane[l];
+                            out[r][i] = sum;
+                        }
+                }
+                for (int r = 0; r < R; r++)
+                    for (int i = 0; i < 4 && n0 + i < N; i++) {
+                        float v = out[r][i] + (bias ? bias[n0 + i] : 0.f);
+                        float *dst = y + (size_t)(m0 + r) * ldy + n0 + i;
+                        *dst = accumulate ? *dst + v : v;
+                    }
+            }
+        }
+        free(buf);
+    }
+}
+
+/* ---- dense GEMM on nn.Linear's own weight: w [N, K] row-major, bf16 (bf16 = 1) or fp32 ----------
+   y[m, n] (+)= sum_k x[m, k] w[n, k] + bias[n], rows of y `ldy` floats apart. bf16 -> fp32 is exact
+   (a 16-bit shift) and an fp32 FMA of it with fp32 x rounds only the sum: the products are exact.
+   Tiles of 4 weight rows (contiguous in w) by R = 4, 2 or 1 rows of x: each tile comes from memory once
+   for all M rows. A row's dot product is the same sequence of operations wherever it falls (16 lanes
+   each summing k = lane mod 16 in order, the tail of K masked into the same lanes, then the lanes
+   reduced), so it does not depend on M or on its tile. */
+#define DENSE_ROWS 4
+#ifdef __AVX512F__
+static inline __attribute__((always_inline)) __m512 dense_w(const void *w, size_t off, const int bf16) {
+    if (bf16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(
+            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w + off))), 16));
+    return _mm512_loadu_ps((const float *)w + off);
+}
+
+static inline __attribute__((always_inline)) void dense_tile(const void *const *wr, int K, const float *const *xr,
+                                                             float (*out)[DENSE_ROWS], const int bf16, const int R) {
+    __m512 acc[4][DENSE_ROWS]; /* fixed size, not [R]: R is a constant at each call, so this stays in registers */
+    for (int r = 0; r < R; r++)
+        for (int i = 0; i < DENSE_ROWS; i++) acc[r][i] = _mm512_setzero_ps();
+    int k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m512 wv[DENSE_ROWS];
+        for (int i = 0; i < DENSE_ROWS; i++) {
+            _mm_prefetch((const char *)wr[i] + ((size_t)k + 8 * (size_t)K) * (bf16 ? 2 : 4), _MM_HINT_T0);
+            wv[i] = dense_w(wr[i], k, bf16);
+        }
+        for (int r = 0; r < R; r++) {
+            __m512 xv = _mm512_loadu_ps(xr[r] + k);
+            for (int i = 0; i < DENSE_ROWS; i++) acc[r][i] = _mm512_fmadd_ps(wv[i], xv, acc[r][i]);
+        }
+    }
+    if (k < K) { /* the last K % 16: zeros in the lanes past K */
+        int t = K - k;
+        __mmask16 mask = (__mmask16)((1u << t) - 1);
+        __m512 wv[DENSE_ROWS];
+        for (int i = 0; i < DENSE_ROWS; i++) {
+            if (bf16) {
+                uint16_t tmp[16] = {0};
+                memcpy(tmp, (const uint16_t *)wr[i] + k, sizeof(uint16_t) * t);
+                wv[i] = dense_w(tmp, 0, 1);
+            } else {
+                wv[i] = _mm512_maskz_loadu_ps(mask, (const float *)wr[i] + k);
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            __m512 xv = _mm512_maskz_loadu_ps(mask, xr[r] + k);
+            for (int i = 0; i < DENSE_ROWS; i++) acc[r][i] = _mm512_fmadd_ps(wv[i], xv, acc[r][i]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int i = 0; i < DENSE_ROWS; i++) out[r][i] = _mm512_reduce_add_ps(acc[r][i]);
+}
+#else
+/* The plain C body: the same lane structure, in a form -O3 vectorises for whatever the CPU has. */
+static void dense_tile(const void *const *wr, int K, const float *const *xr, float (*out)[DENSE_ROWS], const int bf16,
+                       const int R) {
+    for (int r = 0; r < R; r++)
+        for (int i = 0; i < DENSE_ROWS; i++) {
+            float acc[16] = {0};
+            const uint16_t *wh = wr[i];
+            const float *wf = wr[i], *x = xr[r];
+            for (int k0 = 0; k0 < K; k0 += 16) {
+                int t = K - k0 < 16 ? K - k0 : 16;
+                if (bf16)
+                    for (int j = 0; j < t; j++) acc[j] += bf16_to_f32(wh[k0 + j]) * x[k0 + j];
+                else
+                    for (int j = 0; j < t; j++) acc[j] += wf[k0 + j] * x[k0 + j];
+            }
+            float s = 0;
+            for (int j = 0; j < 16; j++) s += acc[j];
+            out[r][i] = s;
+        }
+}
+#endif
+
+void dense_gemm(const float *x, int M, int K, const void *w, int bf16, int N, const float *bias, float *y, long ldy,
+                int accumulate) {
+    size_t el = bf16 ? 2 : 4;
+#pragma omp parallel for schedule(static)
+    for (int n0 = 0; n0 < N; n0 += DENSE_ROWS) {
+        const void *wr[DENSE_ROWS];
+        for (int i = 0; i < DENSE_ROWS; i++) /* rows past N repeat the last one and are not stored */
+            wr[i] = (const char *)w + (size_t)(n0 + i < N ? n0 + i : N - 1) * K * el;
+        for (int m0 = 0; m0 < M;) {
+            int R = M - m0 >= 4 ? 4 : M - m0 >= 2 ? 2 : 1; /* rows sharing one pass over the tile */
+            float out[4][DENSE_ROWS];
+            const float *xr[4];
+            for (int r = 0; r < R; r++) xr[r] = x + (size_t)(m0 + r) * K;
+            if (bf16) {
+                if (R == 4) dense_tile(wr, K, xr, out, 1, 4);
+                else if (R == 2) dense_tile(wr, K, xr, out, 1, 2);
+                else dense_tile(wr, K, xr, out, 1, 1);
+            } else {
+                if (R == 4) dense_tile(wr, K, xr, out, 0, 4);
+                else if (R == 2) dense_tile(wr, K, xr, out, 0, 2);
+                else dense_tile(wr, K, xr, out, 0, 1);
+            }
+            for (int r = 0; r < R; r++) {
+                float *ym = y + (size_t)(m0 + r) * ldy;
+                for (int i = 0; i < DENSE_ROWS && n0 + i < N; i++) {
+                    float v = out[r][i] + (bias ? bias[n0 + i] : 0.f);
+                    ym[n0 + i] = accumulate ? ym[n0 + i] + v : v;
                 }
             }
-            for (int r = 0; r < 4 && n0 + r < N; r++) {
-                float v = out[r] + (bias ? bias[n0 + r] : 0.f);
-                float *dst = y + (size_t)m * ldy + n0 + r;
-                *dst = accumulate ? *dst + v : v;
-            }
+            m0 += R;
         }
     }
 }
@@ -248,19 +564,50 @@ void rope(float *qk, int M, int heads, int D, long row_stride, const float *cos,
         }
 }
 
+/* ---- K/V cache element types (`dtype` below): 0 fp32, 1 bf16 (rounded to nearest even), 2 int8 with
+   one fp32 scale per (head, position): symmetric absmax over the D values, q = rint(x * (127 / amax)),
+   scale = amax / 127, x ~ q * scale (all zero when amax is 0). fast/cache.py `quantize_kv` writes the
+   same bytes. A vector's scale sits at index (its element offset) / D of the scales array, so the
+   scales take the values' strides divided by D. */
+#define KV_F32 0
+#define KV_BF16 1
+#define KV_INT8 2
+
+static inline float kv_quantize(const float *x, int8_t *q, int D) {
+    float amax = 0;
+    for (int i = 0; i < D; i++) amax = fabsf(x[i]) > amax ? fabsf(x[i]) : amax;
+    float inv = amax > 0 ? 127.f / amax : 0.f;
+#ifdef __AVX512F__
+    if (D % 16 == 0) {
+        for (int i = 0; i < D; i += 16) /* cvtps rounds to nearest even, as rintf and torch.round */
+            _mm_storeu_si128((__m128i *)(q + i),
+                             _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + i),
+                                                                                   _mm512_set1_ps(inv)))));
+        return amax / 127.f;
+    }
+#endif
+    for (int i = 0; i < D; i++) q[i] = (int8_t)rintf(x[i] * inv);
+    return amax / 127.f;
+}
+
 /* ---- K/V store: row m's k and v (Hkv heads of D, at qkv + m * row_stride + k_off / v_off) go to
-   position pos[m] of its cache; kb[m], vb[m] point at head 0, position 0; heads `head_stride[m]`
-   elements apart. bf16 caches are rounded to nearest even. */
+   position pos[m] of its cache; kb[m], vb[m] point at head 0, position 0 (ks[m], vs[m] at their
+   scales, int8 only); heads `head_stride[m]` elements apart. */
 void kv_store(const float *qkv, int M, long row_stride, long k_off, long v_off, int Hkv, int D,
-              void **kb, void **vb, const int *pos, const long *head_stride, int bf16) {
+              void **kb, void **vb, float **ks, float **vs, const int *pos, const long *head_stride, int dtype) {
     for (int m = 0; m < M; m++) {
         if (!kb[m]) continue;
         for (int h = 0; h < Hkv; h++) {
             const float *k = qkv + m * row_stride + k_off + (long)h * D;
             const float *v = qkv + m * row_stride + v_off + (long)h * D;
             long at = h * head_stride[m] + (long)pos[m] * D;
+            if (dtype == KV_INT8) {
+                ks[m][at / D] = kv_quantize(k, (int8_t *)kb[m] + at, D);
+                vs[m][at / D] = kv_quantize(v, (int8_t *)vb[m] + at, D);
+                continue;
+            }
             for (int i = 0; i < D; i++) {
-                if (bf16) {
+                if (dtype == KV_BF16) {
                     ((uint16_t *)kb[m])[at + i] = f32_to_bf16(k[i]);
                     ((uint16_t *)vb[m])[at + i] = f32_to_bf16(v[i]);
                 } else {
@@ -272,24 +619,36 @@ void kv_store(const float *qkv, int M, long row_stride, long k_off, long v_off, 
     }
 }
 
-/* A cached K or V vector (bf16 or fp32) as fp32. */
-static inline void load_kv(float *dst, const void *src, int D, int bf16) {
+/* A cached K or V vector as fp32 (int8: times its scale). */
+static inline void load_kv(float *dst, const void *src, int D, int dtype, float scale) {
 #ifdef __AVX512F__
-    if (bf16 && D % 16 == 0) {
+    if (dtype == KV_BF16 && D % 16 == 0) {
         for (int i = 0; i < D; i += 16) {
             __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)src + i));
             _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
         }
         return;
     }
+    if (dtype == KV_INT8 && D % 16 == 0) {
+        for (int i = 0; i < D; i += 16) {
+            __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)src + i)));
+            _mm512_storeu_ps(dst + i, _mm512_mul_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(scale)));
+        }
+        return;
+    }
 #endif
-    if (bf16) {
+    if (dtype == KV_BF16) {
         const uint16_t *h = src;
         for (int i = 0; i < D; i++) dst[i] = bf16_to_f32(h[i]);
+    } else if (dtype == KV_INT8) {
+        const int8_t *q = src;
+        for (int i = 0; i < D; i++) dst[i] = (float)q[i] * scale;
     } else {
         memcpy(dst, src, sizeof(float) * D);
     }
 }
+
+static inline size_t kv_size(int dtype) { return dtype == KV_F32 ? 4 : dtype == KV_BF16 ? 2 : 1; }
 
 static inline float dot(const float *a, const float *b, int D) {
 #ifdef __AVX512F__
@@ -343,10 +702,10 @@ static inline float exp_sum(float *s, int n, float mx) {
    and sums (as flash-decoding does). The chunking depends only on the row's length: a row's result
    is the same in any batch. scale[m] multiplies the scores (1/sqrt(D), times LogN). */
 #define ATT_CHUNK 256
-void attend(const float *q, int M, int Hq, int Hkv, int D, long q_stride, void **kb, void **vb,
-            const int *len, const long *head_stride, int bf16, const float *scale, float *out) {
+void attend(const float *q, int M, int Hq, int Hkv, int D, long q_stride, void **kb, void **vb, float **ks,
+            float **vs, const int *len, const long *head_stride, int dtype, const float *scale, float *out) {
     int group = Hq / Hkv;
-    size_t el = bf16 ? 2 : 4;
+    size_t el = kv_size(dtype);
     int *first = malloc(sizeof(int) * (M + 1)); /* tasks of row m: first[m] .. first[m + 1] - 1 */
     first[0] = 0;
     for (int m = 0; m < M; m++) {
@@ -369,9 +728,12 @@ void attend(const float *q, int M, int Hq, int Hkv, int D, long q_stride, void *
             const char *kh = (const char *)kb[m] + (size_t)kvh * head_stride[m] * el;
             const char *vh = (const char *)vb[m] + (size_t)kvh * head_stride[m] * el;
             const float *qh = q + m * q_stride + (long)kvh * group * D;
+            /* int8: the scales of this head's positions (index = element offset / D) */
+            const float *ksh = dtype == KV_INT8 ? ks[m] + kvh * head_stride[m] / D : NULL;
+            const float *vsh = dtype == KV_INT8 ? vs[m] + kvh * head_stride[m] / D : NULL;
             float *pt = part + (size_t)task * per;
             for (int t = 0; t < n; t++) {
-                load_kv(kv, kh + (size_t)(t0 + t) * D * el, D, bf16);
+                load_kv(kv, kh + (size_t)(t0 + t) * D * el, D, dtype, ksh ? ksh[t0 + t] : 1.f);
                 for (int g = 0; g < group; g++) s[g * ATT_CHUNK + t] = dot(qh + g * D, kv, D) * scale[m];
             }
             for (int g = 0; g < group; g++) {
@@ -382,7 +744,7 @@ void attend(const float *q, int M, int Hq, int Hkv, int D, long q_stride, void *
                 memset(pt + g * (D + 2) + 2, 0, sizeof(float) * D);
             }
             for (int t = 0; t < n; t++) {
-                load_kv(kv, vh + (size_t)(t0 + t) * D * el, D, bf16);
+                load_kv(kv, vh + (size_t)(t0 + t) * D * el, D, dtype, vsh ? vsh[t0 + t] : 1.f);
                 for (int g = 0; g < group; g++) {
                     float p = s[g * ATT_CHUNK + t], *o = pt + g * (D + 2) + 2;
 #pragma omp simd
@@ -429,7 +791,7 @@ void silu_mul(const float *gu, int M, int I, float *out) {
    models whose projections all have kernels: the same kernels in the same order as the step written
    out in Python, without a Python round trip per kernel (a fifth of a small model's step). ---------- */
 typedef struct {
-    int kind; /* 4: q4_gemm, 8: q8_gemm (arguments as there) */
+    int kind; /* 4: q4_gemm, 8: q8_gemm, 16: dense_gemm on bf16, 32: dense_gemm on fp32 (arguments as there) */
     int K, N, Npad, g;
     const void *w, *s;
     const float *bias;
@@ -441,10 +803,25 @@ typedef struct {
     Proj qkv[3], o, gu[2], down;
 } Layer;
 
+/* sizeof and offsetof of Proj's and Layer's fields, in declaration order, for native.py to check its
+   ctypes mirror against (a library whose structs differ is refused). Returns how many it wrote. */
+int struct_layout(long *out) {
+    long v[] = {sizeof(Proj), offsetof(Proj, kind), offsetof(Proj, K), offsetof(Proj, N), offsetof(Proj, Npad),
+                offsetof(Proj, g), offsetof(Proj, w), offsetof(Proj, s), offsetof(Proj, bias),
+                sizeof(Layer), offsetof(Layer, ln1), offsetof(Layer, ln2), offsetof(Layer, q_norm),
+                offsetof(Layer, k_norm), offsetof(Layer, n_qkv), offsetof(Layer, n_gu), offsetof(Layer, qkv),
+                offsetof(Layer, o), offsetof(Layer, gu), offsetof(Layer, down)};
+    int n = sizeof(v) / sizeof(v[0]);
+    memcpy(out, v, sizeof(v));
+    return n;
+}
+
 static void project(const Proj *p, int n, const float *x, int M, float *y, long ldy, int accumulate) {
     for (int i = 0; i < n; i++) { /* parts side by side in y */
         if (p[i].kind == 4)
             q4_gemm(x, M, p[i].K, p[i].w, p[i].s, p[i].g, p[i].N, p[i].Npad, p[i].bias, y, ldy, accumulate);
+        else if (p[i].kind == 16 || p[i].kind == 32)
+            dense_gemm(x, M, p[i].K, p[i].w, p[i].kind == 16, p[i].N, p[i].bias, y, ldy, accumulate);
         else
             q8_gemm(x, M, p[i].K, p[i].w, p[i].s, p[i].g, p[i].N, p[i].bias, y, ldy, accumulate);
         y += p[i].N;
@@ -453,16 +830,19 @@ static void project(const Proj *p, int n, const float *x, int M, float *y, long 
 
 void decode_layers(const Layer *layers, int L, int M, int H, int Hq, int Hkv, int D, int I, float eps,
                    float *x, float *hbuf, float *qkv, float *att, float *gu, float *act, const float *cos,
-                   const float *sin, const float *scale, void **k0, void **v0, const long *layer_stride,
-                   const long *head_stride, const int *pos, const int *len, int bf16) {
+                   const float *sin, const float *scale, void **k0, void **v0, float **ks0, float **vs0,
+                   const long *layer_stride, const long *head_stride, const int *pos, const int *len, int dtype) {
     long qkv_n = (long)(Hq + 2 * Hkv) * D;
-    size_t el = bf16 ? 2 : 4;
+    size_t el = kv_size(dtype);
     void **kb = malloc(sizeof(void *) * 2 * (M ? M : 1)), **vb = kb + M;
+    float **ks = malloc(sizeof(float *) * 2 * (M ? M : 1)), **vs = ks + M;
     for (int l = 0; l < L; l++) {
         const Layer *ly = &layers[l];
         for (int m = 0; m < M; m++) { /* row m's K/V for layer l */
             kb[m] = k0[m] ? (char *)k0[m] + (size_t)l * layer_stride[m] * el : NULL;
             vb[m] = v0[m] ? (char *)v0[m] + (size_t)l * layer_stride[m] * el : NULL;
+            ks[m] = dtype == KV_INT8 && k0[m] ? ks0[m] + (size_t)l * layer_stride[m] / D : NULL;
+            vs[m] = dtype == KV_INT8 && v0[m] ? vs0[m] + (size_t)l * layer_stride[m] / D : NULL;
         }
         rms_norm(x, hbuf, M, H, H, H, ly->ln1, eps);
         project(ly->qkv, ly->n_qkv, hbuf, M, qkv, qkv_n, 0);
@@ -472,8 +852,8 @@ void decode_layers(const Layer *layers, int L, int M, int H, int Hq, int Hkv, in
             rms_norm(k, k, Hkv, D, D, D, ly->k_norm, eps);
         }
         rope(qkv, M, Hq + Hkv, D, qkv_n, cos, sin);
-        kv_store(qkv, M, qkv_n, (long)Hq * D, (long)(Hq + Hkv) * D, Hkv, D, kb, vb, pos, head_stride, bf16);
-        attend(qkv, M, Hq, Hkv, D, qkv_n, kb, vb, len, head_stride, bf16, scale, att);
+        kv_store(qkv, M, qkv_n, (long)Hq * D, (long)(Hq + Hkv) * D, Hkv, D, kb, vb, ks, vs, pos, head_stride, dtype);
+        attend(qkv, M, Hq, Hkv, D, qkv_n, kb, vb, ks, vs, len, head_stride, dtype, scale, att);
         project(&ly->o, 1, att, M, x, H, 1);
         rms_norm(x, hbuf, M, H, H, H, ly->ln2, eps);
         project(ly->gu, ly->n_gu, hbuf, M, gu, 2L * I, 0);
@@ -481,4 +861,5 @@ void decode_layers(const Layer *layers, int L, int M, int H, int Hq, int Hkv, in
         project(&ly->down, 1, act, M, x, H, 1);
     }
     free(kb);
+    free(ks);
 }

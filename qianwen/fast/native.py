@@ -33,7 +33,8 @@ from ..paths import home
 SOURCE = Path(__file__).with_name("kernels.c")
 Ptr, Int, Long, Flt = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
 class Proj(ctypes.Structure):
-    """kernels.c's `Proj`: one projection's kernel (4: q4_gemm, 8: q8_gemm) and its arguments."""
+    """kernels.c's `Proj`: one projection's kernel (4: q4_gemm, 8: q8_gemm, 16 / 32: dense_gemm on bf16 /
+    fp32 weights) and its arguments."""
 
     _fields_ = [("kind", ctypes.c_int), ("K", ctypes.c_int), ("N", ctypes.c_int), ("Npad", ctypes.c_int),
                 ("g", ctypes.c_int), ("w", ctypes.c_void_p), ("s", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
@@ -50,15 +51,16 @@ class Layer(ctypes.Structure):
 SIGNATURES = {
     "q4_gemm": [Ptr, Int, Int, Ptr, Ptr, Int, Int, Int, Ptr, Ptr, Long, Int],
     "q8_gemm": [Ptr, Int, Int, Ptr, Ptr, Int, Int, Ptr, Ptr, Long, Int],
+    "dense_gemm": [Ptr, Int, Int, Ptr, Int, Int, Ptr, Ptr, Long, Int],
     "rms_norm": [Ptr, Ptr, Int, Int, Long, Long, Ptr, Flt],
     "rope": [Ptr, Int, Int, Int, Long, Ptr, Ptr],
-    "kv_store": [Ptr, Int, Long, Long, Long, Int, Int, Ptr, Ptr, Ptr, Ptr, Int],
-    "attend": [Ptr, Int, Int, Int, Int, Long, Ptr, Ptr, Ptr, Ptr, Int, Ptr, Ptr],
+    "kv_store": [Ptr, Int, Long, Long, Long, Int, Int, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Int],
+    "attend": [Ptr, Int, Int, Int, Int, Long, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Int, Ptr, Ptr],
     "silu_mul": [Ptr, Int, Int, Ptr],
     "set_threads": [Int],
     "team_size": [],
     "decode_layers": [Ptr, Int, Int, Int, Int, Int, Int, Int, Flt, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr,
-                      Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Int],
+                      Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Int],
 }
 FLAG_SETS = (["-O3", "-march=native", "-fno-math-errno", "-fopenmp"],
              ["-O3", "-fno-math-errno", "-fopenmp"],
@@ -101,13 +103,26 @@ def build(cc: str, out: Path | None = None, flag_sets: tuple[list[str], ...] = F
     raise RuntimeError(f"{cc} failed: {errors[0]}")
 
 
+def mirror_layout() -> list[int]:
+    """What kernels.c's `struct_layout` should give: sizeof and field offsets of `Proj`, then `Layer`."""
+    return [v for struct in (Proj, Layer)
+            for v in (ctypes.sizeof(struct), *(getattr(struct, f[0]).offset for f in struct._fields_))]
+
+
 def open_library(path: Path) -> ctypes.CDLL:
+    """Load a built library; RuntimeError if its structs are not laid out as their ctypes mirrors here
+    (decode_layers would read its descriptors wrong)."""
     so = ctypes.CDLL(str(path))
     for name, args in SIGNATURES.items():
         fn = getattr(so, name)
         fn.argtypes, fn.restype = args, None
     for name in ("get_threads", "team_size"):
         getattr(so, name).restype = ctypes.c_int
+    so.struct_layout.argtypes, so.struct_layout.restype = [Ptr], ctypes.c_int
+    buf = (ctypes.c_long * 64)()
+    got, want = list(buf[:so.struct_layout(buf)]), mirror_layout()
+    if got != want:
+        raise RuntimeError(f"kernels.c's Proj/Layer layout {got} differs from native.py's mirror {want}")
     return so
 
 
@@ -127,7 +142,7 @@ def lib() -> ctypes.CDLL | None:
     try:
         return open_library(build(cc))
     except (OSError, RuntimeError) as e:
-        failure = f"could not build the CPU kernels ({e}); using torch kernels"
+        failure = f"could not build or load the CPU kernels ({e}); using torch kernels"
         print(f"qianwen: {failure}", file=sys.stderr)
         return None
 

@@ -1,18 +1,29 @@
-"""From a model argument (folder, .gguf file, name or None) to a ready Model."""
+"""From a model argument (folder, .gguf file, name or None) to its parts (`Checkpoint`), one way:
+resolve the name (hub.py) -> read the text side with the format's reader (hf.py, gguf.py) -> build the
+network on the meta device, put in the quantized layers and fill the rest, through `weights.materialize`'s
+checks -> the fast path (qianwen.fast). `qianwen.api` makes a Model of the parts (docs/design.md, "Loading")."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..chat.template import QWEN_DEFAULT_SYSTEM, ChatTemplate
+from ..chat.template import ChatTemplate
 from ..config import ModelConfig
 from ..errors import ModelLoadError, QianwenError
+from ..fast import optimize
+from ..fast.native import set_threads
+from ..models import Transformer, architecture, read_config
+from ..quant.quantize import is_quantized_config
+from ..tokenizer import Tokenizer
+from .gguf import load_gguf_weights
+from .hf import load_hf_weights, load_quantized_hf_weights
 from .hub import resolve
 
 
@@ -65,25 +76,43 @@ def parse_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def load(model: str | Path | None = None, dtype: str | torch.dtype | None = None,
-         device: str | torch.device | None = None, quantized: bool | None = None):  # -> qianwen.api.Model
-    """`quantized`: keep GGUF Q4_0/Q4_1/Q4_K/Q8_0/Q6_K weights quantized (qianwen.quant, run by the C
-    kernels of qianwen.fast); by default on when running bfloat16 on the CPU, off otherwise (the float
-    reference path)."""
-    from ..api import Model
-    from ..fast.native import set_threads
+@dataclass
+class Checkpoint:
+    """What `load_checkpoint` reads; `qianwen.api.Model` is built from it."""
+    name: str
+    path: Path
+    config: ModelConfig
+    net: Transformer
+    tokenizer: Tokenizer
+    chat_template: ChatTemplate
+    generation_config: dict[str, Any]
 
+
+def load_checkpoint(model: str | Path | None = None, dtype: str | torch.dtype | None = None,
+                    device: str | torch.device | None = None, quantized: bool | None = None,
+                    fast: bool = True) -> Checkpoint:
+    """A model argument (folder, .gguf file, name or None) to its parts, one way through the steps below.
+
+    `quantized`: keep GGUF Q4_0/Q4_1/Q4_K/Q8_0/Q6_K weights quantized (qianwen.quant, run by the C kernels of
+    qianwen.fast); by default on when running bfloat16 on the CPU, off otherwise (the float reference path).
+    A folder `qianwen quantize` wrote is always kept quantized. `fast`: apply the fast path (off for
+    conversions, which save the parameters under their checkpoint names)."""
     set_threads()  # $QIANWEN_THREADS
     dev = parse_device(device) if device is not None else default_device()
     dt = parse_dtype(dtype) if dtype is not None else default_dtype(dev)
-    path = resolve(model)
+    path = resolve(model)  # 1. hub names and paths -> a file or folder
     with naming(path):
-        text = read_text_side(path)
-        keep = quantized if quantized is not None else (dev.type == "cpu" and dt == torch.bfloat16)
-        net = _load_weights({**text, "path": path}, dt, dev, keep)
-    return Model(name=str(model) if model else path.name, path=path, net=net, config=text["config"],
-                 tokenizer=text["tokenizer"], generation_config=text["generation_config"],
-                 chat_template=text["chat_template"])
+        text = read_text_side(path)  # 2. its format's reader: config, tokenizer, templates, checked
+        if "reader" in text:  # GGUF blocks: kept quantized when asked, by default for bfloat16 on the CPU
+            keep = quantized if quantized is not None else (dev.type == "cpu" and dt == torch.bfloat16)
+        else:  # a folder: quantized when `qianwen quantize` wrote it
+            keep = is_quantized_config(text["raw"])
+        net = _load_weights({**text, "path": path}, dt, dev, keep)  # 3. skeleton, quantized layers, filled
+    if fast and dev.type == "cpu":  # 4. the fast path (qianwen.fast) for every CPU checkpoint: loading's one call to it
+        net = optimize(net)
+    return Checkpoint(name=str(model) if model else path.name, path=path, net=net, config=text["config"],
+                      tokenizer=text["tokenizer"], generation_config=text["generation_config"],
+                      chat_template=text["chat_template"])
 
 
 def _is_gguf(path: Path) -> bool:
@@ -105,7 +134,7 @@ def naming(path: Path) -> Iterator[None]:
 def read_text_side(path: Path) -> dict[str, Any]:
     """What a checkpoint is without its weights, checked: config, tokenizer (its ids within the embedding
     rows), chat template, generation config; plus what its weight loader reads next (`raw` config.json of a
-    folder, the GGUF `reader`). `load` builds on it; the vLLM gateway needs nothing more."""
+    folder, the GGUF `reader`). `load_checkpoint` builds on it; the vLLM gateway needs nothing more."""
     if path.is_dir():
         from ..tokenizer import load_tokenizer
         from .hf import read_chat_template, read_generation_config, read_json
@@ -113,7 +142,7 @@ def read_text_side(path: Path) -> dict[str, Any]:
         if not (path / "config.json").exists():
             raise ModelLoadError(f"{path} has no config.json")
         raw = read_json(path / "config.json")
-        config = ModelConfig.from_dict(raw)
+        config = read_config(raw)
         tokenizer = load_tokenizer(path)
         template, generation_config, extra = read_chat_template(path), read_generation_config(path), {"raw": raw}
     elif path.suffix == ".gguf" or _is_gguf(path):
@@ -129,30 +158,19 @@ def read_text_side(path: Path) -> dict[str, Any]:
     else:
         raise ModelLoadError(f"{path} is neither a model folder nor a .gguf file")
     check_vocabulary(tokenizer, config)
-    default_system = QWEN_DEFAULT_SYSTEM if config.model_type == "qwen" and template is None else None
+    default_system = architecture(config.model_type).default_system if template is None else None
     chat_template = ChatTemplate(template, default_system, _special_strings(tokenizer))  # parsed before the weights
     return dict(config=config, tokenizer=tokenizer, chat_template=chat_template,
                 generation_config=generation_config, **extra)
 
 
-def _load_weights(text: dict[str, Any], dtype: torch.dtype, device: torch.device, quantized: bool) -> torch.nn.Module:
-    """The network of a checkpoint whose text side `read_text_side` gave."""
-    config = text["config"]
+def _load_weights(text: dict[str, Any], dtype: torch.dtype, device: torch.device, quantized: bool) -> Transformer:
+    """The network of a checkpoint whose text side `read_text_side` gave, built by `weights.materialize`."""
     if "reader" in text:
-        if quantized:
-            from ..quant.gguf import load_gguf_quantized
-
-            return load_gguf_quantized(text["reader"], config, dtype, device)
-        from .gguf import load_gguf_weights
-
-        return load_gguf_weights(text["reader"], config, dtype, device)
-    from ..quant.quantize import is_quantized_config, load_quantized_hf
-    from .hf import load_hf_weights
-
-    path = text["path"]
-    if is_quantized_config(text["raw"]):  # written by `qianwen quantize`
-        return load_quantized_hf(path, config, dtype, device)
-    return load_hf_weights(path, config, dtype, device)
+        return load_gguf_weights(text["reader"], text["config"], dtype, device, quantized)
+    if quantized:  # written by `qianwen quantize`
+        return load_quantized_hf_weights(text["path"], text["config"], dtype, device)
+    return load_hf_weights(text["path"], text["config"], dtype, device)
 
 
 def check_vocabulary(tokenizer, config: ModelConfig) -> None:

@@ -1,5 +1,6 @@
 """Load a GGUF file (read by `gguf_reader.GGUFFile`): hyperparameters, tokenizer and chat template from
-its metadata, tensors dequantized into the model (F32, F16, BF16, Q4_0, Q4_1, Q8_0 and what else `gguf` can dequantize)."""
+its metadata, tensors dequantized into the model (F32, F16, BF16, Q4_0, Q4_1, Q8_0 and what else `gguf` can
+dequantize) or, for the block formats quant/gguf.py repacks, kept quantized."""
 
 from __future__ import annotations
 
@@ -14,27 +15,16 @@ from tqdm import tqdm
 
 from ..config import ROPE_TYPES, ModelConfig, as_float, as_int, head_dim_of
 from ..errors import ModelLoadError
-from ..models import Transformer
-from .gguf_reader import GGUFFile
+from ..gguf_reader import GGUFFile
+from ..models import Architecture, Transformer, architecture, gguf_architecture
+from ..quant.gguf import quantized_linear_from_gguf, supports
+from ..quant.linear import Int4Linear, Int8Linear
 from .weights import check_shapes, materialize
 
-GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
-_NAMES = [
-    (r"token_embd\.weight", "model.embed_tokens.weight"),
-    (r"output_norm\.weight", "model.norm.weight"),
-    (r"output\.weight", "lm_head.weight"),
-    (r"blk\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
-    (r"blk\.(\d+)\.ffn_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
-    (r"blk\.(\d+)\.attn_(q|k|v)\.(weight|bias)", r"model.layers.\1.self_attn.\2_proj.\3"),
-    (r"blk\.(\d+)\.attn_output\.(weight|bias)", r"model.layers.\1.self_attn.o_proj.\2"),
-    (r"blk\.(\d+)\.attn_(q|k)_norm\.weight", r"model.layers.\1.self_attn.\2_norm.weight"),
-    (r"blk\.(\d+)\.ffn_(gate|up|down)\.(weight|bias)", r"model.layers.\1.mlp.\2_proj.\3"),
-]
-
-
-def hf_name(gguf_name: str) -> str | None:
-    for pat, rep in _NAMES:
+def hf_name(gguf_name: str, arch: Architecture) -> str | None:
+    """Our name for a GGUF tensor of `arch` (its `gguf_names`), or None."""
+    for pat, rep in arch.gguf_names:
         if re.fullmatch(pat, gguf_name):
             return re.sub(pat, rep, gguf_name)
     return None
@@ -48,31 +38,18 @@ def open_reader(path: Path) -> GGUFFile:
 _BIG_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
 
 
-def metadata(reader) -> dict[str, Any]:
-    """Config-level metadata of a `GGUFFile` (or a `gguf.GGUFReader`), without the vocabulary arrays."""
-    if isinstance(reader, Mapping):
-        out = {k: v for k, v in reader.items() if k not in _BIG_ARRAYS}
-        if (tokens := reader.get("tokenizer.ggml.tokens")) is not None:
-            out["_n_tokens"] = len(tokens)
-        return out
-    out: dict[str, Any] = {}
-    for key, field in reader.fields.items():
-        if key in _BIG_ARRAYS:
-            continue
-        try:
-            out[key] = field.contents()
-        except Exception:  # unreadable optional field: skip rather than fail the load
-            continue
-    if (tokens := reader.fields.get("tokenizer.ggml.tokens")) is not None:
-        out["_n_tokens"] = len(tokens.data)
+def metadata(reader: Mapping[str, Any]) -> dict[str, Any]:
+    """Config-level metadata of a `GGUFFile`, without the vocabulary arrays."""
+    out = {k: v for k, v in reader.items() if k not in _BIG_ARRAYS}
+    if (tokens := reader.get("tokenizer.ggml.tokens")) is not None:
+        out["_n_tokens"] = len(tokens)
     return out
 
 
 def config_from_metadata(meta: dict[str, Any], tensor_names: set[str]) -> ModelConfig:
     """The hyperparameters in a GGUF file's metadata, each checked for its type and range (then `ModelConfig.check`)."""
-    arch = meta.get("general.architecture")
-    if not isinstance(arch, str) or arch not in GGUF_ARCHS:
-        raise ModelLoadError(f"unsupported GGUF architecture {arch!r:.40}; supported: {', '.join(GGUF_ARCHS)}")
+    spec = gguf_architecture(meta.get("general.architecture"))
+    arch = spec.gguf_arch
 
     def get(key: str, default: Any = ...) -> Any:
         v = meta.get(f"{arch}.{key}")
@@ -114,8 +91,7 @@ def config_from_metadata(meta: dict[str, Any], tensor_names: set[str]) -> ModelC
         return None if v is None else as_int(v, f"GGUF 'tokenizer.ggml.{key}'", 0)
 
     eos = token_id("eos_token_id")
-    return ModelConfig(
-        model_type=GGUF_ARCHS[arch],
+    return spec.config(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=num("feed_forward_length"),
@@ -129,7 +105,6 @@ def config_from_metadata(meta: dict[str, Any], tensor_names: set[str]) -> ModelC
         max_position_embeddings=num("context_length", 4096),
         tie_word_embeddings="output.weight" not in tensor_names,
         attention_bias="blk.0.attn_q.bias" in tensor_names,
-        qk_norm=arch == "qwen3",
         bos_token_id=token_id("bos_token_id"),
         eos_token_id=[eos] if eos is not None else [],
         pad_token_id=token_id("padding_token_id"),
@@ -150,8 +125,14 @@ def check_tensors(reader, config: ModelConfig) -> None:
     check_shapes(config, shapes)
 
 
+def permuted(config: ModelConfig, name: str) -> bool:
+    """Whether our tensor `name` of a GGUF `config` model holds q/k rows llama.cpp permuted."""
+    return architecture(config.model_type).gguf_permute_qk and name.endswith(("q_proj.weight", "k_proj.weight"))
+
+
 def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo llama.cpp's rotary permutation of Llama q/k rows (its converter interleaves the halves)."""
+    """Undo llama.cpp's rotary permutation of q/k rows (`Architecture.gguf_permute_qk`: its Llama
+    converter interleaves the halves)."""
     dim = w.shape[0] // n_head // 2
     return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
 
@@ -167,8 +148,9 @@ def dequantize(t) -> np.ndarray:
 
 def named_tensors(reader, config: ModelConfig, progress: bool = True) -> Iterator[tuple[Any, str]]:
     """Each GGUF tensor with our parameter name, under a progress bar; a tensor with no place is an error."""
+    arch = architecture(config.model_type)
     for t in tqdm(reader.tensors, desc="Loading GGUF", unit="tensor", disable=None if progress else True, leave=False):
-        name = hf_name(t.name)
+        name = hf_name(t.name, arch)
         if name is None:
             if t.name.startswith("rope_freqs"):  # llama3 frequency factors: derived from the config
                 continue
@@ -176,18 +158,36 @@ def named_tensors(reader, config: ModelConfig, progress: bool = True) -> Iterato
         yield t, name
 
 
-def load_gguf_weights(reader, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> Transformer:
+def _is_linear_weight(name: str) -> bool:
+    return name.endswith("_proj.weight") or name in ("lm_head.weight", "model.embed_tokens.weight")
+
+
+def load_gguf_weights(reader, config: ModelConfig, dtype: torch.dtype, device: torch.device,
+                      quantized: bool = False) -> Transformer:
+    """The model of a GGUF file, its tensors dequantized to `dtype`. `quantized`: projections, lm_head and the
+    embedding in a block format quant/gguf.py repacks stay quantized (`Int4Linear`/`Int8Linear`, the embedding
+    a `QuantEmbedding`), run by the CPU kernels."""
+    if quantized and device.type != "cpu":
+        raise ModelLoadError("quantized GGUF weights run on the CPU kernels only; load with quantized=False")
     weights: dict[str, torch.Tensor] = {}
+    kept: dict[str, Int4Linear | Int8Linear] = {}
     release = getattr(reader, "release", lambda t: None)  # a GGUFFile drops copied pages
     for t, name in named_tensors(reader, config):
+        shape = [int(d) for d in reversed(t.shape)]
+        permute = permuted(config, name)
+        heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
+        if quantized and _is_linear_weight(name) and supports(t):
+            kept[name] = quantized_linear_from_gguf(t, unpermute(np.arange(shape[0]), heads) if permute else None)
+            release(t)
+            continue
         try:
             w = dequantize(t)
         except Exception as e:
             raise ModelLoadError(f"cannot read GGUF tensor '{t.name}' ({t.tensor_type.name}): {e}") from None
-        w = w.reshape([int(d) for d in reversed(t.shape)]) if w.ndim != len(t.shape) else w
-        if config.model_type == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-            w = unpermute(w, config.num_attention_heads if "q_proj" in name else config.num_key_value_heads)
+        w = w.reshape(shape) if w.ndim != len(shape) else w
+        if permute:
+            w = unpermute(w, heads)
         w = np.ascontiguousarray(w, dtype=np.float32)
         weights[name] = torch.from_numpy(w if w.flags.writeable else w.copy()).to(dtype)
         release(t)
-    return materialize(config, weights, dtype, device)
+    return materialize(config, weights, dtype, device, kept)

@@ -1,5 +1,5 @@
-"""Load a Hugging Face folder: config.json, one or sharded *.safetensors, generation_config.json,
-tokenizer files and the chat template."""
+"""Load a Hugging Face folder: config.json, one or sharded *.safetensors (float, or quantized by
+`qianwen quantize`), generation_config.json, tokenizer files and the chat template."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from tqdm import tqdm
 from ..config import ModelConfig, as_bool, as_float, as_int
 from ..errors import ModelLoadError
 from ..models import Transformer, get_model_class
+from ..quant.quantize import read_quantized_layers
 from ..tokenizer.hf_backend import pick_chat_template
 from .weights import materialize
 
@@ -116,3 +117,14 @@ def read_generation_config(folder: Path) -> dict[str, Any]:
     for i in eos if isinstance(eos, list) else [] if eos is None else [eos]:
         as_int(i, f"{path} 'eos_token_id'", 0)
     return gen
+
+
+def load_quantized_hf_weights(folder: Path, config: ModelConfig, dtype: torch.dtype,
+                              device: torch.device) -> Transformer:
+    """The model of a folder `qianwen quantize` wrote, its projections kept quantized (quant/quantize.py's format)."""
+    if device.type != "cpu":
+        raise ModelLoadError("qianwen-quantized folders run on the CPU kernels only")
+    tensors = read_safetensors(weight_files(folder), None)
+    kept = read_quantized_layers(tensors)
+    weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    return materialize(config, weights, dtype, device, kept)

@@ -12,6 +12,8 @@ from ..config import ModelConfig
 from ..errors import ModelLoadError
 from ..models import Transformer, build_model
 from ..models.rope import RotaryEmbedding
+from ..quant.install import install
+from ..quant.linear import Int4Linear, Int8Linear
 
 
 @contextmanager
@@ -67,22 +69,28 @@ def check_shapes(config: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> Non
                              f"for model_type '{config.model_type}'")
 
 
-def materialize(config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
-                device: torch.device) -> Transformer:
+def materialize(config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
+                quantized: dict[str, Int4Linear | Int8Linear] | None = None) -> Transformer:
+    """`config`'s model from `weights` (our names) and `quantized` (`NAME.weight` -> the quantized layer, quant/,
+    that holds that weight): every tensor's presence, shape (a quantized layer's logical one) and dtype checked
+    first; then the network built on the meta device, its quantized layers put in, the rest filled."""
+    quantized = quantized or {}
     if config.tie_word_embeddings:
         weights.pop("lm_head.weight", None)
-    check_shapes(config, {k: tuple(v.shape) for k, v in weights.items()})
+    shapes = {k: tuple(v.shape) for k, v in weights.items()}
+    check_shapes(config, shapes | {k: (lin.out_features, lin.in_features) for k, lin in quantized.items()})
     for name, w in weights.items():
         if not w.is_floating_point():
             raise ModelLoadError(f"tensor '{name}' holds {str(w.dtype).removeprefix('torch.')}, not floating-point "
                                  "weights")
     with torch.device("meta"), no_init():
         net = build_model(config)
+    install(net, quantized, config, dtype)
     state = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
     net.load_state_dict(state, strict=False, assign=True)
     # buffers we derive (rotary frequencies) were built on the meta device: rebuild them for real
     c = config
     net.model.rotary_emb = RotaryEmbedding(c.head_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings).to(device)
-    if config.tie_word_embeddings:
+    if config.tie_word_embeddings and "model.embed_tokens.weight" not in quantized:
         net.lm_head.weight = net.model.embed_tokens.weight
     return net.eval().requires_grad_(False)

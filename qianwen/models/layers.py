@@ -6,6 +6,8 @@ interoperate. Each architecture module configures or extends `Transformer`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -62,28 +64,31 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if q_scale is not None:  # Qwen-7B LogN scaling, [B, 1, T, 1]
+        if q_scale is not None:  # Transformer.q_scale, [B, 1, T, 1]
             q = q * q_scale.to(q.dtype)
         out = cache.attend(self.layer_idx, q, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 
 class MLP(nn.Module):
-    def __init__(self, c: ModelConfig) -> None:
+    """SwiGLU, `width` wide (default: the config's intermediate_size; an MoE expert has its own)."""
+
+    def __init__(self, c: ModelConfig, width: int | None = None) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
-        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=c.mlp_bias)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+        width = width or c.intermediate_size
+        self.gate_proj = nn.Linear(c.hidden_size, width, bias=c.mlp_bias)
+        self.up_proj = nn.Linear(c.hidden_size, width, bias=c.mlp_bias)
+        self.down_proj = nn.Linear(width, c.hidden_size, bias=c.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, c: ModelConfig, layer_idx: int) -> None:
+    def __init__(self, c: ModelConfig, layer_idx: int, mlp: nn.Module) -> None:
         super().__init__()
         self.self_attn = Attention(c, layer_idx)
-        self.mlp = MLP(c)
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
@@ -94,10 +99,10 @@ class DecoderLayer(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, c: ModelConfig) -> None:
+    def __init__(self, c: ModelConfig, mlp: Callable[[ModelConfig, int], nn.Module] = lambda c, i: MLP(c)) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(c, i) for i in range(c.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(c, i, mlp(c, i)) for i in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(c.head_dim, c.rope_theta, c.rope_scaling, c.max_position_embeddings)
 
@@ -108,17 +113,26 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.model = Decoder(config)
+        self.model = Decoder(config, self.mlp)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.fast_decode = None  # a one-token step on fused kernels, installed by qianwen.fast.optimize
         self._head_f32: tuple | None = None  # (key, float32 copy) of a bf16/fp16 lm_head weight
 
+    # What an architecture may override (the engine and the fast paths use only these, never the type):
+
+    @classmethod
+    def mlp(cls, config: ModelConfig, layer_idx: int) -> nn.Module:
+        """The feed-forward block of layer `layer_idx`: SwiGLU, unless the architecture says otherwise."""
+        return MLP(config)
+
     def rotary(self, positions: torch.Tensor, cache: Cache, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, 1, T, head_dim] for `positions`; state kept across steps goes in `cache.extra`."""
         return self.model.rotary_emb(positions, dtype)
 
     def q_scale(self, positions: torch.Tensor) -> torch.Tensor | None:
+        """A factor [B, 1, T, 1] on the queries after rotary, or None."""
         return None
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
@@ -144,13 +158,14 @@ class Transformer(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The logits [..., vocab] of final hidden states [..., hidden], in float32 whatever the model's
         dtype: the head takes float32 input and gives float32 output (fp32 accumulation, no rounding
-        to bf16, which would tie near-equal logits and flip greedy choices). Quantized heads run their
-        float32 kernels (`forward_f32`); a bf16/fp16 weight runs as a float32 copy of itself, made once.
-        With gradients on (training) the head runs as it is, under any autocast."""
+        to bf16, which would tie near-equal logits and flip greedy choices). Heads with a float32 kernel
+        (`forward_f32`: qianwen.fast's DenseLinear on the CPU, which reads a bf16 weight as it is, and the
+        quantized layers) run it; elsewhere (a GPU, fp16) a bf16/fp16 weight runs as a float32 copy of
+        itself, made once. With gradients on (training) the head runs as it is, under any autocast."""
         head = self.lm_head
         if torch.is_grad_enabled():
             return head(hidden)
-        if hasattr(head, "forward_f32"):  # qianwen.quant's Int4Linear / Int8Linear
+        if hasattr(head, "forward_f32"):  # DenseLinear, Int4Linear, Int8Linear
             return head.forward_f32(hidden.float())
         x = hidden.reshape(-1, hidden.shape[-1]).float()
         if isinstance(head, nn.Linear) and head.weight.dtype != torch.float32:

@@ -9,12 +9,58 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from ..chat.template import QWEN_DEFAULT_SYSTEM
+from ..config import ModelConfig, get_key, head_dim_of, read_bool, read_eos, read_float, read_int
 from .cache import Cache
 from .layers import Transformer
+from .registry import Architecture, register
 from .rope import base_inv_freq
+
+
+@dataclass
+class Config(ModelConfig):
+    """The original config.json, in either its v1.1 or v1.0 key names. Exported as qwen2: the same
+    math once the names are mapped (the context extensions are inference-time only)."""
+
+    model_type = "qwen"
+    HF_CLASS = "Qwen2ForCausalLM"
+    attention_bias: bool = True  # c_attn always has a bias, whatever no_bias says
+    seq_length: int | None = None  # the training context: NTK and LogN act beyond it
+    use_dynamic_ntk: bool = False
+    use_logn_attn: bool = False
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> Config:
+        hidden = read_int(d, "hidden_size", "n_embd")
+        heads = read_int(d, "num_attention_heads", "n_head")
+        seq_length = read_int(d, "seq_length", default=get_key(d, "max_position_embeddings", "n_positions",
+                                                                default=2048))
+        return cls(
+            vocab_size=read_int(d, "vocab_size", "padded_vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=read_int(d, "intermediate_size", "ffn_hidden_size", lo=2) // 2,  # w1 + w2 together
+            num_hidden_layers=read_int(d, "num_hidden_layers", "n_layer"),
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            head_dim=read_int(d, "kv_channels") if d.get("kv_channels") is not None
+            else head_dim_of(hidden, heads, "config.json"),
+            rms_norm_eps=read_float(d, "layer_norm_epsilon", 1e-6, hi=1.0),
+            rope_theta=read_float(d, "rotary_emb_base", 10000.0, lo_open=True),
+            max_position_embeddings=read_int(d, "max_position_embeddings", "n_positions", default=seq_length),
+            tie_word_embeddings=read_bool(d, "tie_word_embeddings"),
+            seq_length=seq_length,
+            use_dynamic_ntk=read_bool(d, "use_dynamic_ntk"),
+            use_logn_attn=read_bool(d, "use_logn_attn"),
+            eos_token_id=read_eos(d.get("eos_token_id", 151643)),
+        )
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        return {**super().to_hf_dict(), "model_type": "qwen2"}
 
 
 def ntk_alpha(true_seq_len: int, seq_length: int) -> float:
@@ -23,6 +69,8 @@ def ntk_alpha(true_seq_len: int, seq_length: int) -> float:
 
 
 class Model(Transformer):
+    config: Config
+
     def rotary(self, positions: torch.Tensor, cache: Cache, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
         if not c.use_dynamic_ntk or self.training:
@@ -81,3 +129,6 @@ def _rename(name: str) -> str:
         if n:
             return new
     return name
+
+
+ARCH = register(Architecture(Config, Model, default_system=QWEN_DEFAULT_SYSTEM, tool_format="react"))

@@ -83,14 +83,18 @@ def supports(tensor) -> bool:
     return tensor.tensor_type.name in SUPPORTED_TYPES and len(tensor.shape) == 2
 
 
+def _blocks(tensor, row_order: np.ndarray | None) -> np.ndarray:
+    """A reader tensor's raw blocks as uint8 [N, K / block, bytes per block], rows in `row_order`."""
+    kind = tensor.tensor_type.name
+    block, nbytes = _INT8[kind] if kind in _INT8 else _DECODERS[kind][1:]
+    k, n = (int(x) for x in tensor.shape)  # GGUF lists the contiguous (input) dimension first
+    raw = np.asarray(tensor.data).reshape(n, k // block, nbytes)
+    return raw if row_order is None else raw[row_order]
+
+
 def plane_from_gguf(tensor, row_order: np.ndarray | None = None) -> Plane:
     """Decode a 4-bit reader tensor's blocks into (q, scale, zero); `row_order` permutes output rows first."""
-    fn, block, nbytes = _DECODERS[tensor.tensor_type.name]
-    k, n = (int(x) for x in tensor.shape)  # GGUF lists the contiguous (input) dimension first
-    raw = np.asarray(tensor.data).reshape(n, (k // block) * nbytes)
-    if row_order is not None:
-        raw = raw[row_order]
-    return fn(raw.reshape(n, k // block, nbytes))
+    return _DECODERS[tensor.tensor_type.name][0](_blocks(tensor, row_order))
 
 
 def pack_q4_blocks(qs: np.ndarray) -> np.ndarray:
@@ -116,11 +120,9 @@ def quantized_linear_from_gguf(tensor, row_order: np.ndarray | None = None,
     preallocated buffers (so loading never holds more than one copy plus a chunk); Q8_0 and Q6_K blocks
     become an `Int8Linear`."""
     kind = tensor.tensor_type.name
-    block, nbytes = _INT8[kind] if kind in _INT8 else _DECODERS[kind][1:]
     k, n = (int(x) for x in tensor.shape)
-    raw = np.asarray(tensor.data).reshape(n, k // block, nbytes)
-    if row_order is not None:
-        raw = raw[row_order]
+    raw = _blocks(tensor, row_order)
+    nbytes = raw.shape[-1]
     if kind == "Q6_K":  # a chunk of rows at a time: the 6-bit unpacking widens to several temporaries
         q, scales = torch.empty(n, k, dtype=torch.int8), torch.empty(n, k // 16)
         for start in range(0, n, CHUNK_ROWS):
@@ -147,48 +149,3 @@ def quantized_linear_from_gguf(tensor, row_order: np.ndarray | None = None,
         end = start + len(part)
         packed[start:end], scales[start:end], zeros[start:end] = q, d, zero
     return Int4Linear(k, n, 32, packed, _sz(scales, zeros), bias)
-
-
-def _is_linear_weight(name: str) -> bool:
-    return name.endswith("_proj.weight") or name in ("lm_head.weight", "model.embed_tokens.weight")
-
-
-def load_gguf_quantized(reader, config, dtype: torch.dtype, device: torch.device, fast: bool = True):
-    """Like `loading.gguf.load_gguf_weights`, but projections, lm_head and the embedding in a supported
-    block format stay quantized (`Int4Linear` / `QuantEmbedding`) instead of being dequantized;
-    `fast` also applies `qianwen.fast.optimize` (fused projections)."""
-
-    from ..errors import ModelLoadError
-    from ..fast import optimize
-    from ..loading.gguf import dequantize, named_tensors, unpermute
-    from ..loading.weights import materialize
-    from .install import install, placeholder
-
-    if device.type != "cpu":
-        raise ModelLoadError("quantized GGUF weights run on the CPU kernels only; load with quantized=False")
-    weights: dict[str, torch.Tensor] = {}
-    kept: dict[str, Int4Linear] = {}
-    release = getattr(reader, "release", lambda t: None)  # a GGUFFile drops copied pages
-    for t, name in named_tensors(reader, config):
-        shape = [int(d) for d in reversed(t.shape)]
-        permute = config.model_type == "llama" and name.endswith(("q_proj.weight", "k_proj.weight"))
-        if _is_linear_weight(name) and supports(t):
-            order = None
-            if permute:
-                heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
-                order = unpermute(np.arange(shape[0]), heads)
-            kept[name] = quantized_linear_from_gguf(t, order)
-            weights[name] = placeholder(shape, dtype)
-            release(t)
-            continue
-        try:
-            w = dequantize(t)
-        except Exception as e:
-            raise ModelLoadError(f"cannot read GGUF tensor '{t.name}' ({t.tensor_type.name}): {e}") from None
-        w = w.reshape(shape) if w.ndim != len(shape) else w
-        if permute:
-            w = unpermute(w, config.num_attention_heads if "q_proj" in name else config.num_key_value_heads)
-        weights[name] = torch.from_numpy(np.array(w, dtype=np.float32)).to(dtype)  # a copy: w may be a read-only map
-        release(t)
-    net = install(materialize(config, weights, dtype, device), kept, config, dtype)
-    return optimize(net) if fast else net

@@ -1,4 +1,5 @@
-"""Put quantized layers into a model built with placeholder weights, keeping the HF module names."""
+"""Put quantized layers into a model built on the meta device (before its other weights are filled), keeping
+the HF module names."""
 
 from __future__ import annotations
 
@@ -8,13 +9,9 @@ from torch import nn
 from .linear import Int4Linear, Int8Linear, QuantEmbedding
 
 
-def placeholder(shape: list[int], dtype: torch.dtype) -> torch.Tensor:
-    """A weight of the right shape that takes no memory (a stride-0 view), replaced by `install`."""
-    return torch.zeros((), dtype=dtype).expand(shape)
-
-
 def install(net: nn.Module, kept: dict[str, Int4Linear | Int8Linear], config, dtype: torch.dtype) -> nn.Module:
-    """kept: `NAME.weight` -> quantized layer. A tied embedding shares the lm_head's quantized storage."""
+    """kept: `NAME.weight` -> quantized layer. A tied embedding shares the lm_head's quantized storage; a
+    replaced projection keeps its bias parameter (filled with the other weights next)."""
     for name, lin in kept.items():
         path = name.removesuffix(".weight")
         parent_name, _, attr = path.rpartition(".")

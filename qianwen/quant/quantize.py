@@ -1,4 +1,5 @@
-"""Weight-only quantization of a Hugging Face folder, and loading such a folder back.
+"""Weight-only quantization (the `quantize` algorithm) and its on-disk format in a Hugging Face folder.
+`qianwen/convert.py` writes such a folder, `loading/hf.py` reads it back.
 
 On disk (safetensors, HF names): each quantized projection `P` is stored as
 - bits 4: `P.qweight` uint8 [N, K/2] (low nibble = even column), `P.scales` and `P.zeros` bf16 [N, K/g],
@@ -10,9 +11,7 @@ Embeddings, norms and a tied lm_head stay in floating point.
 
 from __future__ import annotations
 
-import os
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,19 +28,18 @@ def _quantizable(name: str, tied: bool) -> bool:
     return name.endswith("_proj.weight") or (name == "lm_head.weight" and not tied)
 
 
-def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, bits: int, group_size: int | None = None) -> Path:
-    """Quantize `src` (any model qianwen loads) into the HF folder `out`; returns it."""
-    import qianwen
-
-    from ..train.checkpoint import export_hf
-
+def check_bits(bits: int, group_size: int | None) -> None:
     if bits not in (4, 8):
         raise QianwenError(f"--bits must be 4 or 8, got {bits}")
     if bits == 8 and group_size is not None:
         raise QianwenError("8-bit quantization is per output channel; --group-size applies to 4 bits only")
-    m = qianwen.load(src, dtype="float32", device="cpu", quantized=False)
-    tied = m.config.tie_word_embeddings
-    state = m.net.state_dict()
+
+
+def quantize_state(state: dict[str, torch.Tensor], bits: int, group_size: int | None = None,
+                   tied: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A float state dict (our names) in the on-disk format above: the tensors to save and the config's
+    `quantization_config`. Notes the group sizes chosen (4 bits) on stderr."""
+    check_bits(bits, group_size)
     tensors: dict[str, torch.Tensor] = {}
     chosen: dict[int, int] = {}
     for name, w in tqdm(state.items(), desc=f"Quantizing to {bits} bits", unit="tensor", disable=None):
@@ -64,43 +62,28 @@ def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, bits: int, g
     elif bits == 4 and not group_size:
         print(f"group size chosen per layer (the largest whose error stays within 1.5x of group 32's): {used}",
               file=sys.stderr)
-    cfg = m.config.to_hf_dict()
-    cfg["quantization_config"] = {"quant_method": QUANT_METHOD, "bits": bits,
-                                  "group_size": (group_size or max(chosen)) if bits == 4 else None}
-    src_dir = Path(src) if src is not None and Path(src).is_dir() else None
-    return export_hf(out, cfg, tensors, m.tokenizer, dtype=torch.bfloat16, generation_config=m.generation_config,
-                     copy_from=src_dir)
+    return tensors, {"quant_method": QUANT_METHOD, "bits": bits,
+                     "group_size": (group_size or max(chosen)) if bits == 4 else None}
 
 
 def is_quantized_config(raw: dict[str, Any]) -> bool:
     return (raw.get("quantization_config") or {}).get("quant_method") == QUANT_METHOD
 
 
-def load_quantized_hf(folder: Path, config, dtype: torch.dtype, device: torch.device, fast: bool = True):
-    """Build the model of a folder written by `quantize_folder` with its projections kept quantized."""
-    from ..fast import optimize
-    from ..loading.hf import read_safetensors, weight_files
-    from ..loading.weights import materialize
-    from .install import install, placeholder
-
-    if device.type != "cpu":
-        raise ModelLoadError("qianwen-quantized folders run on the CPU kernels only")
-    raw = read_safetensors(weight_files(folder), None)
-    if not any(k.endswith(".qweight") for k in raw):
+def read_quantized_layers(tensors: dict[str, torch.Tensor]) -> dict[str, Int4Linear | Int8Linear]:
+    """`P.weight` -> the quantized layer for each projection stored as `P.qweight` (with its scales and zeros)
+    in `tensors`, which loses those entries."""
+    if not any(k.endswith(".qweight") for k in tensors):
         raise ModelLoadError("config.json has a qianwen quantization_config but no tensor is quantized (.qweight)")
-    weights, kept = {}, {}
-    for name in [k for k in raw if k.endswith(".qweight")]:
+    kept: dict[str, Int4Linear | Int8Linear] = {}
+    for name in [k for k in tensors if k.endswith(".qweight")]:
         mod = name.removesuffix(".qweight")
-        q, scales = raw.pop(name), raw.pop(mod + ".scales")
+        q, scales = tensors.pop(name), tensors.pop(mod + ".scales")
         if q.dtype == torch.int8:
-            lin: Int4Linear | Int8Linear = Int8Linear(q, scales)
-        else:
-            zeros = raw.pop(mod + ".zeros")
-            n, k = q.shape[0], q.shape[1] * 2
-            full = torch.stack([q & 15, q >> 4], -1).view(n, k)
-            lin = Int4Linear.from_q(full, scales.float(), zeros.float(), k // scales.shape[1])
-        kept[mod + ".weight"] = lin
-        weights[mod + ".weight"] = placeholder([lin.out_features, lin.in_features], dtype)
-    weights.update({k: v.to(dtype) if v.is_floating_point() else v for k, v in raw.items()})
-    net = install(materialize(config, weights, dtype, device), kept, config, dtype)
-    return optimize(net) if fast else net
+            kept[mod + ".weight"] = Int8Linear(q, scales)
+            continue
+        zeros = tensors.pop(mod + ".zeros")
+        n, k = q.shape[0], q.shape[1] * 2
+        full = torch.stack([q & 15, q >> 4], -1).view(n, k)
+        kept[mod + ".weight"] = Int4Linear.from_q(full, scales.float(), zeros.float(), k // scales.shape[1])
+    return kept

@@ -48,5 +48,5 @@ def weight_summary(net: nn.Module) -> WeightSummary:
 
 
 def _real(t: torch.Tensor) -> bool:
-    """False for a placeholder (a stride-0 view that takes no memory, see install.py)."""
+    """False for a stride-0 view (takes no memory)."""
     return t.numel() <= 1 or any(t.stride())

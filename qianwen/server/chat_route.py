@@ -9,6 +9,7 @@ from typing import Any
 from ..chat import reasoning as R
 from ..chat import tools as T
 from ..chat.template import encode_rendered
+from ..models import architecture
 from .schemas import ChatCompletionRequest
 from .serving import APIError, Serving, new_id, sse, usage
 from .structured import processor_factory, request_grammar
@@ -45,7 +46,8 @@ class ChatPrompt:
         if choice == "required" and not tools:
             raise APIError(400, "tool_choice 'required' needs tools", param="tool_choice")
         self.use_tools = bool(tools) and choice != "none"
-        self.fmt = T.tool_format(model.config.model_type, None if template.builtin else template.source)
+        self.arch = architecture(model.config.model_type)
+        self.fmt = T.tool_format(self.arch.tool_format, None if template.builtin else template.source)
         history_has_tools = any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
         if not (self.use_tools or history_has_tools):
             self.fmt = "plain"
@@ -76,8 +78,7 @@ class ChatPrompt:
                 raise APIError(400, f"the chat template rejected these messages: {e}", param="messages") from None
         if self.fmt == "react":
             return T.render_react(messages, tools, model.chat_template.default_system or T.DEFAULT_SYSTEM)
-        qwen = model.config.model_type in ("qwen2", "qwen3")
-        return T.render_hermes(messages, tools, T.QWEN25_SYSTEM if qwen else T.DEFAULT_SYSTEM)
+        return T.render_hermes(messages, tools, self.arch.tool_system or T.DEFAULT_SYSTEM)
 
     def parser(self) -> T.HermesStreamParser | T.ReactStreamParser | None:
         if not self.use_tools:

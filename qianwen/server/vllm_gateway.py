@@ -39,6 +39,7 @@ from ..chat.template import ChatTemplate
 from ..config import ModelConfig
 from ..errors import QianwenError
 from ..generation import defaults_from_generation_config
+from ..models import architecture
 from .app import ERRORS, _version, protect, web_routes
 from .chat_route import ChatPrompt
 from .metrics import Metrics
@@ -98,11 +99,12 @@ def vllm_command(python: str, model: Path, served_name: str, model_type: str, te
                         ("--gpu-memory-utilization", options.gpu_memory_utilization)):
         if value is not None:
             cmd += [flag, str(value)]
-    if T.tool_format(model_type, None if template.builtin else template.source) == "template":
+    arch = architecture(model_type)
+    if T.tool_format(arch.tool_format, None if template.builtin else template.source) == "template":
         # Qwen2.5, Qwen3; tool_choice "none" leaves the tools out of the prompt, as our engine does
         cmd += ["--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--exclude-tools-when-tool-choice-none"]
-    if model_type in ("qwen3", "qwen3_moe"):
-        cmd += ["--reasoning-parser", "qwen3"]
+    if arch.reasoning_parser:
+        cmd += ["--reasoning-parser", arch.reasoning_parser]
     return cmd + list(options.extra_args)
 
 

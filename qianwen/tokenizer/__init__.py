@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from ..errors import QianwenError
 from .base import Tokenizer
@@ -14,11 +16,11 @@ from .tiktoken_backend import TiktokenTokenizer
 __all__ = ["Tokenizer", "HFTokenizer", "TiktokenTokenizer", "StreamDecoder", "load_tokenizer", "tokenizer_from_gguf"]
 
 
-def tokenizer_from_gguf(source) -> HFTokenizer:  # noqa: ANN001 (a gguf.GGUFReader or a dict)
-    """The tokenizer described by a GGUF file's metadata (see gguf_vocab.py)."""
+def tokenizer_from_gguf(metadata: Mapping[str, Any]) -> HFTokenizer:
+    """The tokenizer described by a GGUF file's metadata (a `gguf_reader.GGUFFile` or a dict; see gguf_vocab.py)."""
     from .gguf_vocab import tokenizer_from_gguf as build
 
-    return build(source)
+    return build(metadata)
 
 
 def load_tokenizer(folder: str | os.PathLike) -> Tokenizer:
@@ -33,13 +35,9 @@ def load_tokenizer(folder: str | os.PathLike) -> Tokenizer:
         if p.suffix == ".json":
             return HFTokenizer.from_file(p, p.with_name("tokenizer_config.json"))
         if p.suffix == ".gguf":
-            import gguf
+            from ..gguf_reader import GGUFFile
 
-            try:
-                reader = gguf.GGUFReader(p)
-            except Exception as e:  # gguf raises ValueError/struct errors on a bad header
-                raise QianwenError(f"{p} is not a readable GGUF file ({e})") from None
-            return tokenizer_from_gguf(reader)
+            return tokenizer_from_gguf(GGUFFile(p))
         raise QianwenError(f"{p} is not a tokenizer file (expected tokenizer.json, a .tiktoken or a .gguf file)")
     if not p.is_dir():
         raise QianwenError(f"no tokenizer at {p}: no such folder")

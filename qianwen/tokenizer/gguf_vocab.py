@@ -45,36 +45,14 @@ PRE_TOKENIZER_SPLITS = {
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
 
 
-def _field_value(field: Any) -> Any:
-    """The value of a `gguf.ReaderField` (a string, a number, or a list of them)."""
-    from gguf import GGUFValueType
-
-    parts, idx, types = field.parts, field.data, field.types
-    if types[0] == GGUFValueType.ARRAY:
-        if types[-1] == GGUFValueType.STRING:
-            return [bytes(parts[i]).decode("utf-8") for i in idx]
-        return [parts[i].tolist()[0] for i in idx]
-    if types[0] == GGUFValueType.STRING:
-        return bytes(parts[idx[0]]).decode("utf-8")
-    return parts[idx[0]].tolist()[0]
+def tokenizer_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """The `tokenizer.*` entries of a GGUF file's metadata (a `gguf_reader.GGUFFile` or a dict)."""
+    return {k: v for k, v in metadata.items() if k.startswith("tokenizer.")}
 
 
-def tokenizer_metadata(source: Any) -> dict[str, Any]:
-    """The `tokenizer.*` entries of a `gguf.GGUFReader`, or of a dict of metadata already read."""
-    if isinstance(source, Mapping):
-        return {k: v for k, v in source.items() if k.startswith("tokenizer.")}
-    fields = getattr(source, "fields", None)
-    if fields is None:
-        raise TypeError("expected a gguf.GGUFReader or a dict of GGUF metadata")
-    try:
-        return {k: _field_value(f) for k, f in fields.items() if k.startswith("tokenizer.")}
-    except UnicodeDecodeError:
-        raise QianwenError("GGUF tokenizer metadata holds a string that is not UTF-8: the file is corrupt") from None
-
-
-def tokenizer_from_gguf(source: Any) -> HFTokenizer:
+def tokenizer_from_gguf(metadata: Mapping[str, Any]) -> HFTokenizer:
     """Build the tokenizer a GGUF file describes (byte-level BPE only)."""
-    meta = tokenizer_metadata(source)
+    meta = tokenizer_metadata(metadata)
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
         raise QianwenError(f"GGUF tokenizer type {kind!r:.40} is not supported (only byte-level BPE, 'gpt2')")

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import QianwenError
-from .checkpoint import swap_in
+from ..loading.export import swap_in
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PREFIX = "base_model.model."

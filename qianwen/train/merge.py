@@ -9,12 +9,12 @@ import torch
 
 
 def merge(base: str, adapter: str | os.PathLike, out: str | os.PathLike, dtype: str = "float32") -> Path:
-    from .. import load
-    from .checkpoint import export_hf
+    from ..api import load
+    from ..loading.export import export_hf
     from .lora import merged_state
     from .sft import base_config
 
-    model = load(base, dtype="float32", device="cpu")
+    model = load(base, dtype="float32", device="cpu", fast=False)
     state = {k: v for k, v in model.net.state_dict().items() if not k.endswith("rotary_emb.inv_freq")}
     merged = merged_state(state, adapter)
     return export_hf(out, base_config(model), merged, model.tokenizer, getattr(torch, dtype),

@@ -68,11 +68,10 @@ def init_weights(net: nn.Module, std: float = 0.02) -> None:
 
 
 def build_net(config: dict[str, Any], seed: int) -> nn.Module:
-    from ..config import ModelConfig
-    from ..models import build_model
+    from ..models import build_model, read_config
 
     torch.manual_seed(seed)
-    net = build_model(ModelConfig.from_dict(config))
+    net = build_model(read_config(config))
     init_weights(net, float(config.get("initializer_range", 0.02)))
     return net
 
@@ -87,8 +86,8 @@ def split_specs(data: str, val_data: str | None) -> tuple[str, str | None]:
 
 
 def run_pretrain(args: Any) -> int:
+    from ..loading.export import export_hf
     from . import distributed as ddist
-    from .checkpoint import export_hf
     from .loop import TrainConfig, train
     from .prepare import document_separator, load_any_tokenizer
     from .presets import count_parameters, preset_config

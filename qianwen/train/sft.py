@@ -266,24 +266,24 @@ def base_config(model) -> dict[str, Any]:
     path = Path(getattr(model, "path", "") or "")
     if path.is_dir() and (path / "config.json").is_file():
         cfg = json.loads((path / "config.json").read_text())
-        if cfg.get("model_type") in ("qwen2", "qwen3", "llama"):
-            return cfg
+        ours = model.config.to_hf_dict()
+        return cfg if cfg.get("model_type") == ours["model_type"] else ours  # Qwen-7B's is remote code
     return model.config.to_hf_dict()
 
 
 def run_sft(args: Any) -> int:
     import torch
 
-    from .. import load
+    from ..api import load
+    from ..loading.export import export_hf
     from . import distributed as ddist
-    from .checkpoint import export_hf
     from .loop import TrainConfig, train
     from .lora import adapter_tensors, apply_lora, lora_config, save_adapter
     from .pretrain import _train_dtype
 
     d = ddist.init(args.device)
     try:
-        model = load(args.model, dtype="float32", device="cpu")
+        model = load(args.model, dtype="float32", device="cpu", fast=False)
         tok, template = model.tokenizer, model.chat_template
         config = base_config(model)
         if args.seq_len > model.context_length:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ModelLoadError
+from .errors import ModelLoadError
 
 _SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
 _STRING, _ARRAY = 8, 9

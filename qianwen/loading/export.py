@@ -1,5 +1,6 @@
-"""Export a trained model as a Hugging Face folder: config.json, model.safetensors, tokenizer files,
-generation_config.json. `qianwen chat -m FOLDER` and transformers' Qwen2ForCausalLM both load it.
+"""Write a model as a Hugging Face folder: config.json, model.safetensors, tokenizer files,
+generation_config.json. `qianwen convert`, `qianwen quantize` and training export through it;
+`qianwen chat -m FOLDER` and transformers' Qwen2ForCausalLM both load the result.
 
 The folder is written under a temporary name and swapped in with renames, so a reader never sees a
 half-written export (at worst, for an instant, no folder).
