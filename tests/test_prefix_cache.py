@@ -135,3 +135,15 @@ def test_metrics_endpoint(tiny_qwen2_dir):
     assert values["qianwen_prefix_cache_hit_tokens"] > 0
     assert values["qianwen_prefix_cache_queried_tokens"] > values["qianwen_prefix_cache_hit_tokens"]
     assert 0 < values["qianwen_prefix_cache_hit_rate"] < 1
+
+
+def test_int8_cache_blocks_keep_their_scales(tiny_qwen2_dir):
+    model = qianwen.load(str(tiny_qwen2_dir), dtype="float32")
+    off = LLM(model, EngineConfig(prefix_caching=False, kv_cache_dtype="int8"))
+    ref = [off.generate([greedy(p)])[0] for p in PROMPTS[:4]]
+    on = LLM(model, EngineConfig(kv_cache_dtype="int8"))
+    got = [on.generate([greedy(p)])[0] for p in PROMPTS[:4]]
+    assert on.engine.prefix_cache_stats()["hit_tokens"] > 0
+    for a, b in zip(ref, got, strict=True):
+        assert a.token_ids == b.token_ids
+        assert a.top_logprobs == b.top_logprobs
