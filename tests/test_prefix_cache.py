@@ -147,3 +147,14 @@ def test_int8_cache_blocks_keep_their_scales(tiny_qwen2_dir):
     for a, b in zip(ref, got, strict=True):
         assert a.token_ids == b.token_ids
         assert a.top_logprobs == b.top_logprobs
+
+
+def test_a_prompt_admitted_after_its_twin_reuses_its_blocks(tiny_qwen2_dir):
+    """Two prompts sharing a prefix, the first leaving too little of a step's prefill budget for a block of
+    the second: the second waits a step, then starts from the first's cached blocks."""
+    model = qianwen.load(str(tiny_qwen2_dir), dtype="float32")
+    llm = LLM(model, EngineConfig(max_prefill_tokens=4 * PREFILL_BLOCK))
+    a, b = llm.encode(PROMPTS[1])[0], llm.encode(PROMPTS[5])[0]
+    assert 3 * PREFILL_BLOCK < len(a) < 4 * PREFILL_BLOCK - 8 and a[:2 * PREFILL_BLOCK] == b[:2 * PREFILL_BLOCK]
+    llm.generate([greedy(a, 2), greedy(b, 2)])
+    assert llm.engine.prefix_cache_stats()["hit_tokens"] >= 2 * PREFILL_BLOCK

@@ -87,6 +87,8 @@ class Scheduler:
                 continue
             if out.preempted and seq in out.preempted:
                 break  # just preempted for room: retry next step
+            if out.prefill and budget < min(seq.num_tokens, self.config.prefill_block):
+                break  # none of it would run now: admit it next step, when this step's blocks are cached
             kv = self.cache.allocate(seq.num_tokens + 1)
             if kv is None:
                 break
