@@ -1,4 +1,4 @@
-"""Batched decode benchmark: the fused decode step (qianwen/fast/decode.py on qianwen/fast/kernels.c)
+"""Batched decode benchmark: the fused decode step (qianwen/fast/decode.py on qianwen/native/kernels.c)
 over B sequences at once, and the quantized matmul kernels (q4_gemm, q8_gemm) it spends its time in.
 
     .venv/bin/python benchmarks/batched.py [--model FILE.gguf] [--batches 1,4,16,64] [--threads 2]

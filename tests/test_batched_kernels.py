@@ -1,4 +1,4 @@
-"""q4_gemm and q8_gemm (qianwen/fast/kernels.c) over many rows of x at once, as the engine's batched
+"""q4_gemm and q8_gemm (qianwen/native/kernels.c) over many rows of x at once, as the engine's batched
 decode step calls them: against a float32 matmul on the dequantized weight, and bit for bit the same for
 a row whatever the number of rows and wherever the row falls. Each check runs on every body the C file
 has: the one this CPU builds (-march=native: AVX-512 VNNI here), AVX-512 without VNNI, and the plain C
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qianwen.fast import native
+from qianwen import native
 from qianwen.quant.linear import Int4Linear, Int8Linear
 
 ROWS = [1, 2, 3, 4, 5, 8, 15, 16, 17, 33, 64]

@@ -1,4 +1,4 @@
-"""The C decode kernels (qianwen/fast/kernels.c) against the torch path they replace: the int4 matmul
+"""The C decode kernels (qianwen/native/kernels.c) against the torch path they replace: the int4 matmul
 against the dequantized weight, and the whole fused decode step against the model's own forward, for
 each architecture, both cache kinds, padding rows, and Qwen-7B's NTK/LogN."""
 
@@ -14,10 +14,11 @@ import pytest
 import torch
 
 import qianwen
+from qianwen import native
 from qianwen.convert import quantize_folder
 from qianwen.engine import LLM
 from qianwen.engine.cache_manager import BatchCache, CacheManager
-from qianwen.fast import StaticKVCache, native, optimize
+from qianwen.fast import StaticKVCache, optimize
 from qianwen.fast.dense import DenseLinear
 from qianwen.loading.hf import load_hf_weights
 from qianwen.quant.linear import Int4Linear, Int8Linear
@@ -29,7 +30,7 @@ from .test_engine import PROMPTS, greedy
 def test_kernels_build_and_share_torchs_thread_pool():
     assert native.lib() is not None, native.failure  # the suite needs a C compiler (dev.sh installs one)
     # in a fresh process (other packages vendor their own renamed libgomp): one OpenMP runtime, torch's
-    code = ("import torch, qianwen.fast.native as n; assert n.lib() is not None\n"
+    code = ("import torch, qianwen.native as n; assert n.lib() is not None\n"
             "print(sorted({l.split()[-1] for l in open('/proc/self/maps') if 'libgomp' in l}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     gomp = eval(out)

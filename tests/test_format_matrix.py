@@ -199,7 +199,7 @@ def test_quantize_then_generate_in_the_default_dtype(files, tmp_path):
 def test_quantized_heads_give_float32(kind, native, monkeypatch):
     """`forward_f32` (a quantized lm_head): float32 out for a few rows (C kernel, or torch's kernels without
     it) and for many (dequantized blocks), bias included once, equal to the float32 matmul."""
-    from qianwen.fast import native as native_mod
+    from qianwen import native as native_mod
     from qianwen.quant.linear import PREFILL_TOKENS, Int4Linear, Int8Linear
 
     if not native:

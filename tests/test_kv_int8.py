@@ -11,10 +11,11 @@ import pytest
 import torch
 
 import qianwen
+from qianwen import native
 from qianwen.engine import LLM, EngineConfig
 from qianwen.engine.cache_manager import CacheManager
 from qianwen.errors import QianwenError
-from qianwen.fast import StaticKVCache, native
+from qianwen.fast import StaticKVCache
 from qianwen.fast.cache import dequantize_kv, quantize_kv
 from qianwen.models.cache import causal_attention
 from qianwen.server import create_app

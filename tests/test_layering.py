@@ -2,7 +2,7 @@
 
 Every `import` and `from ... import` of every module under qianwen/ counts, at module level or inside a
 function, relative or absolute. A module belongs to the longest layer entry its dotted name starts with
-(`fast.native` before `fast`); `qianwen` is the package's own `__init__`."""
+(`chat.template` before `chat`); `qianwen` is the package's own `__init__`."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Threads on a shared machine: $QIANWEN_THREADS takes effect at load (torch and the kernels' OpenMP
-pool), the kernels' thread count follows the cores other processes leave free (qianwen.fast.native's
+pool), the kernels' thread count follows the cores other processes leave free (qianwen.native's
 CoreWatch), and results are bit for bit the same whatever the thread count."""
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import pytest
 import torch
 
 import qianwen
+from qianwen import native
 from qianwen.convert import quantize_folder
 from qianwen.errors import QianwenError
-from qianwen.fast import StaticKVCache, native
+from qianwen.fast import StaticKVCache
 
 from .conftest import save_tiny
 
@@ -26,7 +27,7 @@ CPUS = sorted(os.sched_getaffinity(0))
 def test_qianwen_threads_sets_torch_and_the_kernel_pool_at_load(tiny_qwen2_dir, n):
     """In a fresh process (libgomp reads its settings once): the parallel regions the kernels open really
     get n threads, in the loading thread and in a thread started later (the server's engine thread)."""
-    code = (f"import threading, torch, qianwen\nfrom qianwen.fast import native\n"
+    code = (f"import threading, torch, qianwen\nfrom qianwen import native\n"
             f"qianwen.load({str(tiny_qwen2_dir)!r}, dtype='float32')\n"
             "seen = [torch.get_num_threads(), native.lib().team_size()]\n"
             "def later():\n    native.kernel_threads()\n    seen.append(native.lib().team_size())\n"

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import native
 from ..quant.linear import NativeLinear
-from . import native
 
 KV_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # kernels.c's cache element types
 

@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import native
 from ..models.cache import Cache
 from ..models.layers import MLP, Attention, RMSNorm
 from ..models.rope import apply_rotary
 from ..quant.linear import fuse_linears
-from . import native
 from .decode import NativeDecoder
 from .dense import DenseLinear
 

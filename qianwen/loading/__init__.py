@@ -18,8 +18,8 @@ from ..chat.template import ChatTemplate
 from ..config import ModelConfig
 from ..errors import ModelLoadError, QianwenError
 from ..fast import optimize
-from ..fast.native import set_threads
 from ..models import Transformer, architecture, read_config
+from ..native import set_threads
 from ..quant.quantize import is_quantized_config
 from ..tokenizer import Tokenizer
 from .gguf import load_gguf_weights

@@ -26,7 +26,7 @@ from .int4 import BLOCK_N, dequantize_packed_t, pack_int4, pad_rows, quantize_in
 
 # Tokens per sequence from which a call dequantizes the weight for a bf16 matmul instead of running
 # the weight-only kernel. Measured crossover on the 2-core dev machine (SmolLM2 layers): about 80 rows
-# with our C kernels (qianwen/fast/kernels.c), 48-64 with torch's int4 kernel.
+# with our C kernels (qianwen/native/kernels.c), 48-64 with torch's int4 kernel.
 PREFILL_TOKENS = 80
 HEAD_BLOCK = 4096  # output rows dequantized at a time for a float32 head over many rows
 
@@ -48,7 +48,7 @@ def _sz(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
 
 
 class NativeLinear(nn.Module):
-    """What the int4 and int8 layers share: their C kernel (qianwen/fast/kernels.c), named by `KERNEL`
+    """What the int4 and int8 layers share: their C kernel (qianwen/native/kernels.c), named by `KERNEL`
     and fed by `kernel_args()` (the weight's arguments after x, M, K)."""
 
     KERNEL = ""
@@ -70,7 +70,7 @@ class NativeLinear(nn.Module):
         """out (+)= self(x) for fp32 x [M, K] and out [M, N] (rows may be apart, e.g. a column slice of
         a wider buffer) on the CPU, through the C kernel; False when the kernels are not built."""
         # here, not at the top: qianwen.fast imports this module
-        from ..fast.native import kernel_threads, lib
+        from ..native import kernel_threads, lib
 
         so = lib()
         if so is None or x.device.type != "cpu":
