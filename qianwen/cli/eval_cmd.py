@@ -5,17 +5,17 @@ from __future__ import annotations
 import argparse
 import os
 
-TASKS = ("mmlu", "cmmlu", "ceval", "gsm8k", "humaneval", "perplexity")
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from ..eval.registry import tasks  # light: the task modules import torch only when they run
+
     p = subparsers.add_parser(
         "eval", help="evaluate a model on a benchmark",
         description="Evaluate a model on a standard benchmark. Task data is fetched on first use "
                     "(MMLU, GSM8K, HumanEval) or read from --data (CMMLU, C-Eval, perplexity, or any task "
                     "in its standard format).")
     p.add_argument("--model", "-m", default=None, help="a folder, a .gguf file or a name (default model if omitted)")
-    p.add_argument("--task", "-t", required=True, choices=TASKS)
+    p.add_argument("--task", "-t", required=True, choices=list(tasks()))
     p.add_argument("--data", default=None, help="local data: a file or folder in the task's standard format")
     p.add_argument("--limit", type=int, default=None,
                    help="multiple choice: a fixed seeded sample of N questions per subject; otherwise the first N")

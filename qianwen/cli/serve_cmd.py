@@ -28,7 +28,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--kv-cache-dtype", choices=["auto", "bfloat16", "float32", "int8"], default="auto",
                    help="KV cache elements: auto (the model's dtype), bfloat16, float32, or int8 (about half "
                         "of bf16's bytes per token, so twice the tokens in --kv-cache-mb; docs/server.md)")
-    g.add_argument("--max-prefill-tokens", type=int, default=2048, help="prompt tokens prefilled per step")
+    g.add_argument("--max-prefill-tokens", type=int, default=512,
+                   help="prompt tokens prefilled per step; longer prompts run in chunks between decode steps "
+                        "(default 512)")
+    g.add_argument("--no-prefix-cache", action="store_true",
+                   help="do not reuse the KV cache of prompt prefixes earlier requests computed")
     g.add_argument("--no-batch-invariance", action="store_true",
                    help="let batch size change kernel paths (slightly faster; greedy output may depend on load)")
     g = p.add_argument_group("limits")
@@ -97,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     config = server_config(args, name)
     engine_config = EngineConfig(max_num_seqs=args.max_num_seqs, max_prefill_tokens=args.max_prefill_tokens,
                                  kv_cache_mb=args.kv_cache_mb, kv_cache_dtype=args.kv_cache_dtype,
-                                 batch_invariant=not args.no_batch_invariance)
+                                 batch_invariant=not args.no_batch_invariance, prefix_caching=not args.no_prefix_cache)
     app = create_app(model, engine_config, config)
     cache = app.state.engine.engine.cache
     print(f"serving {name} ({model.dtype}, KV cache {cache.max_tokens} tokens of {cache.dtype}) on http://{args.host}:{args.port}"

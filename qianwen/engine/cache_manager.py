@@ -3,7 +3,9 @@
 Each sequence owns a buffer [layers, 2, kv_heads, capacity, head_dim] that grows in whole blocks, so
 its attention always reads a contiguous prefix of its own buffer: the same shapes and the same kernel
 calls whether it runs alone or beside others (batch invariance). The budget counts allocated capacity;
-when it is spent the scheduler queues or preempts sequences.
+when it is spent the scheduler queues or preempts sequences. Finished prompts leave copies of their full
+blocks behind for later prompts that start the same way (prefix_cache.py), in the same budget.
+
 
 An int8 cache (`--kv-cache-dtype int8`) keeps beside the buffer one fp32 scale per vector, scales
 [layers, 2, kv_heads, capacity] (fast/cache.py `quantize_kv`, kernels.c `kv_quantize`).
@@ -17,6 +19,7 @@ import torch
 
 from ..fast.cache import KVRow, dequantize_kv, quantize_kv
 from ..models.cache import causal_attention
+from .prefix_cache import PrefixCache
 
 
 class SeqKV:
@@ -31,14 +34,27 @@ class SeqKV:
         return self.buf.shape[3]
 
 
+def _copy(dst: SeqKV, at: int, src: SeqKV, start: int, n: int) -> None:
+    """dst's tokens at..at+n = src's start..start+n (with their int8 scales)."""
+    dst.buf[:, :, :, at:at + n] = src.buf[:, :, :, start:start + n]
+    if dst.scales is not None:
+        dst.scales[:, :, :, at:at + n] = src.scales[:, :, :, start:start + n]
+
+
 class CacheManager:
+    """The token budget, shared by live sequences' buffers (`used`) and cached prefix blocks
+    (`prefix.num_tokens`, prefix_cache.py); cached blocks are evicted, least recently used first, whenever
+    a live sequence needs their room."""
+
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device, max_tokens: int, block_size: int = 256) -> None:
+                 device: torch.device, max_tokens: int, block_size: int = 256,
+                 prefix_block_size: int | None = 16) -> None:
         self.shape = (num_layers, 2, num_kv_heads, head_dim)
         self.dtype, self.device = dtype, device
         self.block_size = block_size
         self.max_tokens = max(block_size, max_tokens // block_size * block_size)
-        self.used = 0
+        self.used = 0  # capacity of live sequences' buffers
+        self.prefix = PrefixCache(prefix_block_size) if prefix_block_size else None
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -58,15 +74,26 @@ class CacheManager:
         return -(-n // self.block_size) * self.block_size
 
     @property
+    def cached_tokens(self) -> int:
+        return self.prefix.num_tokens if self.prefix is not None else 0
+
+    @property
     def free_tokens(self) -> int:
-        return self.max_tokens - self.used
+        return self.max_tokens - self.used - self.cached_tokens
+
+    def _make_room(self, n_tokens: int) -> bool:
+        """Evict cached prefix blocks until n_tokens are free; False when even that is not enough."""
+        while n_tokens > self.free_tokens:
+            if self.prefix is None or not self.prefix.evict():
+                return False
+        return True
 
     def can_allocate(self, n_tokens: int) -> bool:
-        return self._round(n_tokens) <= self.free_tokens
+        return self._round(n_tokens) <= self.max_tokens - self.used
 
     def allocate(self, n_tokens: int) -> SeqKV | None:
         cap = self._round(n_tokens)
-        if cap > self.free_tokens:
+        if not self._make_room(cap):
             return None
         self.used += cap
         return self._empty(cap)
@@ -76,12 +103,10 @@ class CacheManager:
         if n_tokens <= kv.capacity:
             return True
         cap = self._round(n_tokens)
-        if cap - kv.capacity > self.free_tokens:
+        if not self._make_room(cap - kv.capacity):
             return False
         new = self._empty(cap)
-        new.buf[:, :, :, :keep] = kv.buf[:, :, :, :keep]
-        if new.scales is not None:
-            new.scales[:, :, :, :keep] = kv.scales[:, :, :, :keep]
+        _copy(new, 0, kv, 0, keep)
         self.used += cap - kv.capacity
         kv.buf, kv.scales = new.buf, new.scales
         return True
@@ -90,6 +115,42 @@ class CacheManager:
         if kv is not None and kv.buf.numel():
             self.used -= kv.capacity
             kv.buf, kv.scales = kv.buf.new_empty(0), None
+
+    # ------------------------------------------------------------------ prefix caching
+
+    def reuse(self, ids: list[int], kv: SeqKV) -> int:
+        """Copy the longest cached prefix of `ids` (never all of it: the last token is computed for its
+        logits) into `kv`; returns how many tokens it holds now."""
+        if self.prefix is None:
+            return 0
+        blocks = self.prefix.match(ids, len(ids) - 1)
+        b = self.prefix.block_size
+        for i, block in enumerate(blocks):
+            _copy(kv, i * b, block, 0, b)
+        self.prefix.count(len(ids), len(blocks) * b)
+        return len(blocks) * b
+
+    def remember(self, ids: list[int], kv: SeqKV, n_tokens: int) -> None:
+        """Keep copies of the full blocks among the first n_tokens of `ids` that `kv` holds (computed by a
+        prefill), evicting older blocks for room but never live sequences."""
+        if self.prefix is None:
+            return
+        b, chain = self.prefix.block_size, self.prefix.chain(ids, n_tokens)
+        keys = [key for key, _, _ in chain]
+        self.prefix.touch(keys)  # the blocks already cached are not the ones to make room
+        for i, (key, parent, tokens) in enumerate(chain):
+            if key in self.prefix.blocks:
+                continue
+            if not self._make_room(b):
+                break
+            block = self._empty(b)
+            _copy(block, 0, kv, i * b, b)
+            self.prefix.add(key, parent, tokens, block)
+        self.prefix.touch(keys)
+
+    def clear_prefix_cache(self) -> None:
+        while self.prefix is not None and self.prefix.evict():
+            pass
 
 
 class BatchCache:

@@ -27,14 +27,20 @@ from .sequence import Sequence, Status, StepOutput
 if TYPE_CHECKING:
     from ..api import Model  # the loaded model (type only: no upward import at run time)
 
+# Tokens per prefill forward (at multiples of it) and per cached prefix block (model_runner.py: this
+# alignment makes results independent of chunking and caching). Pieces of this size also run the
+# quantized layers on their row-by-row kernels (quant/linear.py PREFILL_TOKENS), faster there on CPUs.
+PREFILL_BLOCK = 64
+
 
 @dataclass
 class EngineConfig:
     max_num_seqs: int = 16
-    max_prefill_tokens: int = 2048
-    kv_cache_mb: float = 2048.0  # KV cache budget
+    max_prefill_tokens: int = 512  # prompt tokens prefilled per step; longer prompts run in chunks
+    kv_cache_mb: float = 2048.0  # KV cache budget (live sequences and cached prefix blocks)
     kv_cache_dtype: str = "auto"  # auto (the model's dtype), bfloat16, float32 or int8 (fast/cache.py)
     batch_invariant: bool = True
+    prefix_caching: bool = True  # reuse the K/V of prompt prefixes earlier prefills computed
 
 
 class LLMEngine:
@@ -45,10 +51,18 @@ class LLMEngine:
         n_kv, head_dim = c.num_key_value_heads, c.head_dim
         kv_dtype = kv_cache_dtype(config.kv_cache_dtype, model.dtype)
         per_token = CacheManager.bytes_per_token(c.num_hidden_layers, n_kv, head_dim, kv_dtype)
+        if config.max_prefill_tokens < 1:
+            raise QianwenError("max_prefill_tokens must be at least 1")
+        # Qwen-7B's dynamic NTK picks its rotary base from the whole prompt's length at its first forward:
+        # such a prompt is prefilled in one piece and never starts from a cached prefix
+        whole = bool(getattr(c, "use_dynamic_ntk", False))
+        block = 1 << 62 if whole else PREFILL_BLOCK
         self.cache = CacheManager(c.num_hidden_layers, n_kv, head_dim, kv_dtype, model.device,
-                                  int(config.kv_cache_mb * 2**20) // per_token)
-        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_prefill_tokens), self.cache)
-        self.runner = ModelRunner(model.net, model.device, model.dtype, config.batch_invariant)
+                                  int(config.kv_cache_mb * 2**20) // per_token,
+                                  prefix_block_size=block if config.prefix_caching and not whole else None)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, block if whole else config.max_prefill_tokens,
+                                                   block), self.cache)
+        self.runner = ModelRunner(model.net, model.device, model.dtype, config.batch_invariant, block)
         self.context_length: int = model.context_length
         self._lock = threading.Lock()
         self._inbox: list[Sequence] = []
@@ -95,6 +109,14 @@ class LLMEngine:
     def has_work(self) -> bool:
         return bool(self._inbox or self._aborts or self.scheduler.has_work())
 
+    def prefix_cache_stats(self) -> dict[str, float]:
+        """Prompt tokens looked up in the prefix cache, those found (`hit_tokens`), their ratio, and the
+        tokens the cached blocks hold now."""
+        p = self.cache.prefix
+        queried, hit = (p.queried_tokens, p.hit_tokens) if p is not None else (0, 0)
+        return {"queried_tokens": queried, "hit_tokens": hit, "hit_rate": hit / queried if queried else 0.0,
+                "cached_tokens": self.cache.cached_tokens}
+
     # ------------------------------------------------------------------ the loop
 
     def step(self) -> list[StepOutput]:
@@ -119,11 +141,13 @@ class LLMEngine:
         # a failure inside one sequence (its prefill, its token step) ends that sequence only
         for seq in sched.prefill:
             try:
-                logits = self.runner.prefill(seq)
+                logits = self.runner.prefill(seq, sched.chunks.get(seq.seq_id))
             except Exception as e:
                 outputs.append(self._fail(seq, e))
                 continue
-            outputs += self._sample([seq], [logits])
+            self.cache.remember(seq.all_ids, seq.kv, seq.num_cached)
+            if logits is not None:  # the last chunk: the first token
+                outputs += self._sample([seq], [logits])
         if sched.decode:
             outputs += self._sample(sched.decode, self.runner.decode(sched.decode))
         return outputs

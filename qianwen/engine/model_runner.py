@@ -2,7 +2,8 @@
 sequence's token step).
 
 Batch invariance (docs/conventions.md): a sequence's arithmetic must not depend on its neighbours.
-- Prefill runs each new sequence in its own forward, exactly as it would run alone.
+- Prefill runs each new sequence in its own forwards, in aligned pieces of `prefill_block` tokens, so the
+  result is the same alone or batched, chunked or not, with or without a cached prefix.
 - Decode batches rows, and matmul kernels pick different code paths by row count. Measured on this
   CPU with torch 2.13 (docs/server.md): bf16 `F.linear` gives bitwise-equal rows for every count from
   1 to 32; fp32 has one path for 1 row, another for 2-15 and another from 16 rows up (16-40 agree for
@@ -24,8 +25,9 @@ MIN_ROWS = {torch.float32: 16, torch.float16: 16}  # pad small decode batches of
 
 class ModelRunner:
     def __init__(self, net: torch.nn.Module, device: torch.device, dtype: torch.dtype,
-                 batch_invariant: bool = True) -> None:
+                 batch_invariant: bool = True, prefill_block: int = 1 << 62) -> None:
         self.net, self.device, self.dtype = net, device, dtype
+        self.prefill_block = prefill_block
         self.max_rows = MAX_ROWS if batch_invariant else 1 << 30
         self.min_rows = MIN_ROWS.get(dtype, 1) if batch_invariant else 1
 
@@ -38,16 +40,29 @@ class ModelRunner:
         return net(ids, positions, cache)[:, -1]
 
     @torch.inference_mode()
-    def prefill(self, seq: Sequence) -> torch.Tensor:
-        """Run the uncached tokens of `seq` (its prompt, or prompt + output after preemption);
-        return the logits [vocab] for the next token."""
-        todo = seq.all_ids[seq.num_cached:]
-        ids = torch.tensor([todo], dtype=torch.long, device=self.device)
-        pos = torch.arange(seq.num_cached, seq.num_tokens, device=self.device)[None]
-        cache = BatchCache([seq.kv], [seq.num_cached], seq.extra)
-        logits = self._forward(ids, pos, cache, last_only=True)[0]
-        seq.num_cached = seq.num_tokens
-        return logits.float().cpu()
+    def prefill(self, seq: Sequence, n_tokens: int | None = None) -> torch.Tensor | None:
+        """Run the next `n_tokens` (default: all) uncached tokens of `seq` (its prompt, or prompt + output
+        after preemption), after the `num_cached` already in its cache (a cached prefix, earlier chunks).
+        Returns the logits [vocab] for the next token once the last token has run, else None.
+
+        Tokens run in pieces of `prefill_block` at multiples of it (the last one shorter): one forward per
+        piece, the same forwards however the prompt was chunked or how much of it was cached, so a token's
+        K/V and the logits never depend on either (a whole-prompt forward would differ in the last bits)."""
+        end = seq.num_tokens if n_tokens is None else min(seq.num_tokens, seq.num_cached + n_tokens)
+        logits = None
+        while seq.num_cached < end:
+            start = seq.num_cached
+            stop = min(end, (start // self.prefill_block + 1) * self.prefill_block)
+            ids = torch.tensor([seq.all_ids[start:stop]], dtype=torch.long, device=self.device)
+            pos = torch.arange(start, stop, device=self.device)[None]
+            cache = BatchCache([seq.kv], [start], seq.extra)
+            if stop < seq.num_tokens:  # only its K/V are needed
+                getattr(self.net, "hidden_states", self.net)(ids, pos, cache)
+            else:
+                logits = self._forward(ids, pos, cache, last_only=True)[0].float().cpu()
+                seq.prefilling = False
+            seq.num_cached = stop
+        return logits
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor | list[torch.Tensor]:

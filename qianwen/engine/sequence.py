@@ -42,6 +42,7 @@ class Sequence:
     finish_reason: str | None = None
     kv: Any = None  # the cache manager's slot while running
     num_cached: int = 0  # tokens whose K/V are in the cache
+    prefilling: bool = False  # admitted, its prompt (or, after preemption, prompt + output) not all cached yet
     extra: dict[str, Any] = field(default_factory=dict)  # per-sequence model state (Qwen-7B NTK alpha)
     user_data: Any = None  # whatever the caller attached
 

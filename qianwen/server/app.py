@@ -116,7 +116,7 @@ def create_app(model: Model, engine_config: EngineConfig | None = None,
     config = config or ServerConfig(model_name=model.name)
     engine = LLMEngine(model, engine_config)
     metrics = Metrics(lambda: engine.num_waiting, lambda: engine.num_running,
-                      lambda: engine.cache.used, lambda: engine.cache.max_tokens)
+                      lambda: engine.cache.used, lambda: engine.cache.max_tokens, engine.prefix_cache_stats)
     async_engine = AsyncEngine(engine)
     serving = Serving(model, async_engine, config, metrics)
 

@@ -77,12 +77,20 @@ class Histogram:
         out.append(f"{self.name}_count {self.count}")
         return out
 
+PREFIX_CACHE_GAUGES = {
+    "queried_tokens": "Prompt tokens looked up in the prefix cache, since start.",
+    "hit_tokens": "Prompt tokens whose K/V came from the prefix cache, since start.",
+    "hit_rate": "hit_tokens / queried_tokens.",
+    "cached_tokens": "Tokens the cached prefix blocks hold now (part of the KV cache budget).",
+}
+
 
 class Metrics:
     """The server's metrics. Gauges read the engine when scraped."""
 
     def __init__(self, queue_length: Callable[[], float], running: Callable[[], float],
-                 kv_used: Callable[[], float], kv_capacity: Callable[[], float]) -> None:
+                 kv_used: Callable[[], float], kv_capacity: Callable[[], float],
+                 prefix_cache: Callable[[], dict[str, float]] | None = None) -> None:
         p = "qianwen_"
         self.requests = Counter(p + "requests_total", "HTTP requests by route and status code.")
         self.prompt_tokens = Counter(p + "prompt_tokens_total", "Prompt tokens processed.")
@@ -101,6 +109,9 @@ class Metrics:
             Gauge(p + "kv_cache_capacity_tokens", "KV cache budget, in tokens.", kv_capacity),
             self.ttft, self.itl,
         ]
+        if prefix_cache is not None:  # the engine's prefix_cache_stats()
+            self.all += [Gauge(p + "prefix_cache_" + key, text, lambda key=key: prefix_cache()[key])
+                         for key, text in PREFIX_CACHE_GAUGES.items()]
 
     def render(self) -> str:
         lines = []

@@ -1,0 +1,87 @@
+"""Automatic prefix caching: K/V of full token blocks that earlier prefills computed, found again by the
+tokens that lead up to them.
+
+A block is `block_size` tokens; its key chains the key of the block before it with its own tokens, so a
+key names a whole prefix (the same block after different prefixes gets different keys). Blocks are copies
+(the cache manager's `SeqKV` of block_size tokens: K/V [layers, 2, kv_heads, block_size, head_dim], with
+int8 scales) taken out of a sequence's buffer after its
+prefill computed them, and copied into a new sequence's buffer when its prompt starts with them: the
+engine's per-sequence buffers stay contiguous, so attention and the C decode kernels (`native_rows`)
+read them unchanged. Only prefill-computed K/V is kept, never what decode steps wrote, so a cached
+block holds exactly what a prefill without the cache would compute for it.
+
+The cache manager counts blocks against the same token budget as live sequences and evicts them least
+recently used first, before any live sequence is preempted.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class Block:
+    parent: int | None  # the key of the block before it (None: the first block)
+    tokens: tuple[int, ...]
+    kv: Any  # cache_manager.SeqKV holding block_size tokens
+
+
+class PrefixCache:
+    def __init__(self, block_size: int = 16) -> None:
+        self.block_size = block_size
+        self.blocks: OrderedDict[int, Block] = OrderedDict()  # least recently used first
+        self.queried_tokens = 0  # prompt tokens looked up
+        self.hit_tokens = 0  # of those, found cached
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.blocks) * self.block_size
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
+
+    def chain(self, ids: list[int], n_tokens: int) -> list[tuple[int, int | None, tuple[int, ...]]]:
+        """(key, parent key, tokens) of each full block among the first n_tokens of ids."""
+        out, parent, b = [], None, self.block_size
+        for start in range(0, n_tokens - b + 1, b):
+            tokens = tuple(ids[start:start + b])
+            key = hash((parent, tokens))
+            out.append((key, parent, tokens))
+            parent = key
+        return out
+
+    def touch(self, keys: list[int]) -> None:
+        """Mark blocks recently used; a prefix's first block is reused whenever any later block is, so the
+        later blocks are evicted first."""
+        for key in reversed(keys):
+            if key in self.blocks:
+                self.blocks.move_to_end(key)
+
+    def match(self, ids: list[int], limit: int) -> list[Any]:
+        """K/V blocks of the longest cached prefix of ids, at most `limit` tokens (marked recently used)."""
+        found, keys = [], []
+        for key, parent, tokens in self.chain(ids, limit):
+            block = self.blocks.get(key)
+            if block is None or block.parent != parent or block.tokens != tokens:
+                break
+            found.append(block.kv)
+            keys.append(key)
+        self.touch(keys)
+        return found
+
+    def count(self, queried: int, hit: int) -> None:
+        self.queried_tokens += queried
+        self.hit_tokens += hit
+
+    def add(self, key: int, parent: int | None, tokens: tuple[int, ...], kv: Any) -> None:
+        self.blocks[key] = Block(parent, tokens, kv)
+
+    def evict(self) -> bool:
+        """Drop the least recently used block; False when there is none."""
+        if not self.blocks:
+            return False
+        self.blocks.popitem(last=False)
+        return True

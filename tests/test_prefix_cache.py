@@ -1,0 +1,160 @@
+"""Automatic prefix caching: the same results with the cache on or off, hit counting, reuse after a
+sequence finishes, eviction under a small budget (cached blocks go before live sequences), metrics."""
+
+from __future__ import annotations
+
+import pytest
+
+import qianwen
+from qianwen.engine import LLM, EngineConfig
+from qianwen.engine.llm_engine import PREFILL_BLOCK
+
+SYSTEM = "You are a careful assistant. Answer briefly and exactly. " * 4  # a few prefill blocks of tokens
+PROMPTS = [SYSTEM + f"Question {i}: " + "the quick brown fox " * (i % 4) for i in range(8)]
+
+
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def model(request, tiny_qwen2_dir):
+    return qianwen.load(str(tiny_qwen2_dir), dtype=request.param)
+
+
+def greedy(prompt, max_tokens: int = 12) -> dict:
+    return {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "logprobs": 3}
+
+
+def test_same_tokens_and_logprobs_with_and_without_the_cache(model):
+    """Bitwise: prefill runs in the same aligned pieces whether or not a prefix came from the cache."""
+    assert len(LLM(model).encode(SYSTEM)[0]) > 2 * PREFILL_BLOCK
+    off = LLM(model, EngineConfig(prefix_caching=False))
+    ref = [off.generate([greedy(p)])[0] for p in PROMPTS]
+    on = LLM(model)
+    alone = [on.generate([greedy(p)])[0] for p in PROMPTS]
+    assert on.engine.prefix_cache_stats()["hit_tokens"] > 0
+    together = on.generate([greedy(p) for p in PROMPTS])
+    mixed = LLM(model).generate([greedy(p) for p in PROMPTS])  # cold cache, all admitted at once
+    for got in (alone, together, mixed):
+        for a, b in zip(ref, got, strict=True):
+            assert a.token_ids == b.token_ids
+            assert a.top_logprobs == b.top_logprobs
+
+
+def test_hit_counting_and_reuse_after_finish(tiny_qwen2_dir):
+    model = qianwen.load(str(tiny_qwen2_dir), dtype="float32")
+    llm = LLM(model)
+    eng = llm.engine
+    ids = llm.encode(PROMPTS[1])[0]
+    first = llm.generate([greedy(ids)])[0]
+    stats = eng.prefix_cache_stats()
+    assert stats["queried_tokens"] == len(ids) and stats["hit_tokens"] == 0
+    # the finished sequence's buffer is freed; its prompt's full blocks stay, inside the budget
+    full = len(ids) // PREFILL_BLOCK * PREFILL_BLOCK
+    assert eng.cache.used == 0 and stats["cached_tokens"] == full
+    again = llm.generate([greedy(ids)])[0]
+    assert again.token_ids == first.token_ids
+    hit = (len(ids) - 1) // PREFILL_BLOCK * PREFILL_BLOCK  # the last token always runs, for its logits
+    stats = eng.prefix_cache_stats()
+    assert stats["hit_tokens"] == hit and stats["queried_tokens"] == 2 * len(ids)
+    assert stats["hit_rate"] == pytest.approx(hit / (2 * len(ids)))
+    # a prompt that shares only the system prompt hits only the blocks inside it
+    other = llm.encode(PROMPTS[2])[0]
+    common = next(i for i, (a, b) in enumerate(zip(ids, other, strict=False)) if a != b)
+    llm.generate([greedy(other)])
+    assert eng.prefix_cache_stats()["hit_tokens"] == hit + common // PREFILL_BLOCK * PREFILL_BLOCK
+
+
+def test_next_chat_turn_reuses_the_previous_prompt(tiny_qwen2_dir):
+    model = qianwen.load(str(tiny_qwen2_dir), dtype="float32")
+    llm = LLM(model)
+    messages = [{"role": "system", "content": SYSTEM[:100]}, {"role": "user", "content": "Hi, who are you?"}]
+    reply = llm.generate([{"messages": messages, "max_tokens": 8, "temperature": 0}])[0]
+    turn2 = messages + [{"role": "assistant", "content": reply.text}, {"role": "user", "content": "And?"}]
+    assert len(llm.encode({"messages": turn2})[0]) < 200
+    before = llm.engine.prefix_cache_stats()["hit_tokens"]
+    got = llm.generate([{"messages": turn2, "max_tokens": 8, "temperature": 0}])[0]
+    first_prompt = len(llm.encode({"messages": messages})[0])
+    assert llm.engine.prefix_cache_stats()["hit_tokens"] - before >= first_prompt // PREFILL_BLOCK * PREFILL_BLOCK - \
+        PREFILL_BLOCK
+    ref = LLM(model, EngineConfig(prefix_caching=False)).generate(
+        [{"messages": turn2, "max_tokens": 8, "temperature": 0}])[0]
+    assert got.token_ids == ref.token_ids
+
+
+def test_cached_blocks_are_evicted_before_live_sequences_are_preempted(tiny_qwen2_dir):
+    model = qianwen.load(str(tiny_qwen2_dir), dtype="float32")
+    ref = LLM(model, EngineConfig(prefix_caching=False)).generate([greedy(p, 40) for p in PROMPTS[:4]])
+    llm = LLM(model)
+    eng = llm.engine
+    # room for three sequences' buffers and little more
+    need = max(len(llm.encode(p)[0]) for p in PROMPTS[:4]) + 41
+    eng.cache.block_size = PREFILL_BLOCK
+    eng.cache.max_tokens = 3 * (-(-need // PREFILL_BLOCK) * PREFILL_BLOCK)
+    # fill the cache with other prompts' blocks first
+    llm.generate([greedy("Unrelated text, nothing shared. " * 5 + str(i), 1) for i in range(6)])
+    assert eng.cache.cached_tokens > 0
+    preempted, peak = [], []
+    schedule = eng.scheduler.schedule
+
+    def spy():
+        out = schedule()
+        preempted.extend(out.preempted)
+        peak.append(eng.num_running)
+        assert eng.cache.used + eng.cache.cached_tokens <= eng.cache.max_tokens
+        return out
+
+    eng.scheduler.schedule = spy
+    eng.scheduler.config.max_num_seqs = 3
+    got = llm.generate([greedy(p, 40) for p in PROMPTS[:3]])
+    assert not preempted and max(peak) == 3  # the cached blocks made way for all three at once
+    assert [g.token_ids for g in got] == [r.token_ids for r in ref[:3]]
+    # and a sequence that outgrows the budget still preempts (after the cache is empty), with the same result
+    got = llm.generate([greedy(p, 40) for p in PROMPTS[:4]])
+    assert [g.token_ids for g in got] == [r.token_ids for r in ref]
+    assert eng.cache.used == 0
+
+
+def test_turned_off(tiny_qwen2_dir):
+    model = qianwen.load(str(tiny_qwen2_dir), dtype="float32")
+    llm = LLM(model, EngineConfig(prefix_caching=False))
+    llm.generate([greedy(PROMPTS[0])] * 2)
+    assert llm.engine.prefix_cache_stats() == {"queried_tokens": 0, "hit_tokens": 0, "hit_rate": 0.0,
+                                               "cached_tokens": 0}
+
+
+def test_metrics_endpoint(tiny_qwen2_dir):
+    from fastapi.testclient import TestClient
+
+    from qianwen.server import ServerConfig, create_app
+
+    model = qianwen.load(str(tiny_qwen2_dir), dtype="float32")
+    with TestClient(create_app(model, EngineConfig(), ServerConfig(model_name="tiny"))) as client:
+        for _ in range(2):
+            r = client.post("/v1/completions", json={"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 2})
+            assert r.status_code == 200
+        text = client.get("/metrics").text
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("qianwen_prefix")}
+    assert values["qianwen_prefix_cache_hit_tokens"] > 0
+    assert values["qianwen_prefix_cache_queried_tokens"] > values["qianwen_prefix_cache_hit_tokens"]
+    assert 0 < values["qianwen_prefix_cache_hit_rate"] < 1
+
+
+def test_int8_cache_blocks_keep_their_scales(tiny_qwen2_dir):
+    model = qianwen.load(str(tiny_qwen2_dir), dtype="float32")
+    off = LLM(model, EngineConfig(prefix_caching=False, kv_cache_dtype="int8"))
+    ref = [off.generate([greedy(p)])[0] for p in PROMPTS[:4]]
+    on = LLM(model, EngineConfig(kv_cache_dtype="int8"))
+    got = [on.generate([greedy(p)])[0] for p in PROMPTS[:4]]
+    assert on.engine.prefix_cache_stats()["hit_tokens"] > 0
+    for a, b in zip(ref, got, strict=True):
+        assert a.token_ids == b.token_ids
+        assert a.top_logprobs == b.top_logprobs
+
+
+def test_a_prompt_admitted_after_its_twin_reuses_its_blocks(tiny_qwen2_dir):
+    """Two prompts sharing a prefix, the first leaving too little of a step's prefill budget for a block of
+    the second: the second waits a step, then starts from the first's cached blocks."""
+    model = qianwen.load(str(tiny_qwen2_dir), dtype="float32")
+    llm = LLM(model, EngineConfig(max_prefill_tokens=4 * PREFILL_BLOCK))
+    a, b = llm.encode(PROMPTS[1])[0], llm.encode(PROMPTS[5])[0]
+    assert 3 * PREFILL_BLOCK < len(a) < 4 * PREFILL_BLOCK - 8 and a[:2 * PREFILL_BLOCK] == b[:2 * PREFILL_BLOCK]
+    llm.generate([greedy(a, 2), greedy(b, 2)])
+    assert llm.engine.prefix_cache_stats()["hit_tokens"] >= 2 * PREFILL_BLOCK
