@@ -85,6 +85,19 @@ def save_tiny(folder: Path, model_type: str = "qwen2", seed: int = 0, dtype=torc
     return folder
 
 
+def greedy(prompt, max_tokens: int = 12) -> dict:
+    """An engine request: greedy, `max_tokens` tokens whatever the model says, with top-3 logprobs."""
+    return {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "logprobs": 3}
+
+
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def tiny_qwen2_model(request, tiny_qwen2_dir):
+    """The tiny Qwen2 checkpoint loaded in float32 and in bfloat16 (one module-scoped model each)."""
+    import qianwen
+
+    return qianwen.load(str(tiny_qwen2_dir), dtype=request.param)
+
+
 @pytest.fixture(scope="session")
 def tiny_qwen2_dir(tmp_path_factory) -> Path:
     """A tiny Qwen2 chat checkpoint with a ChatML template (for server, engine, eval and train tests)."""

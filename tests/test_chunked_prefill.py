@@ -10,19 +10,13 @@ from qianwen.engine import LLM, EngineConfig, LLMEngine
 from qianwen.engine.llm_engine import PREFILL_BLOCK
 from qianwen.errors import QianwenError
 
+from .conftest import greedy
+
 LONG = "A long document about foxes and dogs, read before the question. " * 3
 
 
-@pytest.fixture(scope="module", params=["float32", "bfloat16"])
-def model(request, tiny_qwen2_dir):
-    return qianwen.load(str(tiny_qwen2_dir), dtype=request.param)
-
-
-def greedy(prompt, max_tokens: int = 12) -> dict:
-    return {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "logprobs": 3}
-
-
-def test_chunked_equals_unchunked(model):
+def test_chunked_equals_unchunked(tiny_qwen2_model):
+    model = tiny_qwen2_model
     prompts = [LONG + f"Question {i}?" for i in range(4)] + ["short one", "another short prompt"]
     whole = LLM(model, EngineConfig(max_prefill_tokens=10**6, prefix_caching=False))
     ref = [whole.generate([greedy(p)])[0] for p in prompts]
@@ -34,7 +28,8 @@ def test_chunked_equals_unchunked(model):
             assert a.top_logprobs == b.top_logprobs
 
 
-def test_a_long_prompt_does_not_stall_a_decoding_stream(model):
+def test_a_long_prompt_does_not_stall_a_decoding_stream(tiny_qwen2_model):
+    model = tiny_qwen2_model
     eng = LLMEngine(model, EngineConfig(max_prefill_tokens=PREFILL_BLOCK, prefix_caching=False))
     tok = model.tokenizer
     params = model.params(max_tokens=40, temperature=0, ignore_eos=True)

@@ -9,21 +9,15 @@ import qianwen
 from qianwen.engine import LLM, EngineConfig
 from qianwen.engine.llm_engine import PREFILL_BLOCK
 
+from .conftest import greedy
+
 SYSTEM = "You are a careful assistant. Answer briefly and exactly. " * 4  # a few prefill blocks of tokens
 PROMPTS = [SYSTEM + f"Question {i}: " + "the quick brown fox " * (i % 4) for i in range(8)]
 
 
-@pytest.fixture(scope="module", params=["float32", "bfloat16"])
-def model(request, tiny_qwen2_dir):
-    return qianwen.load(str(tiny_qwen2_dir), dtype=request.param)
-
-
-def greedy(prompt, max_tokens: int = 12) -> dict:
-    return {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "logprobs": 3}
-
-
-def test_same_tokens_and_logprobs_with_and_without_the_cache(model):
+def test_same_tokens_and_logprobs_with_and_without_the_cache(tiny_qwen2_model):
     """Bitwise: prefill runs in the same aligned pieces whether or not a prefix came from the cache."""
+    model = tiny_qwen2_model
     assert len(LLM(model).encode(SYSTEM)[0]) > 2 * PREFILL_BLOCK
     off = LLM(model, EngineConfig(prefix_caching=False))
     ref = [off.generate([greedy(p)])[0] for p in PROMPTS]

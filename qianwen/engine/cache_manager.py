@@ -88,9 +88,6 @@ class CacheManager:
                 return False
         return True
 
-    def can_allocate(self, n_tokens: int) -> bool:
-        return self._round(n_tokens) <= self.max_tokens - self.used
-
     def allocate(self, n_tokens: int) -> SeqKV | None:
         cap = self._round(n_tokens)
         if not self._make_room(cap):

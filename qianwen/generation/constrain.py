@@ -201,10 +201,6 @@ class GrammarProcessor:
             view[allowed] = 0.0
         return out
 
-    @property
-    def failed(self) -> str | None:
-        return self.matcher.get_error() if self.matcher.is_error() else None
-
 
 def make_processor(tokenizer: Any, stop_ids: set[int], grammar: str, vocab_size: int | None = None
                    ) -> GrammarProcessor:
