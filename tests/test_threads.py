@@ -174,3 +174,50 @@ def test_decode_is_bit_identical_whatever_the_thread_count(wide, monkeypatch):
     finally:
         torch.set_num_threads(before)
     assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
+def test_server_kernels_leave_a_core_to_the_front_end_while_few_sequences_run(tiny_qwen2_dir, monkeypatch):
+    """With `frontend_cores=1` the engine thread runs small batches on one thread fewer than asked and
+    batches of more than FRONTEND_MAX_SEQS on all of them, with the same tokens; the count asked for is
+    back once the engine stops."""
+    import asyncio
+
+    from qianwen.engine import LLMEngine
+    from qianwen.engine.async_engine import FRONTEND_MAX_SEQS, AsyncEngine
+
+    model = qianwen.load(str(tiny_qwen2_dir), dtype="float32")
+    params = model.params(max_tokens=4, temperature=0, ignore_eos=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        async def run(n: int, frontend: int) -> tuple[list[list[int]], list[int]]:
+            eng = AsyncEngine(LLMEngine(model), frontend_cores=frontend)
+            eng.start()
+            try:
+                async def collect(i: int) -> list[int]:
+                    seq = eng.engine.make_sequence([3 + i % 5, 4, 5], params)
+                    return [o.token_id async for o in eng.stream(seq)]
+
+                return list(await asyncio.gather(*[collect(i) for i in range(n)])), eng.step_threads
+            finally:
+                eng.shutdown()
+
+        one, threads_one = asyncio.run(run(1, 1))
+        many, threads_many = asyncio.run(run(FRONTEND_MAX_SEQS + 4, 1))
+        assert torch.get_num_threads() == 2  # set back after the engine thread stopped
+        ref_one, threads_all = asyncio.run(run(1, 0))
+        assert set(threads_one) == {1} and set(threads_all) == {2}
+        assert 2 in threads_many  # the big batch took every thread while more than FRONTEND_MAX_SEQS ran
+        assert one == ref_one and many[0] == one[0]
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_serve_frontend_cores_default_and_bad_value(tiny_qwen2_dir):
+    from qianwen.server import ServerConfig, create_app
+
+    app = create_app(qianwen.load(str(tiny_qwen2_dir), dtype="float32"), config=ServerConfig(model_name="t"))
+    assert app.state.engine.frontend_cores == int(len(os.sched_getaffinity(0)) >= 2)
+    r = subprocess.run([sys.executable, "-m", "qianwen.cli.main", "serve", "--frontend-cores", "-1"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "--frontend-cores must be 0 or more" in r.stderr and "Traceback" not in r.stderr

@@ -54,6 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--vllm-args", default="",
                    help="any other vLLM server flags, as one string: --vllm-args='--enforce-eager --seed 1'")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--frontend-cores", type=int, default=None,
+                   help="cores the CPU kernels leave to HTTP and the event loop while at most 8 sequences run "
+                        "(default: 1 with two or more cores; 0: the kernels take every core)")
     p.add_argument("--log-level", default="info", help="uvicorn log level")
     p.set_defaults(func=run)
 
@@ -77,13 +80,15 @@ def server_config(args: argparse.Namespace, name: str) -> ServerConfig:
 
     return ServerConfig(model_name=name, api_keys=api_keys(args), max_body_bytes=int(args.max_body_mb * 2**20),
                         max_tokens_limit=args.max_tokens_limit, max_n=args.max_n, max_queue=args.max_queue,
-                        cors_origins=args.cors_origin or [])
+                        cors_origins=args.cors_origin or [], frontend_cores=getattr(args, "frontend_cores", None))
 
 
 def run(args: argparse.Namespace) -> int:
     for name in ("max_num_seqs", "port", "max_queue", "max_n"):
         if getattr(args, name) < (0 if name == "port" else 1):
             raise QianwenError(f"--{name.replace('_', '-')} must be positive")
+    if args.frontend_cores is not None and args.frontend_cores < 0:
+        raise QianwenError("--frontend-cores must be 0 or more")
     if args.engine == "vllm":
         if args.kv_cache_dtype != "auto":
             raise QianwenError("--kv-cache-dtype is for the qianwen engine; give vLLM its own with --vllm-args")

@@ -10,6 +10,14 @@ would run beside the next step's parallel regions, whose barriers then wait for 
 put aside (docs/server.md measures it). So after a step with few outputs (HANDOFF_WAIT_MAX_OUTPUTS) the engine
 thread waits, at most HANDOFF_WAIT seconds, until the loop has run the readers it woke; the loop never waits for the engine, and a slow client never holds it up
 (its writes are buffered by the transport).
+
+A core for the front end: a step of a few sequences is short, and the event loop, the HTTP streams and the
+clients' own processes need a core every few milliseconds; when the kernels' threads hold every core they
+take turns with it, which halves one stream's rate on a 2-core machine (docs/server.md). With
+`frontend_cores` (the server's default: one, on a CPU with two or more cores) the kernels run on that many
+threads fewer while at most FRONTEND_MAX_SEQS sequences are in the engine, and on all of them for bigger
+batches, whose long steps the front end disturbs less (as vLLM's CPU backend keeps cores for its front end).
+Results do not depend on the thread count (docs/conventions.md).
 """
 
 from __future__ import annotations
@@ -27,6 +35,9 @@ HANDOFF_WAIT = 0.01  # seconds the engine thread waits for an event loop to take
 # the loop's work grows with the outputs it is handed, the stall it causes beside a step does not: waiting
 # paid off for steps of 1-2 outputs and lost for 4 (docs/server.md)
 HANDOFF_WAIT_MAX_OUTPUTS = 2
+# up to this many sequences a step runs on the cores the front end leaves (the module docstring): measured on
+# 2 cores, one kernel thread served 1 and 4 streams 2.2x and 1.4x faster, 16 streams 0.88x (docs/server.md)
+FRONTEND_MAX_SEQS = 8
 
 Target = tuple[asyncio.AbstractEventLoop, asyncio.Queue]
 
@@ -47,7 +58,7 @@ def usable_cores() -> int:
 
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, on_step: Callable[[float, int], None] | None = None,
-                 wait_for_loop: bool | None = None) -> None:
+                 wait_for_loop: bool | None = None, frontend_cores: int = 0) -> None:
         self.engine = engine
         self.on_step = on_step  # (seconds, tokens) per step, for metrics
         self._wake = threading.Event()
@@ -58,6 +69,8 @@ class AsyncEngine:
         # None: on a CPU, wait after each step whose kernels took every core (module docstring)
         self.wait_for_loop = wait_for_loop
         self._cores = usable_cores() if engine.model.device.type == "cpu" else None
+        self.frontend_cores = frontend_cores if self._cores is not None else 0
+        self.step_threads: list[int] = []  # the kernels' thread count of recent steps (for tests and metrics)
 
     def start(self) -> None:
         if self._thread is None:
@@ -78,12 +91,26 @@ class AsyncEngine:
     def _loop(self) -> None:
         import torch
 
+        every = torch.get_num_threads()  # the user's setting ($QIANWEN_THREADS, --threads), in this thread
+        few = max(1, every - self.frontend_cores)
+        try:
+            self._steps(every, few)
+        finally:  # torch.set_num_threads also sets the count threads started later begin with
+            torch.set_num_threads(every)
+
+    def _steps(self, every: int, few: int) -> None:
+        import torch
+
         with torch.inference_mode():
             while not self._stop:
                 if not self.engine.has_work():
                     self._wake.wait(0.5)
                     self._wake.clear()
                     continue
+                threads = few if len(self.engine.seqs) <= FRONTEND_MAX_SEQS else every
+                if torch.get_num_threads() != threads:
+                    torch.set_num_threads(threads)  # this thread's count: the kernels follow it (qianwen/native)
+                self.step_threads = self.step_threads[-63:] + [threads]
                 t0 = time.perf_counter()
                 try:
                     outputs = self.engine.step()

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine.async_engine import AsyncEngine
+from ..engine.async_engine import AsyncEngine, usable_cores
 from ..engine.llm_engine import EngineConfig, LLMEngine
 from . import chat_route, completion_route, info_routes
 from .metrics import Metrics
@@ -117,7 +117,8 @@ def create_app(model: Model, engine_config: EngineConfig | None = None,
     engine = LLMEngine(model, engine_config)
     metrics = Metrics(lambda: engine.num_waiting, lambda: engine.num_running,
                       lambda: engine.cache.used, lambda: engine.cache.max_tokens, engine.prefix_cache_stats)
-    async_engine = AsyncEngine(engine)
+    frontend = config.frontend_cores if config.frontend_cores is not None else int(usable_cores() >= 2)
+    async_engine = AsyncEngine(engine, frontend_cores=frontend)
     serving = Serving(model, async_engine, config, metrics)
 
     @contextlib.asynccontextmanager

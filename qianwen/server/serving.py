@@ -51,6 +51,9 @@ class ServerConfig:
     max_n: int = 8
     max_queue: int = 64  # sequences waiting; beyond it: 429
     cors_origins: list[str] = field(default_factory=list)
+    # cores the kernels leave to the event loop and HTTP while few sequences run (engine/async_engine.py);
+    # None: one on a CPU with two or more usable cores
+    frontend_cores: int | None = None
 
 
 class Serving:
