@@ -28,9 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--kv-cache-dtype", choices=["auto", "bfloat16", "float32", "int8"], default="auto",
                    help="KV cache elements: auto (the model's dtype), bfloat16, float32, or int8 (about half "
                         "of bf16's bytes per token, so twice the tokens in --kv-cache-mb; docs/server.md)")
-    g.add_argument("--max-prefill-tokens", type=int, default=512,
+    g.add_argument("--max-prefill-tokens", type=int, default=128,
                    help="prompt tokens prefilled per step; longer prompts run in chunks between decode steps "
-                        "(default 512)")
+                        "(default 128: shorter waits for the first token; more: more throughput)")
     g.add_argument("--no-prefix-cache", action="store_true",
                    help="do not reuse the KV cache of prompt prefixes earlier requests computed")
     g.add_argument("--no-batch-invariance", action="store_true",
