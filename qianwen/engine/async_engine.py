@@ -26,6 +26,7 @@ import asyncio
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 
 from .llm_engine import LLMEngine
@@ -70,7 +71,7 @@ class AsyncEngine:
         self.wait_for_loop = wait_for_loop
         self._cores = usable_cores() if engine.model.device.type == "cpu" else None
         self.frontend_cores = frontend_cores if self._cores is not None else 0
-        self.step_threads: list[int] = []  # the kernels' thread count of recent steps (for tests and metrics)
+        self.step_threads: deque[int] = deque(maxlen=64)  # the kernels' thread count of recent steps (tests)
 
     def start(self) -> None:
         if self._thread is None:
@@ -110,7 +111,7 @@ class AsyncEngine:
                 threads = few if len(self.engine.seqs) <= FRONTEND_MAX_SEQS else every
                 if torch.get_num_threads() != threads:
                     torch.set_num_threads(threads)  # this thread's count: the kernels follow it (qianwen/native)
-                self.step_threads = self.step_threads[-63:] + [threads]
+                self.step_threads.append(threads)
                 t0 = time.perf_counter()
                 try:
                     outputs = self.engine.step()

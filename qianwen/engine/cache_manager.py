@@ -145,10 +145,6 @@ class CacheManager:
             self.prefix.add(key, parent, tokens, block)
         self.prefix.touch(keys)
 
-    def clear_prefix_cache(self) -> None:
-        while self.prefix is not None and self.prefix.evict():
-            pass
-
 
 class BatchCache:
     """The `Cache` the model sees for one forward over several sequences (or padding rows, None).

@@ -113,8 +113,9 @@ class LLMEngine:
         """Prompt tokens looked up in the prefix cache, those found (`hit_tokens`), their ratio, and the
         tokens the cached blocks hold now."""
         p = self.cache.prefix
-        queried, hit = (p.queried_tokens, p.hit_tokens) if p is not None else (0, 0)
-        return {"queried_tokens": queried, "hit_tokens": hit, "hit_rate": hit / queried if queried else 0.0,
+        if p is None:
+            return {"queried_tokens": 0, "hit_tokens": 0, "hit_rate": 0.0, "cached_tokens": 0}
+        return {"queried_tokens": p.queried_tokens, "hit_tokens": p.hit_tokens, "hit_rate": p.hit_rate,
                 "cached_tokens": self.cache.cached_tokens}
 
     # ------------------------------------------------------------------ the loop

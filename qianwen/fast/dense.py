@@ -29,9 +29,14 @@ DTYPES = (torch.bfloat16, torch.float32)
 class DenseLinear(NativeLinear):
     KERNEL = "dense_gemm"
 
+    @staticmethod
+    def takes(weight: torch.Tensor) -> bool:
+        """Whether the kernel can run on `weight` as it is: contiguous bf16 or fp32 on the CPU."""
+        return weight.dtype in DTYPES and weight.is_contiguous() and weight.device.type == "cpu"
+
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None = None) -> None:
         super().__init__()
-        if weight.dtype not in DTYPES or not weight.is_contiguous() or weight.device.type != "cpu":
+        if not self.takes(weight):
             raise ValueError(f"dense_gemm takes a contiguous bf16 or fp32 CPU weight, not {weight.dtype}")
         self.weight, self.bias = weight, bias
         self.out_features, self.in_features = weight.shape
@@ -39,10 +44,7 @@ class DenseLinear(NativeLinear):
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> DenseLinear | None:
         """The kernel's layer over `linear`'s own weight, or None if the kernel cannot take it."""
-        w = linear.weight
-        if w.dtype not in DTYPES or not w.is_contiguous() or w.device.type != "cpu":
-            return None
-        return cls(w, linear.bias)
+        return cls(linear.weight, linear.bias) if cls.takes(linear.weight) else None
 
     def kernel_args(self) -> tuple:
         return (self.weight.data_ptr(), int(self.weight.dtype == torch.bfloat16), self.out_features, self.bias_ptr())
