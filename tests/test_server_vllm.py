@@ -19,7 +19,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ._server_fixtures import ProcessServer, metric
+from ._server_fixtures import (
+    ProcessServer,
+    check_chat_logprobs_and_seeded_sampling,
+    check_chat_stream_equals_non_stream,
+    check_completions_n_logprobs_stop,
+    metric,
+)
 
 openai = pytest.importorskip("openai")
 
@@ -94,41 +100,15 @@ def test_models_and_wrong_key(server, client):
 
 
 def test_chat_stream_equals_non_stream(client):
-    kw = dict(model=NAME, messages=[{"role": "user", "content": "What is the capital of France?"}],
-              temperature=0, max_tokens=24)
-    full = client.chat.completions.create(**kw)
-    answer = full.choices[0].message.content
-    assert answer.strip() and full.choices[0].finish_reason in ("stop", "length")
-    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == answer
-    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
-    assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens > 5
+    check_chat_stream_equals_non_stream(client, NAME)
 
 
 def test_completions_n_logprobs_stop(client):
-    r = client.completions.create(model=NAME, prompt="The three primary colors are", max_tokens=12,
-                                  temperature=0, n=2, logprobs=2)
-    assert len(r.choices) == 2 and r.choices[0].text == r.choices[1].text
-    assert r.usage.completion_tokens == sum(len(c.logprobs.tokens) for c in r.choices)
-    assert all(len(t) <= 2 for c in r.choices for t in c.logprobs.top_logprobs) and r.choices[0].logprobs.top_logprobs
-    text = r.choices[0].text
-    word = text.split()[1] if len(text.split()) > 1 else text.split()[0]
-    cut = client.completions.create(model=NAME, prompt="The three primary colors are", max_tokens=12,
-                                    temperature=0, stop=[word])
-    assert cut.choices[0].finish_reason == "stop"
-    assert cut.choices[0].text == text[:text.find(word)]
+    check_completions_n_logprobs_stop(client, NAME, tokens_spell_text=False)
 
 
 def test_chat_logprobs_and_seeded_sampling(client):
-    kw = dict(model=NAME, messages=[{"role": "user", "content": "Say hi"}], max_tokens=5, temperature=0.8, seed=1,
-              n=2)
-    r = client.chat.completions.create(**kw, logprobs=True, top_logprobs=3)
-    assert len(r.choices) == 2
-    for c in r.choices:
-        assert len(c.logprobs.content) >= 1 and all(len(t.top_logprobs) == 3 for t in c.logprobs.content)
-        assert all(t.logprob <= 0 for t in c.logprobs.content)
-    again = client.chat.completions.create(**kw)
-    assert [c.message.content for c in again.choices] == [c.message.content for c in r.choices]
+    check_chat_logprobs_and_seeded_sampling(client, NAME)
 
 
 def test_tools_named_choice(client):
