@@ -181,26 +181,62 @@ def test_plain_greedy_batch_equals_alone_and_isolates_a_nan_row(model):
     reqs = [greedy(p, 12, repetition_penalty=1.0, logprobs=None) for p in PROMPTS[:8]]
     alone = [llm.generate([r])[0].token_ids for r in reqs]
     engine = llm.engine
-    decode = engine.runner.decode
+    runner = engine.runner
+    name = "step_rows" if runner.rows else "decode"  # the forward that gives the decode rows' logits
+    forward = getattr(runner, name)
     poisoned: list[int] = []
 
-    def poison(seqs):
-        rows = decode(seqs).clone()
+    def poison(*args):
+        out = forward(*args)
+        seqs, rows = out if runner.rows else (args[0], out)
+        rows = rows.clone()
         assert isinstance(rows, torch.Tensor) and rows.shape[0] == len(seqs)  # one [B, V] for the batch
         for i, s in enumerate(seqs):
             if s.seq_id == poisoned[0] and len(s.output_ids) == 4:
                 rows[i, 5] = float("nan")
-        return rows
+        return (seqs, rows) if runner.rows else rows
 
-    engine.runner.decode = poison
+    setattr(runner, name, poison)
     seqs = [engine.add_request(llm.encode(r)[0], model.params(**{k: v for k, v in r.items() if k != "prompt"}))
             for r in reqs]
     assert all(s.stepper.plain_greedy for s in seqs)
     poisoned.append(seqs[3].seq_id)
     engine.run_until_done()
-    engine.runner.decode = decode
+    setattr(runner, name, forward)
     for i, (s, ref) in enumerate(zip(seqs, alone, strict=True)):
         if i == 3:
             assert s.finish_reason == "error" and s.output_ids == ref[:4]
         else:
             assert s.output_ids == ref and s.finish_reason == "length"
+
+
+@pytest.mark.parametrize("kv_dtype", ["auto", "int8"])
+def test_a_prompt_prefilled_as_rows_writes_what_decoding_writes(tiny_qwen2_model, kv_dtype):
+    """On the C kernels every step is one forward of rows (model_runner.py `step_rows`): a prompt run in
+    one piece, one token per forward (what decode steps do) or in odd chunks writes bitwise the same K/V
+    and gives the same logits, alone or beside another sequence's rows."""
+    model = tiny_qwen2_model
+    eng = LLMEngine(model, EngineConfig(kv_cache_dtype=kv_dtype))
+    assert eng.runner.rows, "the C decode step is not installed"
+    ids = list(range(5, 45))
+
+    def run(pieces, beside=None):
+        seq = eng.make_sequence(ids, model.params(max_tokens=1))
+        seq.kv, seq.prefilling = eng.cache.allocate(len(ids) + 1), True
+        for n in pieces:
+            other = []
+            if beside is not None:  # another prompt's chunk in the same forward
+                other = [(beside, 3)] if beside.num_cached + 3 < beside.num_tokens else []
+            done, logits = eng.runner.step_rows([*other, (seq, n)], [])
+        kv = seq.kv.buf[:, :, :, :len(ids)].clone()
+        scales = None if seq.kv.scales is None else seq.kv.scales[:, :, :, :len(ids)].clone()
+        assert done[-1] is seq and not seq.prefilling
+        eng.cache.free(seq.kv)
+        return kv, scales, logits[-1]
+
+    whole = run([len(ids)])
+    neighbour = eng.make_sequence(list(range(60, 100)), model.params(max_tokens=1))
+    neighbour.kv, neighbour.prefilling = eng.cache.allocate(41), True
+    for got in (run([1] * len(ids)), run([7, 13, 20]), run([5] * 8, beside=neighbour)):
+        assert torch.equal(whole[0], got[0]) and torch.equal(whole[2], got[2])
+        assert (whole[1] is None and got[1] is None) or torch.equal(whole[1], got[1])

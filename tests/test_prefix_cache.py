@@ -36,24 +36,44 @@ def test_hit_counting_and_reuse_after_finish(tiny_qwen2_dir):
     model = qianwen.load(str(tiny_qwen2_dir), dtype="float32")
     llm = LLM(model)
     eng = llm.engine
+    b = eng.cache.prefix.block_size
     ids = llm.encode(PROMPTS[1])[0]
     first = llm.generate([greedy(ids)])[0]
     stats = eng.prefix_cache_stats()
     assert stats["queried_tokens"] == len(ids) and stats["hit_tokens"] == 0
-    # the finished sequence's buffer is freed; its prompt's full blocks stay, inside the budget
-    full = len(ids) // PREFILL_BLOCK * PREFILL_BLOCK
-    assert eng.cache.used == 0 and stats["cached_tokens"] == full
+    # the finished sequence's buffer is freed; the full blocks of what it cached stay, inside the budget:
+    # its prompt's, and on the row path also those its decode steps wrote (all but the last token's K/V)
+    computed = len(ids) + (len(first.token_ids) - 1 if eng.runner.rows else 0)
+    assert eng.cache.used == 0 and stats["cached_tokens"] == computed // b * b
     again = llm.generate([greedy(ids)])[0]
     assert again.token_ids == first.token_ids
-    hit = (len(ids) - 1) // PREFILL_BLOCK * PREFILL_BLOCK  # the last token always runs, for its logits
+    hit = (len(ids) - 1) // b * b  # the last token always runs, for its logits
     stats = eng.prefix_cache_stats()
     assert stats["hit_tokens"] == hit and stats["queried_tokens"] == 2 * len(ids)
     assert stats["hit_rate"] == pytest.approx(hit / (2 * len(ids)))
     # a prompt that shares only the system prompt hits only the blocks inside it
     other = llm.encode(PROMPTS[2])[0]
-    common = next(i for i, (a, b) in enumerate(zip(ids, other, strict=False)) if a != b)
+    common = next(i for i, (x, y) in enumerate(zip(ids, other, strict=False)) if x != y)
     llm.generate([greedy(other)])
-    assert eng.prefix_cache_stats()["hit_tokens"] == hit + common // PREFILL_BLOCK * PREFILL_BLOCK
+    assert eng.prefix_cache_stats()["hit_tokens"] == hit + common // b * b
+
+
+def test_a_next_turn_reuses_what_the_answer_decoded(tiny_qwen2_model):
+    """On the row path (model_runner.py `step_rows`) decode steps write the same K/V a prefill would, so
+    the blocks of an answer are cached when it finishes: a prompt that continues prompt + answer hits
+    all of them, and gives exactly the tokens a run without the cache gives."""
+    model = tiny_qwen2_model
+    llm = LLM(model)
+    assert llm.engine.runner.rows, "the C decode step is not installed"
+    b = llm.engine.cache.prefix.block_size
+    ids = llm.encode("A short question: " + "the quick brown fox " * 3)[0]
+    first = llm.generate([greedy(ids, 3 * b)])[0]
+    turn2 = ids + first.token_ids + llm.encode("And then?")[0]
+    before = llm.engine.prefix_cache_stats()["hit_tokens"]
+    got = llm.generate([greedy(turn2, 8)])[0]
+    assert llm.engine.prefix_cache_stats()["hit_tokens"] - before == (len(ids) + 3 * b - 1) // b * b
+    ref = LLM(model, EngineConfig(prefix_caching=False)).generate([greedy(turn2, 8)])[0]
+    assert got.token_ids == ref.token_ids and got.top_logprobs == ref.top_logprobs
 
 
 def test_next_chat_turn_reuses_the_previous_prompt(tiny_qwen2_dir):
@@ -66,8 +86,8 @@ def test_next_chat_turn_reuses_the_previous_prompt(tiny_qwen2_dir):
     before = llm.engine.prefix_cache_stats()["hit_tokens"]
     got = llm.generate([{"messages": turn2, "max_tokens": 8, "temperature": 0}])[0]
     first_prompt = len(llm.encode({"messages": messages})[0])
-    assert llm.engine.prefix_cache_stats()["hit_tokens"] - before >= first_prompt // PREFILL_BLOCK * PREFILL_BLOCK - \
-        PREFILL_BLOCK
+    b = llm.engine.cache.prefix.block_size
+    assert llm.engine.prefix_cache_stats()["hit_tokens"] - before >= first_prompt // b * b - b
     ref = LLM(model, EngineConfig(prefix_caching=False)).generate(
         [{"messages": turn2, "max_tokens": 8, "temperature": 0}])[0]
     assert got.token_ids == ref.token_ids
@@ -147,8 +167,10 @@ def test_a_prompt_admitted_after_its_twin_reuses_its_blocks(tiny_qwen2_dir):
     """Two prompts sharing a prefix, the first leaving too little of a step's prefill budget for a block of
     the second: the second waits a step, then starts from the first's cached blocks."""
     model = qianwen.load(str(tiny_qwen2_dir), dtype="float32")
-    llm = LLM(model, EngineConfig(max_prefill_tokens=4 * PREFILL_BLOCK))
+    llm = LLM(model)
+    bs = llm.engine.cache.prefix.block_size
     a, b = llm.encode(PROMPTS[1])[0], llm.encode(PROMPTS[5])[0]
-    assert 3 * PREFILL_BLOCK < len(a) < 4 * PREFILL_BLOCK - 8 and a[:2 * PREFILL_BLOCK] == b[:2 * PREFILL_BLOCK]
+    assert len(a) > 3 * bs and a[:2 * bs] == b[:2 * bs]
+    llm.engine.scheduler.config.max_prefill_tokens = len(a) + bs // 2  # a, and less than a block of b
     llm.generate([greedy(a, 2), greedy(b, 2)])
-    assert llm.engine.prefix_cache_stats()["hit_tokens"] >= 2 * PREFILL_BLOCK
+    assert llm.engine.prefix_cache_stats()["hit_tokens"] >= 2 * bs

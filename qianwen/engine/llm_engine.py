@@ -27,10 +27,13 @@ from .sequence import Sequence, Status, StepOutput
 if TYPE_CHECKING:
     from ..api import Model  # the loaded model (type only: no upward import at run time)
 
-# Tokens per prefill forward (at multiples of it) and per cached prefix block (model_runner.py: this
-# alignment makes results independent of chunking and caching). Pieces of this size also run the
-# quantized layers on their row-by-row kernels (quant/linear.py PREFILL_TOKENS), faster there on CPUs.
+# Tokens per prefill forward (at multiples of it) and per cached prefix block when prompts run in forwards
+# of their own (model_runner.py: this alignment makes results independent of chunking and caching). Pieces
+# of this size also run the quantized layers on their row-by-row kernels (quant/linear.py PREFILL_TOKENS).
 PREFILL_BLOCK = 64
+# Tokens per cached prefix block when every step is one forward of rows (model_runner.py `step_rows`): any
+# chunking gives the same bits there, so blocks are small and a chat's next turn recomputes little.
+ROW_BLOCK = 16
 
 
 @dataclass
@@ -56,13 +59,14 @@ class LLMEngine:
         # Qwen-7B's dynamic NTK picks its rotary base from the whole prompt's length at its first forward:
         # such a prompt is prefilled in one piece and never starts from a cached prefix
         whole = bool(getattr(c, "use_dynamic_ntk", False))
-        block = 1 << 62 if whole else PREFILL_BLOCK
+        self.runner = ModelRunner(model.net, model.device, model.dtype, config.batch_invariant,
+                                  1 << 62 if whole else PREFILL_BLOCK)
+        block = 1 << 62 if whole else ROW_BLOCK if self.runner.rows else PREFILL_BLOCK
         self.cache = CacheManager(c.num_hidden_layers, n_kv, head_dim, kv_dtype, model.device,
                                   int(config.kv_cache_mb * 2**20) // per_token,
                                   prefix_block_size=block if config.prefix_caching and not whole else None)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, block if whole else config.max_prefill_tokens,
                                                    block), self.cache)
-        self.runner = ModelRunner(model.net, model.device, model.dtype, config.batch_invariant, block)
         self.context_length: int = model.context_length
         self._lock = threading.Lock()
         self._inbox: list[Sequence] = []
@@ -139,6 +143,8 @@ class LLMEngine:
         if sched.empty:
             return outputs
         self.num_steps += 1
+        if self.runner.rows:
+            return outputs + self._step_rows(sched.prefill, sched.chunks, sched.decode)
         # a failure inside one sequence (its prefill, its token step) ends that sequence only
         for seq in sched.prefill:
             try:
@@ -152,6 +158,17 @@ class LLMEngine:
         if sched.decode:
             outputs += self._sample(sched.decode, self.runner.decode(sched.decode))
         return outputs
+
+    def _step_rows(self, prefill: list[Sequence], chunks: dict[int, int], decode: list[Sequence]) -> list[StepOutput]:
+        """The step as one forward of rows (model_runner.py `step_rows`); a failure of that forward ends the
+        sequences in it, and the engine carries on."""
+        try:
+            seqs, logits = self.runner.step_rows([(s, chunks[s.seq_id]) for s in prefill], decode)
+        except Exception as e:
+            return [self._fail(s, e) for s in [*decode, *prefill]]
+        for seq in prefill:
+            self.cache.remember(seq.all_ids, seq.kv, seq.num_cached)
+        return self._sample(seqs, logits) if seqs else []
 
     def _sample(self, seqs: list[Sequence], rows: torch.Tensor | list[torch.Tensor]) -> list[StepOutput]:
         """Each sequence's token step on its logits row (rows: [B, V] or B rows of [V]). Plain greedy rows
@@ -170,6 +187,8 @@ class LLMEngine:
                 outputs.append(self._fail(seq, e))
                 continue
             if out.finish_reason:
+                if self.runner.rows:  # what its decode steps wrote is as good as a prefill's: keep it too
+                    self.cache.remember(seq.all_ids, seq.kv, seq.num_cached)
                 self.scheduler.finish(seq)
                 self.seqs.pop(seq.seq_id, None)
             outputs.append(out)

@@ -1,7 +1,15 @@
-"""Tensors in, logits out: prefill one sequence, decode a batch (the engine samples each row with its
-sequence's token step).
+"""Tensors in, logits out: the engine's forwards (the engine samples each row with its sequence's token step).
 
-Batch invariance (docs/conventions.md): a sequence's arithmetic must not depend on its neighbours.
+On the C kernels (a model with `fast_decode`, qianwen/fast/decode.py) every step is ONE forward of rows
+(`step_rows`): each row is one token of some sequence at its position, decode rows and the tokens of
+prompt chunks alike, several prompts packed together. The kernels compute each row on its own (kernels.c:
+row-invariant matmuls; K/V of all rows stored before any row attends, causally by its position), so a
+token's K/V and logits are bitwise the same whether it was decoded, prefilled alone, in a chunk of any
+size or beside any other sequences. That is what lets the prefix cache keep the K/V decode steps wrote
+(a chat's earlier answers) as well as prompts'.
+
+Elsewhere (a GPU, a model part without kernels, Qwen-7B's dynamic NTK) prefill and decode are separate
+forwards, and batch invariance (docs/conventions.md) is kept as follows:
 - Prefill runs each new sequence in its own forwards, in aligned pieces of `prefill_block` tokens, so the
   result is the same alone or batched, chunked or not, with or without a cached prefix.
 - Decode batches rows, and matmul kernels pick different code paths by row count. Measured on this
@@ -28,6 +36,9 @@ class ModelRunner:
                  batch_invariant: bool = True, prefill_block: int = 1 << 62) -> None:
         self.net, self.device, self.dtype = net, device, dtype
         self.prefill_block = prefill_block
+        # every step one forward of rows (step_rows): the C decode step is installed, on the CPU, and no
+        # prompt needs a forward of its own (Qwen-7B's dynamic NTK: prefill_block covers the whole prompt)
+        self.rows = getattr(net, "fast_decode", None) is not None and device.type == "cpu" and prefill_block < 1 << 62
         self.max_rows = MAX_ROWS if batch_invariant else 1 << 30
         self.min_rows = MIN_ROWS.get(dtype, 1) if batch_invariant else 1
 
@@ -63,6 +74,42 @@ class ModelRunner:
                 seq.prefilling = False
             seq.num_cached = stop
         return logits
+
+    @torch.inference_mode()
+    def step_rows(self, prefill: list[tuple[Sequence, int]], decode: list[Sequence]
+                  ) -> tuple[list[Sequence], torch.Tensor]:
+        """One forward of rows: the next token of each `decode` sequence and the next `n` uncached tokens of
+        each `prefill` sequence. Returns the sequences with a next token to choose (the decode ones, then
+        the prompts whose last token ran) and their logits [k, vocab] float32."""
+        ids: list[int] = []
+        pos: list[int] = []
+        kvs = []
+        want: list[int] = []  # the row whose logits each returned sequence needs
+        done: list[Sequence] = []
+        for seq in decode:
+            ids.append(seq.all_ids[-1])
+            pos.append(seq.num_tokens - 1)
+            kvs.append(seq.kv)
+            want.append(len(ids) - 1)
+            done.append(seq)
+        for seq, n in prefill:
+            start, stop = seq.num_cached, min(seq.num_tokens, seq.num_cached + n)
+            ids += seq.all_ids[start:stop]
+            pos += range(start, stop)
+            kvs += [seq.kv] * (stop - start)
+            if stop == seq.num_tokens:
+                want.append(len(ids) - 1)
+                done.append(seq)
+        cache = BatchCache(kvs, pos, dict(decode[0].extra if decode else prefill[0][0].extra))
+        h = self.net.hidden_states(torch.tensor(ids, device=self.device)[:, None],
+                                   torch.tensor(pos, device=self.device)[:, None], cache)
+        logits = self.net.compute_logits(h[want, 0]).float().cpu() if want else torch.empty(0)
+        for seq in decode:
+            seq.num_cached = seq.num_tokens
+        for seq, n in prefill:
+            seq.num_cached = min(seq.num_tokens, seq.num_cached + n)
+            seq.prefilling = seq.num_cached < seq.num_tokens
+        return done, logits
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor | list[torch.Tensor]:
