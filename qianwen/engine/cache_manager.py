@@ -3,8 +3,8 @@
 Each sequence owns a buffer [layers, 2, kv_heads, capacity, head_dim] that grows in whole blocks, so
 its attention always reads a contiguous prefix of its own buffer: the same shapes and the same kernel
 calls whether it runs alone or beside others (batch invariance). The budget counts allocated capacity;
-when it is spent the scheduler queues or preempts sequences. Finished prompts leave copies of their full
-blocks behind for later prompts that start the same way (prefix_cache.py), in the same budget.
+when it is spent the scheduler queues or preempts sequences. Prefilled prompts (and finished answers) leave
+copies of their full blocks behind for later prompts that start the same way (prefix_cache.py), in the same budget.
 
 
 An int8 cache (`--kv-cache-dtype int8`) keeps beside the buffer one fp32 scale per vector, scales
@@ -128,8 +128,8 @@ class CacheManager:
         return len(blocks) * b
 
     def remember(self, ids: list[int], kv: SeqKV, n_tokens: int) -> None:
-        """Keep copies of the full blocks among the first n_tokens of `ids` that `kv` holds (computed by a
-        prefill), evicting older blocks for room but never live sequences."""
+        """Keep copies of the full blocks among the first n_tokens of `ids` that `kv` holds (computed as a
+        prefill would: see prefix_cache.py), evicting older blocks for room but never live sequences."""
         if self.prefix is None:
             return
         b, chain = self.prefix.block_size, self.prefix.chain(ids, n_tokens)

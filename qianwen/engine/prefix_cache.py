@@ -7,8 +7,9 @@ key names a whole prefix (the same block after different prefixes gets different
 int8 scales) taken out of a sequence's buffer after its
 prefill computed them, and copied into a new sequence's buffer when its prompt starts with them: the
 engine's per-sequence buffers stay contiguous, so attention and the C decode kernels (`native_rows`)
-read them unchanged. Only prefill-computed K/V is kept, never what decode steps wrote, so a cached
-block holds exactly what a prefill without the cache would compute for it.
+read them unchanged. A cached block holds exactly what a prefill without the cache would compute for it:
+the engine keeps prompts' blocks, and answers' blocks only where decode writes the same K/V as prefill
+(model_runner.py `step_rows`).
 
 The cache manager counts blocks against the same token budget as live sequences and evicts them least
 recently used first, before any live sequence is preempted.
