@@ -93,9 +93,41 @@ def quantized(request, tmp_path_factory):
 
 
 def _decode(net, ids: list[int], steps: list[int], cache) -> torch.Tensor:
+    """The logits of decode `steps` after the prompt `ids`, which runs on torch's layers whatever the steps
+    run on (so two runs compare their steps from the same cache bytes)."""
+    fd, net.fast_decode = net.fast_decode, None
+    try:
+        with torch.inference_mode():
+            net.hidden_states(torch.tensor([ids]), cache=cache)
+    finally:
+        net.fast_decode = fd
     with torch.inference_mode():
-        net.hidden_states(torch.tensor([ids]), cache=cache)
         return torch.stack([net(torch.tensor([[t]]), cache=cache)[0, -1].float() for t in steps])
+
+
+@pytest.mark.parametrize("quant", [None, 4])
+def test_a_prompt_as_rows_matches_the_model_forward(tmp_path, quant):
+    """A prompt through the fused step (its tokens as rows at consecutive positions, attending causally)
+    gives the logits of torch's forward at every position, and leaves the cache ready for decoding."""
+    src = save_tiny(tmp_path / "src", "qwen2")
+    net = qianwen.load(str(quantize_folder(src, tmp_path / "q", bits=4, group_size=32) if quant else src),
+                       dtype=torch.float32).net
+    # unquantized: more than one attention chunk (256); int4: under quant/linear.py PREFILL_TOKENS, where
+    # torch's forward runs the same int4 kernels (longer, it rounds activations to bf16 for a bf16 matmul)
+    ids = [(i * 7) % 300 + 3 for i in range(60 if quant else 300)]
+    with torch.inference_mode():
+        cache = StaticKVCache.for_model(net, 1, 320)
+        fast = net(torch.tensor([ids]), cache=cache)[0]
+        assert cache.length == len(ids)
+        step = net(torch.tensor([[5]]), cache=cache)[0, -1]
+        fd, net.fast_decode = net.fast_decode, None
+        try:
+            want = net(torch.tensor([ids + [5]]))[0]
+        finally:
+            net.fast_decode = fd
+    tol = 1e-4 if quant else 1e-5
+    assert (fast - want[:-1]).abs().max().item() <= tol * want.abs().max().item()
+    assert (step - want[-1]).abs().max().item() <= tol * want.abs().max().item()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

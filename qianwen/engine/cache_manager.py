@@ -162,21 +162,22 @@ class BatchCache:
         return self.past[0] if self.past else 0
 
     def native_rows(self, t: int) -> tuple[list[KVRow | None], torch.dtype]:
-        """For kernels that write the cache themselves (fast/decode.py): each row's K/V addresses
-        (None for padding rows); the `t` new tokens go after `past`."""
+        """For kernels that write the cache themselves (fast/decode.py): one row per new token (batch entry
+        b's `t` tokens as rows b * t .. b * t + t - 1, at positions past[b] ..) with its K/V addresses
+        (None for padding rows)."""
         rows: list[KVRow | None] = []
         dtype = torch.float32
         for kv, past in zip(self.kvs, self.past, strict=True):
             if kv is None:
-                rows.append(None)
+                rows += [None] * t
                 continue
             _, _, h, cap, d = kv.buf.shape
             if past + t > cap:
                 raise ValueError(f"sequence cache holds {cap} tokens; {past + t} needed")
             dtype, k = kv.buf.dtype, kv.buf.data_ptr()
             ks = 0 if kv.scales is None else kv.scales.data_ptr()
-            rows.append(KVRow(k, k + h * cap * d * kv.buf.element_size(), 2 * h * cap * d, cap * d, past,
-                              ks, ks and ks + h * cap * 4))
+            rows += [KVRow(k, k + h * cap * d * kv.buf.element_size(), 2 * h * cap * d, cap * d, past + j,
+                           ks, ks and ks + h * cap * 4) for j in range(t)]
         return rows, dtype
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

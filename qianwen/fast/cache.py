@@ -86,7 +86,8 @@ class StaticKVCache:
         return past
 
     def native_rows(self, t: int) -> tuple[list[KVRow], torch.dtype]:
-        """Reserve `t` positions in every layer; the rows' K/V addresses (see KVRow)."""
+        """Reserve `t` positions in every layer; one row per new token (batch entry b's t tokens as rows
+        b * t .. b * t + t - 1, at positions past .. past + t - 1) with its K/V addresses (see KVRow)."""
         past = self._len[0]
         for layer in range(len(self._len)):
             if self._reserve(layer, t) != past:
@@ -95,7 +96,8 @@ class StaticKVCache:
         es = self.k.element_size()
         ks, vs = (0, 0) if self.ks is None else (self.ks.data_ptr(), self.vs.data_ptr())
         return [KVRow(self.k.data_ptr() + i * h * s * d * es, self.v.data_ptr() + i * h * s * d * es, b * h * s * d,
-                      s * d, past, ks and ks + i * h * s * 4, vs and vs + i * h * s * 4) for i in range(b)], self.k.dtype
+                      s * d, past + j, ks and ks + i * h * s * 4, vs and vs + i * h * s * 4)
+                for i in range(b) for j in range(t)], self.k.dtype
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         t = k.shape[2]

@@ -21,6 +21,7 @@ from .. import native
 from ..quant.linear import NativeLinear
 
 KV_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # kernels.c's cache element types
+ROWS_PER_CALL = 256  # rows (tokens) per call into the kernels: bounds the activation and attention buffers
 
 
 class Projection:
@@ -127,24 +128,39 @@ class NativeDecoder:
         return hasattr(cache, "native_rows") and self.norm.device.type == "cpu"
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
-        """input_ids, positions [B, 1] -> final hidden states [B, 1, hidden] (fp32)."""
-        lib, net = native.lib(), self.net
+        """input_ids, positions [B, T] -> final hidden states [B, T, hidden] (fp32). Every token is a row:
+        a decode step's (T = 1), a prompt's (its T tokens at consecutive positions, attending causally), or
+        the engine's mix (model_runner.py `step_rows`). The kernels store a layer's K/V of every row before
+        any row attends, and compute each row on its own, so a token's results do not depend on the other
+        rows: a prompt prefilled as rows writes exactly what decoding it token by token would. Rows run in
+        pieces of ROWS_PER_CALL (bounded buffers); earlier pieces' K/V are in the cache for later ones."""
         native.kernel_threads()  # this thread's OpenMP count: torch's setting, fewer while cores are busy
-        m, hq, hkv, d, h, eps = input_ids.shape[0], self.hq, self.hkv, self.d, self.h, self.eps
-        qkv_n = (hq + 2 * hkv) * d
-        x = net.model.embed_tokens(input_ids).reshape(m, h).float().contiguous()
-        cos, sin = (t.reshape(m, d).float().contiguous() for t in net.rotary(positions, cache, torch.float32))
+        b, t = input_ids.shape
+        m, h, d = b * t, self.h, self.d
+        x = self.net.model.embed_tokens(input_ids).reshape(m, h).float().contiguous()
+        cos, sin = (c.reshape(m, d).float().contiguous() for c in self.net.rotary(positions, cache, torch.float32))
         scale = torch.full((m,), 1 / math.sqrt(d))
-        q_scale = net.q_scale(positions)
+        q_scale = self.net.q_scale(positions)
         if q_scale is not None:  # Qwen-7B LogN
             scale *= q_scale.reshape(m).float()
+        rows, dtype = cache.native_rows(t)
+        if dtype not in KV_CODES:
+            raise ValueError(f"the decode kernels take fp32, bf16 or int8 caches, not {dtype}")
+        for i in range(0, m, ROWS_PER_CALL):
+            j = min(m, i + ROWS_PER_CALL)
+            self._rows(x[i:j], cos[i:j], sin[i:j], scale[i:j], rows[i:j], dtype)
+        native.lib().rms_norm(x.data_ptr(), x.data_ptr(), m, h, h, h, self.norm.data_ptr(), self.eps)
+        return x.view(b, t, h)
+
+    def _rows(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scale: torch.Tensor,
+              rows: list, dtype: torch.dtype) -> None:
+        """The layer stack over rows x [m, hidden] (updated in place), before the final norm."""
+        lib = native.lib()
+        m, hq, hkv, d, h, eps = x.shape[0], self.hq, self.hkv, self.d, self.h, self.eps
+        qkv_n = (hq + 2 * hkv) * d
         hbuf, att = torch.empty(m, h), torch.empty(m, hq * d)
         qkv, gu, act = torch.empty(m, qkv_n), torch.empty(m, 2 * self.inter), torch.empty(m, self.inter)
         xp, hp, qkvp, attp, gup, actp = (t.data_ptr() for t in (x, hbuf, qkv, att, gu, act))
-
-        rows, dtype = cache.native_rows(1)
-        if dtype not in KV_CODES:
-            raise ValueError(f"the decode kernels take fp32, bf16 or int8 caches, not {dtype}")
         es, code = dtype.itemsize, KV_CODES[dtype]
         kb, vb, ks, vs = ((ctypes.c_void_p * m)() for _ in range(4))  # ks, vs: int8 caches' scales
         pos = (ctypes.c_int * m)(*(r.past if r else 0 for r in rows))
@@ -160,28 +176,26 @@ class NativeDecoder:
             lib.decode_layers(layers, len(self.layers), m, h, hq, hkv, d, self.inter, eps, xp, hp, qkvp, attp, gup,
                               actp, cos.data_ptr(), sin.data_ptr(), scale.data_ptr(), k0, v0, ks0, vs0,
                               layer_strides, strides, pos, lens, code)
-        else:  # the same kernels, called one by one (some projection runs on torch)
-            for i, layer in enumerate(self.layers):
-                for j, r in enumerate(rows):
-                    if r is not None:
-                        kb[j], vb[j] = r.k + i * r.layer_stride * es, r.v + i * r.layer_stride * es
-                        if code == KV_CODES[torch.int8]:  # one fp32 scale per D elements
-                            ks[j], vs[j] = r.ks + i * r.layer_stride // d * 4, r.vs + i * r.layer_stride // d * 4
-                lib.rms_norm(xp, hp, m, h, h, h, layer["ln1"].data_ptr(), eps)
-                layer["qkv"](hbuf, qkv)
-                if layer["q_norm"] is not None:  # Qwen3: per-head RMSNorm of q and k before rotary
-                    for j in range(m):
-                        q0, k0 = qkvp + 4 * j * qkv_n, qkvp + 4 * (j * qkv_n + hq * d)
-                        lib.rms_norm(q0, q0, hq, d, d, d, layer["q_norm"].data_ptr(), eps)
-                        lib.rms_norm(k0, k0, hkv, d, d, d, layer["k_norm"].data_ptr(), eps)
-                lib.rope(qkvp, m, hq + hkv, d, qkv_n, cos.data_ptr(), sin.data_ptr())
-                lib.kv_store(qkvp, m, qkv_n, hq * d, (hq + hkv) * d, hkv, d, kb, vb, ks, vs, pos, strides, code)
-                lib.attend(qkvp, m, hq, hkv, d, qkv_n, kb, vb, ks, vs, lens, strides, code, scale.data_ptr(), attp)
-                layer["o"](att, x, accumulate=True)
+            return
+        for i, layer in enumerate(self.layers):  # the same kernels, called one by one (some projection on torch)
+            for j, r in enumerate(rows):
+                if r is not None:
+                    kb[j], vb[j] = r.k + i * r.layer_stride * es, r.v + i * r.layer_stride * es
+                    if code == KV_CODES[torch.int8]:  # one fp32 scale per D elements
+                        ks[j], vs[j] = r.ks + i * r.layer_stride // d * 4, r.vs + i * r.layer_stride // d * 4
+            lib.rms_norm(xp, hp, m, h, h, h, layer["ln1"].data_ptr(), eps)
+            layer["qkv"](hbuf, qkv)
+            if layer["q_norm"] is not None:  # Qwen3: per-head RMSNorm of q and k before rotary
+                for j in range(m):
+                    q0, k0 = qkvp + 4 * j * qkv_n, qkvp + 4 * (j * qkv_n + hq * d)
+                    lib.rms_norm(q0, q0, hq, d, d, d, layer["q_norm"].data_ptr(), eps)
+                    lib.rms_norm(k0, k0, hkv, d, d, d, layer["k_norm"].data_ptr(), eps)
+            lib.rope(qkvp, m, hq + hkv, d, qkv_n, cos.data_ptr(), sin.data_ptr())
+            lib.kv_store(qkvp, m, qkv_n, hq * d, (hq + hkv) * d, hkv, d, kb, vb, ks, vs, pos, strides, code)
+            lib.attend(qkvp, m, hq, hkv, d, qkv_n, kb, vb, ks, vs, lens, strides, code, scale.data_ptr(), attp)
+            layer["o"](att, x, accumulate=True)
 
-                lib.rms_norm(xp, hp, m, h, h, h, layer["ln2"].data_ptr(), eps)
-                layer["gate_up"](hbuf, gu)
-                lib.silu_mul(gup, m, self.inter, actp)
-                layer["down"](act, x, accumulate=True)
-        lib.rms_norm(xp, xp, m, h, h, h, self.norm.data_ptr(), eps)
-        return x.view(m, 1, h)
+            lib.rms_norm(xp, hp, m, h, h, h, layer["ln2"].data_ptr(), eps)
+            layer["gate_up"](hbuf, gu)
+            lib.silu_mul(gup, m, self.inter, actp)
+            layer["down"](act, x, accumulate=True)

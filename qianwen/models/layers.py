@@ -117,7 +117,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.fast_decode = None  # a one-token step on fused kernels, installed by qianwen.fast.optimize
+        self.fast_decode = None  # the layer stack over token rows on fused kernels, installed by qianwen.fast.optimize
         self._head_f32: tuple | None = None  # (key, float32 copy) of a bf16/fp16 lm_head weight
 
     # What an architecture may override (the engine and the fast paths use only these, never the type):
@@ -142,7 +142,7 @@ class Transformer(nn.Module):
             t = input_ids.shape[1]
             positions = torch.arange(cache.length, cache.length + t, device=input_ids.device).expand(input_ids.shape[0], t)
         fast = self.fast_decode
-        if fast is not None and input_ids.shape[1] == 1 and not torch.is_grad_enabled() and fast.accepts(cache):
+        if fast is not None and not torch.is_grad_enabled() and fast.accepts(cache):  # decode and prompts alike
             return fast(input_ids, positions, cache)
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, cache, x.dtype)
