@@ -1,12 +1,15 @@
-"""The decode step (one new token per sequence) on the C kernels: what `optimize` installs as a model's
-`fast_decode`. It computes exactly the layers of models/layers.py, in fp32 activations, with about ten
-kernel calls per layer instead of some forty torch ops; when every projection has a kernel, the whole
-layer stack is one call into C (`decode_layers`, the same kernels in the same order), so Python and
-ctypes overhead, most of a small model's step otherwise, all but vanish.
+"""The layer stack over token rows on the C kernels: what `optimize` installs as a model's `fast_decode`.
+It computes exactly the layers of models/layers.py, in fp32 activations, with about ten kernel calls per
+layer instead of some forty torch ops; when every projection has a kernel, the whole layer stack is one
+call into C (`decode_layers`, the same kernels in the same order), so Python and ctypes overhead, most of
+a small model's step otherwise, all but vanish.
 
-Used for inference on the CPU when the kernels are built (native.py) and the cache can say where its
-rows live (`native_rows`: StaticKVCache, the engine's BatchCache); anything else runs the model's own
-forward. Each row goes through the same kernels whatever the batch (docs/conventions.md: batch invariance)."""
+Every token is a row: a decode step's one token per sequence, a prompt's tokens (consecutive positions,
+attending causally), or the engine's mix of both (engine/model_runner.py `step_rows`). Used for inference
+on the CPU when the kernels are built (native.py) and the cache can say where its rows live
+(`native_rows`: StaticKVCache, the engine's BatchCache); anything else runs the model's own forward. Each
+row goes through the same kernels whatever the other rows (docs/conventions.md: batch invariance), so a
+prompt's K/V and logits are bitwise those of decoding it token by token."""
 
 from __future__ import annotations
 
