@@ -221,3 +221,89 @@ def test_serve_frontend_cores_default_and_bad_value(tiny_qwen2_dir):
     r = subprocess.run([sys.executable, "-m", "qianwen.cli.main", "serve", "--frontend-cores", "-1"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "--frontend-cores must be 0 or more" in r.stderr and "Traceback" not in r.stderr
+
+
+def _run_choice(choice, n: int, steps: int, seconds: dict[int, float]) -> list[int]:
+    """Drive `choice` as the engine thread does for `steps` steps of `n` sequences, each step taking
+    seconds[count]; returns the counts used."""
+    used, before = [], None
+    for _ in range(steps):
+        threads = choice.threads(n)
+        choice.record(n, threads, seconds[threads], switched=before is not None and before != threads)
+        used.append(threads)
+        before = threads
+    return used
+
+
+def test_thread_choice_keeps_the_faster_count_and_measures_the_other_less_often():
+    """ThreadChoice starts on the front end's count, measures every thread for PROBE_STEPS steps, keeps the
+    faster, and measures the slower again after EXPLORE_STEPS[0] steps, then twice as many."""
+    from qianwen.engine.async_engine import EXPLORE_STEPS, PROBE_STEPS, ThreadChoice
+
+    faster_all = ThreadChoice(1, 2)
+    used = _run_choice(faster_all, 1, 2 * PROBE_STEPS + 1, {1: 0.005, 2: 0.004})
+    assert used[:PROBE_STEPS] == [1] * PROBE_STEPS and used[PROBE_STEPS:2 * PROBE_STEPS] == [2] * PROBE_STEPS
+    assert used[-1] == 2  # every thread was faster: kept
+    slower_all = ThreadChoice(1, 2)
+    used = _run_choice(slower_all, 1, 4 * PROBE_STEPS + 3 * EXPLORE_STEPS[0] + 1,
+                       {1: 0.004, 2: 0.009})
+    probes = [i for i in range(1, len(used)) if used[i] == 2 and used[i - 1] == 1]
+    # the other count again after EXPLORE_STEPS[0] steps on the faster one, then after twice as many
+    assert probes == [PROBE_STEPS, 2 * PROBE_STEPS + EXPLORE_STEPS[0], 3 * PROBE_STEPS + 3 * EXPLORE_STEPS[0]]
+    assert used[-1] == 1
+    # batch sizes are measured apart: 4 sequences start on the front end's count again
+    assert slower_all.threads(4) == 1 and faster_all.threads(4) == 1 and faster_all.threads(1) == 2
+
+
+def test_thread_choice_follows_a_change_and_skips_the_step_after_a_switch():
+    """When the kept count becomes the slower one (the machine got busy), the next measurement switches; the
+    first step after each change of count (OpenMP resizing its team) is not counted."""
+    from qianwen.engine.async_engine import EXPLORE_STEPS, PROBE_STEPS, ThreadChoice
+
+    choice = ThreadChoice(1, 2)
+    _run_choice(choice, 1, 2 * PROBE_STEPS + 1, {1: 0.005, 2: 0.004})
+    assert choice.threads(1) == 2
+    _run_choice(choice, 1, EXPLORE_STEPS[0] + PROBE_STEPS, {1: 0.005, 2: 0.008})
+    assert choice.threads(1) == 1
+    # a slow first step after each switch does not decide anything
+    choice = ThreadChoice(1, 2)
+    used, before = [], None
+    for _ in range(2 * PROBE_STEPS + 1):
+        threads = choice.threads(1)
+        switched = before is not None and before != threads
+        choice.record(1, threads, 1.0 if switched else {1: 0.005, 2: 0.004}[threads], switched)
+        used.append(threads)
+        before = threads
+    assert used[-1] == 2
+
+
+def test_server_engine_runs_few_sequences_on_either_count_with_the_same_tokens(tiny_qwen2_dir, monkeypatch):
+    """With a front-end core the engine thread measures both thread counts on one stream (short probes here)
+    and the tokens are those of an engine that always runs on every thread."""
+    import asyncio
+
+    from qianwen.engine import LLMEngine
+    from qianwen.engine import async_engine as A
+
+    monkeypatch.setattr(A, "PROBE_STEPS", 2)
+    monkeypatch.setattr(A, "EXPLORE_STEPS", (4, 8))
+    model = qianwen.load(str(tiny_qwen2_dir), dtype="float32")
+    params = model.params(max_tokens=24, temperature=0, ignore_eos=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        async def run(frontend: int) -> tuple[list[int], list[int]]:
+            eng = A.AsyncEngine(LLMEngine(model), frontend_cores=frontend)
+            eng.start()
+            try:
+                seq = eng.engine.make_sequence([3, 4, 5], params)
+                return [o.token_id async for o in eng.stream(seq)], list(eng.step_threads)
+            finally:
+                eng.shutdown()
+
+        tokens, threads = asyncio.run(run(1))
+        ref, threads_all = asyncio.run(run(0))
+        assert set(threads) == {1, 2} and set(threads_all) == {2}
+        assert tokens == ref and len(tokens) == 24
+    finally:
+        torch.set_num_threads(before)

@@ -11,19 +11,23 @@ put aside (docs/server.md measures it). So after a step with few outputs (HANDOF
 thread waits, at most HANDOFF_WAIT seconds, until the loop has run the readers it woke; the loop never waits for the engine, and a slow client never holds it up
 (its writes are buffered by the transport).
 
-A core for the front end: a step of a few sequences is short, and the event loop, the HTTP streams and the
-clients' own processes need a core every few milliseconds; when the kernels' threads hold every core they
-take turns with it, which halves one stream's rate on a 2-core machine (docs/server.md). With
-`frontend_cores` (the server's default: one, on a CPU with two or more cores) the kernels run on that many
-threads fewer while at most FRONTEND_MAX_SEQS sequences are in the engine, and on all of them for bigger
-batches, whose long steps the front end disturbs less (as vLLM's CPU backend keeps cores for its front end).
-Results do not depend on the thread count (docs/conventions.md).
+A core for the front end, when that is faster: a step of a few sequences is short, and the event loop, the
+HTTP streams and the clients' own processes need a core every few milliseconds. With `frontend_cores` (the
+server's default: one, on a CPU with two or more cores) a step of at most FRONTEND_MAX_SEQS sequences runs
+either on that many kernel threads fewer (the front end works beside the step) or on all of them (the step
+is shortest, and the engine waits for the loop as above, so the two take turns instead of stalling each other).
+Which is faster depends on the cores, the model, the clients and the machine's other load, so `ThreadChoice`
+measures it as the server runs: each batch size's steps run mostly on the count that served them faster and
+now and then on the other, to notice a change. Bigger batches run on every thread (their long steps suffer
+less from the front end's work; vLLM's CPU backend also keeps cores for its front end). Results do not
+depend on the thread count (docs/conventions.md).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import statistics
 import threading
 import time
 from collections import deque
@@ -36,9 +40,12 @@ HANDOFF_WAIT = 0.01  # seconds the engine thread waits for an event loop to take
 # the loop's work grows with the outputs it is handed, the stall it causes beside a step does not: waiting
 # paid off for steps of 1-2 outputs and lost for 4 (docs/server.md)
 HANDOFF_WAIT_MAX_OUTPUTS = 2
-# up to this many sequences a step runs on the cores the front end leaves (the module docstring): measured on
-# 2 cores, one kernel thread served 1 and 4 streams 2.2x and 1.4x faster, 16 streams 0.88x (docs/server.md)
+# up to this many sequences a step may run on the cores the front end leaves (the module docstring): measured
+# on 2 cores, one kernel thread served 4 streams 1.4x faster than two, 16 streams 0.88x (docs/server.md)
 FRONTEND_MAX_SEQS = 8
+PROBE_STEPS = 8  # steps per measurement of the other thread count (their median is compared)
+# steps on the faster count before the other is measured again: doubled each time the other lost again
+EXPLORE_STEPS = (128, 2048)
 
 Target = tuple[asyncio.AbstractEventLoop, asyncio.Queue]
 
@@ -57,6 +64,44 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+class ThreadChoice:
+    """Which of two kernel thread counts (`few`, `every`) serves steps of each batch size faster, from the
+    time between the starts of consecutive steps (the step, the hand-over and any wait for the event loop).
+    Each batch size starts on `few`; after PROBE_STEPS steps it runs PROBE_STEPS on `every`, then keeps
+    the count whose last PROBE_STEPS steps had the shorter median, and measures the other again after
+    EXPLORE_STEPS[0] steps, twice as many each time the other loses again (at most EXPLORE_STEPS[1]). The
+    first step after a change of count is not measured (OpenMP resizes its team)."""
+
+    def __init__(self, few: int, every: int) -> None:
+        self.few, self.every = few, every
+        self.best: dict[int, int] = {}  # batch size -> the count its steps run on
+        self.times: dict[tuple[int, int], deque[float]] = {}  # (batch size, count) -> recent step times
+        self.left: dict[int, int] = {}  # batch size -> steps until the other count is measured (<= 0: it is)
+        self.gap: dict[int, int] = {}  # batch size -> steps between measurements of the other count
+
+    def threads(self, n: int) -> int:
+        """The count for the next step of `n` sequences."""
+        best = self.best.setdefault(n, self.few)
+        left = self.left.setdefault(n, PROBE_STEPS)
+        return best if left > 0 else (self.every if best == self.few else self.few)
+
+    def record(self, n: int, threads: int, seconds: float, switched: bool) -> None:
+        """A step of `n` sequences (counted by `threads(n)` just before) on `threads` took `seconds` until
+        the next began; `switched`: the step before ran on another count."""
+        if not switched:
+            self.times.setdefault((n, threads), deque(maxlen=PROBE_STEPS)).append(seconds)
+        self.left[n] -= 1
+        if self.left[n] > -PROBE_STEPS:
+            return
+        few, every = (self.times.get((n, c)) for c in (self.few, self.every))
+        best = self.best[n]
+        if few and every:
+            self.best[n] = self.every if statistics.median(every) < statistics.median(few) else self.few
+        gap = self.gap.get(n, EXPLORE_STEPS[0] // 2)
+        self.gap[n] = min(2 * gap, EXPLORE_STEPS[1]) if self.best[n] == best else EXPLORE_STEPS[0]
+        self.left[n] = self.gap[n]
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, on_step: Callable[[float, int], None] | None = None,
                  wait_for_loop: bool | None = None, frontend_cores: int = 0) -> None:
@@ -72,6 +117,7 @@ class AsyncEngine:
         self._cores = usable_cores() if engine.model.device.type == "cpu" else None
         self.frontend_cores = frontend_cores if self._cores is not None else 0
         self.step_threads: deque[int] = deque(maxlen=64)  # the kernels' thread count of recent steps (tests)
+        self.choice: ThreadChoice | None = None  # with frontend_cores, set when the engine thread starts
 
     def start(self) -> None:
         if self._thread is None:
@@ -94,25 +140,34 @@ class AsyncEngine:
 
         every = torch.get_num_threads()  # the user's setting ($QIANWEN_THREADS, --threads), in this thread
         few = max(1, every - self.frontend_cores)
+        self.choice = ThreadChoice(few, every) if few < every else None
         try:
-            self._steps(every, few)
+            self._steps(every)
         finally:  # torch.set_num_threads also sets the count threads started later begin with
             torch.set_num_threads(every)
 
-    def _steps(self, every: int, few: int) -> None:
+    def _steps(self, every: int) -> None:
         import torch
 
+        # the step before, for `choice`: (sequences, threads, whether its count differed from the one before, start)
+        last: tuple[int, int, bool, float] | None = None
+        threads = every
         with torch.inference_mode():
             while not self._stop:
                 if not self.engine.has_work():
+                    last = None  # an idle gap is no step's time
                     self._wake.wait(0.5)
                     self._wake.clear()
                     continue
-                threads = few if len(self.engine.seqs) <= FRONTEND_MAX_SEQS else every
+                t0 = time.perf_counter()
+                if last is not None and self.choice is not None and last[0] <= FRONTEND_MAX_SEQS:
+                    self.choice.record(last[0], last[1], t0 - last[3], last[2])
+                n, before = len(self.engine.seqs), threads
+                threads = self.choice.threads(n) if self.choice is not None and n <= FRONTEND_MAX_SEQS else every
+                last = (n, threads, threads != before, t0)
                 if torch.get_num_threads() != threads:
                     torch.set_num_threads(threads)  # this thread's count: the kernels follow it (qianwen/native)
                 self.step_threads.append(threads)
-                t0 = time.perf_counter()
                 try:
                     outputs = self.engine.step()
                 except Exception as e:  # the whole step failed (one sequence's failure ends only that one,
