@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -112,42 +113,122 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-async def one_request(http: httpx.AsyncClient, model: str, prompt: str, max_tokens: int
+class Client:
+    """A minimal HTTP/1.1 client for the streamed chat requests: one keep-alive connection, the chunked
+    body read straight off the socket, each SSE line parsed with json.loads. The benchmark's client runs
+    on the server's machine and shares its cores, so it should cost little: httpx took ~0.5 ms of CPU per
+    streamed token on the 2-core dev VM, this one ~0.1 ms (docs/server.md). `--httpx` uses httpx instead."""
+
+    def __init__(self, base: str) -> None:
+        host, port = base.removeprefix("http://").split(":")
+        self.host, self.port = host, int(port)
+        self.conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            self.conn[1].close()
+            self.conn = None
+
+    async def lines(self, path: str, body: dict) -> AsyncIterator[str]:
+        """POST `body` as JSON; yields the response's lines (raises for a status other than 200)."""
+        if self.conn is None:
+            self.conn = await asyncio.open_connection(self.host, self.port)
+        reader, writer = self.conn
+        data = json.dumps(body).encode()
+        writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+        status = (await reader.readline()).split(b" ", 2)[1]
+        headers = {}
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            k, _, v = line.decode().partition(":")
+            headers[k.strip().lower()] = v.strip()
+        if status != b"200" or headers.get("transfer-encoding") != "chunked":
+            text = (await reader.readexactly(int(headers.get("content-length", 0)))).decode(errors="replace")
+            await self.close()
+            raise RuntimeError(f"HTTP {status.decode()}: {text}")
+        buf, text, ended = b"", b"", False  # chunked framing not yet read; body text after the last newline
+        while not ended:
+            more = await reader.read(1 << 16)
+            if not more:
+                raise RuntimeError("the server closed the connection mid-stream")
+            buf += more
+            while (eol := buf.find(b"\r\n")) >= 0:  # every whole chunk in the buffer
+                size = int(buf[:eol].split(b";")[0], 16)
+                end = eol + 2 + size + 2  # size line, data, CRLF
+                if len(buf) < end:
+                    break
+                text, buf = text + buf[eol + 2:end - 2], buf[end:]
+                if size == 0:  # the last chunk
+                    ended = True
+                    break
+            *done, text = text.split(b"\n")
+            for line in done:
+                yield line.decode()
+        if headers.get("connection") == "close":
+            await self.close()
+
+
+async def stream_lines(http: Client | httpx.AsyncClient, body: dict) -> AsyncIterator[str]:
+    """The lines of one streamed chat completion, through either client."""
+    if isinstance(http, Client):
+        async for line in http.lines("/v1/chat/completions", body):
+            yield line
+        return
+    async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            yield line
+
+
+def client(base: str, use_httpx: bool) -> Client | httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=base, timeout=600) if use_httpx else Client(base)
+
+
+async def close(http: Client | httpx.AsyncClient) -> None:
+    await (http.aclose() if isinstance(http, httpx.AsyncClient) else http.close())
+
+
+async def one_request(http: Client | httpx.AsyncClient, model: str, prompt: str, max_tokens: int
                       ) -> tuple[float, int, float]:
     """(time to first token, output tokens, seconds from the first token to the end)."""
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     ttft, chunks, usage = None, 0, None
-    async with http.stream("POST", "/v1/chat/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line.strip() == "data: [DONE]":
-                continue
-            data = json.loads(line[6:])
-            if data.get("usage"):
-                usage = data["usage"]["completion_tokens"]
-            for c in data.get("choices", []):
-                if (c.get("delta") or {}).get("content"):
-                    chunks += 1
-                    if ttft is None:
-                        ttft = time.perf_counter() - t0
+    async for line in stream_lines(http, body):
+        if not line.startswith("data: ") or line.strip() == "data: [DONE]":
+            continue
+        data = json.loads(line[6:])
+        if data.get("usage"):
+            usage = data["usage"]["completion_tokens"]
+        for c in data.get("choices", []):
+            if (c.get("delta") or {}).get("content"):
+                chunks += 1
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
     end = time.perf_counter() - t0
     ttft = ttft if ttft is not None else end
     return ttft, (usage if usage is not None else chunks), end - ttft
 
 
-async def load(base: str, model: str, clients: int, rounds: int, max_tokens: int) -> dict[str, float]:
-    async with httpx.AsyncClient(base_url=base, timeout=600) as http:
-        await one_request(http, model, "Hi", 4)  # warm-up
+async def load(base: str, model: str, clients: int, rounds: int, max_tokens: int, use_httpx: bool = False
+               ) -> dict[str, float]:
+    # one connection per simulated client (httpx: one pool for all, as before)
+    shared = client(base, True) if use_httpx else None
+    conns = [shared or client(base, False) for _ in range(clients)]
+    try:
+        await one_request(conns[0], model, "Hi", 4)  # warm-up
 
-        async def client(k: int) -> list[tuple[float, int, float]]:
-            return [await one_request(http, model, PROMPTS[(k + r) % len(PROMPTS)], max_tokens)
+        async def run(k: int) -> list[tuple[float, int, float]]:
+            return [await one_request(conns[k], model, PROMPTS[(k + r) % len(PROMPTS)], max_tokens)
                     for r in range(rounds)]
 
         t0 = time.perf_counter()
-        results = [x for xs in await asyncio.gather(*[client(k) for k in range(clients)]) for x in xs]
+        results = [x for xs in await asyncio.gather(*[run(k) for k in range(clients)]) for x in xs]
         wall = time.perf_counter() - t0
+    finally:
+        for c in {id(c): c for c in conns}.values():
+            await close(c)
     ttfts = sorted(t for t, _, _ in results)
     tokens = sum(n for _, n, _ in results)
     # the streaming rate after the first token (one client: the decode step as served, prefill left out)
@@ -156,30 +237,29 @@ async def load(base: str, model: str, clients: int, rounds: int, max_tokens: int
             "ttft_p50": statistics.median(ttfts), "ttft_p95": ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))]}
 
 
-async def first_token(http: httpx.AsyncClient, model: str, messages: list[dict[str, str]], max_tokens: int
-                      ) -> tuple[float, str]:
+async def first_token(http: Client | httpx.AsyncClient, model: str, messages: list[dict[str, str]],
+                      max_tokens: int) -> tuple[float, str]:
     """(seconds to the first content token, the whole answer) of one streamed greedy chat turn."""
     body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "ignore_eos": True}
     t0 = time.perf_counter()
     ttft, parts = None, []
-    async with http.stream("POST", "/v1/chat/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line.strip() == "data: [DONE]":
-                continue
-            for c in json.loads(line[6:]).get("choices", []):
-                piece = (c.get("delta") or {}).get("content")
-                if piece:
-                    parts.append(piece)
-                    if ttft is None:
-                        ttft = time.perf_counter() - t0
+    async for line in stream_lines(http, body):
+        if not line.startswith("data: ") or line.strip() == "data: [DONE]":
+            continue
+        for c in json.loads(line[6:]).get("choices", []):
+            piece = (c.get("delta") or {}).get("content")
+            if piece:
+                parts.append(piece)
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
     return (ttft if ttft is not None else time.perf_counter() - t0), "".join(parts)
 
 
-async def chat_turns(base: str, model: str, max_tokens: int) -> list[float]:
+async def chat_turns(base: str, model: str, max_tokens: int, use_httpx: bool = False) -> list[float]:
     """Time to first token of each turn of one 10-turn conversation (each turn resends the history)."""
-    async with httpx.AsyncClient(base_url=base, timeout=600) as http:
+    http = client(base, use_httpx)
+    try:
         await first_token(http, model, [{"role": "user", "content": "Hi"}], 4)  # warm-up
         messages: list[dict[str, str]] = [{"role": "system", "content": "You are a helpful assistant."}]
         ttfts = []
@@ -188,6 +268,8 @@ async def chat_turns(base: str, model: str, max_tokens: int) -> list[float]:
             ttft, answer = await first_token(http, model, messages, max_tokens)
             messages.append({"role": "assistant", "content": answer})
             ttfts.append(ttft)
+    finally:
+        await close(http)
     return ttfts
 
 
@@ -216,6 +298,8 @@ def main() -> int:
     ap.add_argument("--llama-python", default=None,
                     help="a Python with llama-cpp-python[server] installed (GGUF models); omit to skip llama.cpp")
     ap.add_argument("--log-dir", default="/tmp")
+    ap.add_argument("--httpx", action="store_true",
+                    help="stream through httpx (the client before 2026-12; costs more CPU beside the server)")
     args = ap.parse_args()
 
     models = []
@@ -260,12 +344,12 @@ def main() -> int:
         proc = start(cmd, base, env, log)
         try:
             for c in args.concurrency:
-                r = asyncio.run(load(base, "bench", c, args.rounds, args.max_tokens))
+                r = asyncio.run(load(base, "bench", c, args.rounds, args.max_tokens, args.httpx))
                 print(f"  {label} c={c}: {r['tok_s']:.1f} tok/s, TTFT p50 {r['ttft_p50']:.2f}s "
                       f"p95 {r['ttft_p95']:.2f}s", file=sys.stderr)
                 rows.append((label, path, engine, c, r))
             if args.chat_tokens:
-                turns = asyncio.run(chat_turns(base, "bench", args.chat_tokens))
+                turns = asyncio.run(chat_turns(base, "bench", args.chat_tokens, args.httpx))
                 print(f"  {label} chat TTFT turn 1 {turns[0]:.3f}s, turn 10 {turns[-1]:.3f}s", file=sys.stderr)
                 chats.append((label, path, turns))
         finally:
