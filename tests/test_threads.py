@@ -307,3 +307,44 @@ def test_server_engine_runs_few_sequences_on_either_count_with_the_same_tokens(t
         assert tokens == ref and len(tokens) == 24
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(len(CPUS) < 2, reason="needs two cores for a team of two threads")
+def test_release_pool_gives_back_the_calling_threads_openmp_threads():
+    """In a fresh process: a parallel region on the main thread leaves its pool's thread alive; release_pool
+    ends it (libgomp stops spinning at barriers once a process holds more OpenMP threads than cores)."""
+    code = ("import os, torch\nfrom qianwen import native\ntorch.set_num_threads(2)\n"
+            "tasks = lambda: len(os.listdir('/proc/self/task'))\nbefore = tasks()\n"
+            "torch.ones(1 << 22).sum()\nopened = tasks()\nok = native.release_pool()\n"
+            "print([opened - before, ok, tasks() - before])\n")
+    env = {**os.environ, "QIANWEN_ADAPT_THREADS": "0"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert eval(out.stdout.strip().splitlines()[-1]) == [1, True, 0]
+
+
+def test_server_threads_that_stop_running_kernels_release_their_openmp_pools(tiny_qwen2_dir, monkeypatch):
+    """AsyncEngine.start releases the starting thread's pool (the engine thread runs the kernels from then
+    on), and the scoring thread releases its own after each prompt-scoring job."""
+    import asyncio
+    import threading
+
+    from qianwen.engine import LLMEngine
+    from qianwen.engine.async_engine import AsyncEngine
+    from qianwen.server.metrics import Metrics
+    from qianwen.server.serving import ServerConfig, Serving
+
+    released: list[str] = []
+    monkeypatch.setattr(native, "release_pool", lambda: released.append(threading.current_thread().name) or True)
+    model = qianwen.load(str(tiny_qwen2_dir), dtype="float32")
+    engine = AsyncEngine(LLMEngine(model))
+    engine.start()
+    try:
+        assert released == [threading.current_thread().name]
+        serving = Serving(model, engine, ServerConfig(model_name="tiny"), Metrics(*[lambda: 0] * 4, lambda: {}))
+        scored = asyncio.run(serving.score([[3, 4, 5, 6]], 2))
+        assert len(scored[0][0]) == 3
+        assert released[1:] == [t.name for t in serving.scorer._threads]
+        assert released[1].startswith("qianwen-score")
+    finally:
+        engine.shutdown()

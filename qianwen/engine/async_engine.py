@@ -33,6 +33,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 
+from .. import native
 from .llm_engine import LLMEngine
 from .sequence import Sequence, StepOutput
 
@@ -121,6 +122,8 @@ class AsyncEngine:
 
     def start(self) -> None:
         if self._thread is None:
+            if self._cores is not None:  # the kernels run on the engine thread from now on: this thread's
+                native.release_pool()  # OpenMP pool would make the engine's barriers sleep (qianwen/native)
             self._thread = threading.Thread(target=self._loop, name="qianwen-engine", daemon=True)
             self._thread.start()
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from fastapi import Request
 
+from .. import native
 from ..engine.async_engine import AsyncEngine
 from ..engine.sequence import Sequence, StepOutput
 from ..errors import QianwenError
@@ -134,8 +135,13 @@ class Serving:
 
     async def score(self, prompts: list[list[int]], top: int) -> list[tuple[list[float], list]]:
         """prompt_logprobs of each prompt, computed on the scoring thread."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.scorer, lambda: [prompt_logprobs(self.model, p, top) for p in prompts])
+        def job() -> list[tuple[list[float], list]]:
+            try:
+                return [prompt_logprobs(self.model, p, top) for p in prompts]
+            finally:  # its OpenMP threads, kept, would make the engine thread's barriers sleep (qianwen/native)
+                native.release_pool()
+
+        return await asyncio.get_running_loop().run_in_executor(self.scorer, job)
 
     # ---------------------------------------------------------------- outputs
 
