@@ -18,6 +18,11 @@ scenario: one client holds a 10-turn conversation, each turn sending the whole h
 answers included) and a new question, answers greedy and exactly `--chat-tokens` long (ignore_eos); it
 reports the time to the first token of each turn (the goal: turn 10 <= 1.2x turn 1, which needs the
 engine to reuse the cached prefix). Prints Markdown tables.
+
+The clients run on the server's machine and share its cores, so they are light (`Client`: raw HTTP/1.1 on
+one connection each, the chunked SSE body read off the socket); every server is measured through the same
+client. Until 2026-11-30 they streamed through httpx, which took about twice the CPU per token beside the
+server; `--httpx` measures that way, for comparison with older figures.
 """
 
 from __future__ import annotations
@@ -115,9 +120,8 @@ def stop(proc: subprocess.Popen) -> None:
 
 class Client:
     """A minimal HTTP/1.1 client for the streamed chat requests: one keep-alive connection, the chunked
-    body read straight off the socket, each SSE line parsed with json.loads. The benchmark's client runs
-    on the server's machine and shares its cores, so it should cost little: httpx took ~0.5 ms of CPU per
-    streamed token on the 2-core dev VM, this one ~0.1 ms (docs/server.md). `--httpx` uses httpx instead."""
+    body read straight off the socket, each SSE line parsed with json.loads. On the 2-core dev VM it took
+    0.25 ms of CPU per streamed token at 1 client (httpx: 0.55), 0.11 at 4 (httpx: 0.25)."""
 
     def __init__(self, base: str) -> None:
         host, port = base.removeprefix("http://").split(":")
@@ -299,7 +303,7 @@ def main() -> int:
                     help="a Python with llama-cpp-python[server] installed (GGUF models); omit to skip llama.cpp")
     ap.add_argument("--log-dir", default="/tmp")
     ap.add_argument("--httpx", action="store_true",
-                    help="stream through httpx (the client before 2026-12; costs more CPU beside the server)")
+                    help="stream through httpx (this benchmark's client until 2026-11-30; more CPU beside the server)")
     args = ap.parse_args()
 
     models = []
