@@ -41,8 +41,8 @@ HANDOFF_WAIT = 0.01  # seconds the engine thread waits for an event loop to take
 # the loop's work grows with the outputs it is handed, the stall it causes beside a step does not: waiting
 # paid off for steps of 1-2 outputs and lost for 4 (docs/server.md)
 HANDOFF_WAIT_MAX_OUTPUTS = 2
-# up to this many sequences a step may run on the cores the front end leaves (the module docstring): measured
-# on 2 cores, one kernel thread served 4 streams 1.4x faster than two, 16 streams 0.88x (docs/server.md)
+# up to this many sequences a step may run on the cores the front end leaves (the module docstring); bigger
+# batches' long steps run on every thread
 FRONTEND_MAX_SEQS = 8
 PROBE_STEPS = 8  # steps per measurement of the other thread count (their median is compared)
 # steps on the faster count before the other is measured again: doubled each time the other lost again
@@ -165,7 +165,7 @@ class AsyncEngine:
                 t0 = time.perf_counter()
                 if last is not None and self.choice is not None and last[0] <= FRONTEND_MAX_SEQS:
                     self.choice.record(last[0], last[1], t0 - last[3], last[2])
-                n, before = len(self.engine.seqs), threads
+                n, before = self.engine.num_running + self.engine.num_waiting, threads  # arrivals too
                 threads = self.choice.threads(n) if self.choice is not None and n <= FRONTEND_MAX_SEQS else every
                 last = (n, threads, threads != before, t0)
                 if torch.get_num_threads() != threads:
