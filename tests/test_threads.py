@@ -348,3 +348,37 @@ def test_server_threads_that_stop_running_kernels_release_their_openmp_pools(tin
         assert released[1].startswith("qianwen-score")
     finally:
         engine.shutdown()
+
+
+def test_server_step_runs_wholly_on_the_cores_other_processes_leave(tiny_qwen2_dir, monkeypatch):
+    """While other processes keep cores busy (CoreWatch), the engine thread lowers its count before the step,
+    so torch's ops of the step run on it too, not only the kernels (a region on more threads would leave
+    an OpenMP thread spinning beside the busy processes)."""
+    import asyncio
+
+    from qianwen.engine import LLMEngine
+    from qianwen.engine.async_engine import AsyncEngine
+
+    model = qianwen.load(str(tiny_qwen2_dir), dtype="float32")
+    params = model.params(max_tokens=6, temperature=0, ignore_eos=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        async def run() -> tuple[list[int], list[int]]:
+            eng = AsyncEngine(LLMEngine(model), frontend_cores=0)
+            seen: list[int] = []
+            step = eng.engine.step
+            eng.engine.step = lambda: seen.append(torch.get_num_threads()) or step()
+            eng.start()
+            try:
+                seq = eng.engine.make_sequence([3, 4, 5], params)
+                return [o.token_id async for o in eng.stream(seq)], seen
+            finally:
+                eng.shutdown()
+
+        ref, _ = asyncio.run(run())
+        monkeypatch.setattr(native.watch, "threads", lambda want: 1)  # one core left free
+        tokens, seen = asyncio.run(run())
+        assert seen and set(seen) == {1} and tokens == ref
+    finally:
+        torch.set_num_threads(before)

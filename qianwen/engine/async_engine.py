@@ -168,8 +168,11 @@ class AsyncEngine:
                 n, before = self.engine.num_running + self.engine.num_waiting, threads  # arrivals too
                 threads = self.choice.threads(n) if self.choice is not None and n <= FRONTEND_MAX_SEQS else every
                 last = (n, threads, threads != before, t0)
-                if torch.get_num_threads() != threads:
-                    torch.set_num_threads(threads)  # this thread's count: the kernels follow it (qianwen/native)
+                # fewer while other processes keep cores busy (qianwen/native's CoreWatch), decided once for the
+                # whole step: torch's ops too, and the kernels' own checks inside it can only lower it
+                use = native.watch.threads(threads) if self._cores is not None else threads
+                if torch.get_num_threads() != use:
+                    torch.set_num_threads(use)  # this thread's count: the kernels follow it (qianwen/native)
                 self.step_threads.append(threads)
                 try:
                     outputs = self.engine.step()
