@@ -650,19 +650,6 @@ static inline void load_kv(float *dst, const void *src, int D, int dtype, float 
 
 static inline size_t kv_size(int dtype) { return dtype == KV_F32 ? 4 : dtype == KV_BF16 ? 2 : 1; }
 
-static inline float dot(const float *a, const float *b, int D) {
-#ifdef __AVX512F__
-    if (D % 16 == 0) {
-        __m512 acc = _mm512_setzero_ps();
-        for (int i = 0; i < D; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-        return _mm512_reduce_add_ps(acc);
-    }
-#endif
-    float s = 0;
-    for (int i = 0; i < D; i++) s += a[i] * b[i];
-    return s;
-}
-
 /* s[i] = exp(s[i] - mx), returning the sum (softmax numerators). */
 static inline float exp_sum(float *s, int n, float mx) {
     float sum = 0;
@@ -696,64 +683,307 @@ static inline float exp_sum(float *s, int n, float mx) {
 }
 
 /* ---- decode attention: one query per row over its cache (positions 0 .. len[m] - 1, already
-   holding this token's k and v). q at q + m * q_stride (Hq heads of D), out [M, Hq * D]. Query
-   heads h with the same kv head h / (Hq / Hkv) are done together (each K/V vector is read once), and
-   long caches in chunks of ATT_CHUNK positions on separate threads, merged by their softmax maxima
-   and sums (as flash-decoding does). The chunking depends only on the row's length: a row's result
-   is the same in any batch. scale[m] multiplies the scores (1/sqrt(D), times LogN). */
+   holding this token's k and v). q at q + m * q_stride (Hq heads of D), out [M, Hq * D]; scale[m]
+   multiplies the scores (1/sqrt(D), times LogN).
+
+   A task is one kv head, one chunk of ATT_CHUNK positions and up to ATT_ROWS rows of one cache (rows
+   whose K/V pointers are the same: consecutive tokens of one sequence, as a prompt given as rows of the
+   step is). It converts its keys and values to fp32 once, ATT_BLOCK positions at a time, for all its
+   rows and their query heads (the heads h with h / (Hq / Hkv) = the kv head); long caches have several
+   chunks, on separate threads, merged by their softmax maxima and sums (as flash-decoding does).
+   Per row, query head and chunk the operations are fixed by the row's own length, whatever the other
+   rows (batch invariance; a prompt's rows then write the K/V that token-by-token decoding writes):
+   - score[t] = (sum over d = 0 .. D - 1, in order, of fma(q[d], k[t][d])) * scale: keys are held
+     transposed, 16 positions to a vector, so 16 scores build up in one register (no lane reduction);
+   - the chunk's maximum, e = exp(score - max) and their sum (exp_sum);
+   - out[i] = sum over t in order of fma(e[t], v[t][i]) (from 0), the sum and maximum kept beside it;
+   then per row the chunks are merged in chunk order and divided by the total sum. */
 #define ATT_CHUNK 256
+#define ATT_BLOCK 64 /* positions converted at once (a multiple of 16) */
+#define ATT_ROWS 16  /* rows of one cache per task */
+
+/* Element d of cached vector `src` (t-th of a head, int8 times its scale) as fp32. */
+static inline float kv_elem(const void *src, size_t i, int dtype, float scale) {
+    if (dtype == KV_BF16) return bf16_to_f32(((const uint16_t *)src)[i]);
+    if (dtype == KV_INT8) return (float)((const int8_t *)src)[i] * scale;
+    return ((const float *)src)[i];
+}
+
+#ifdef __AVX512F__
+/* 16 elements of a cached vector as fp32 (what load_kv makes of them). */
+static inline __attribute__((always_inline)) __m512 kv_load16(const char *src, int dtype, float scale) {
+    if (dtype == KV_BF16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)src)), 16));
+    if (dtype == KV_INT8)
+        return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)src))),
+                             _mm512_set1_ps(scale));
+    return _mm512_loadu_ps((const float *)src);
+}
+
+/* r[i] <- column i of the 16 x 16 matrix whose rows are r[0 .. 15]. */
+static inline __attribute__((always_inline)) void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+        r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xee);
+        r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+        r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xee);
+    }
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 4; j++) {
+            t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0x88);
+            t[8 * i + 4 + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0xdd);
+        }
+    for (int j = 0; j < 8; j++) {
+        r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+        r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd);
+    }
+}
+#endif
+
+/* Keys 0 .. n - 1 from `src` (one head's, D elements apart; sc: their int8 scales) as fp32 in kt,
+   transposed per 16 positions: kt[(b D + d) 16 + l] = key 16 b + l, element d (0 past n). */
+static void att_keys(float *kt, const char *src, int n, int D, int dtype, const float *sc) {
+    for (int b = 0; b * 16 < n; b++) {
+#ifdef __AVX512F__
+        if (D % 16 == 0) {
+            size_t el = kv_size(dtype);
+            for (int j = 0; j < D; j += 16) {
+                __m512 r[16];
+                for (int l = 0; l < 16; l++) {
+                    int t = b * 16 + l;
+                    r[l] = t < n ? kv_load16(src + ((size_t)t * D + j) * el, dtype, sc ? sc[t] : 1.f)
+                                 : _mm512_setzero_ps();
+                }
+                transpose16(r);
+                for (int i = 0; i < 16; i++) _mm512_store_ps(kt + ((size_t)b * D + j + i) * 16, r[i]);
+            }
+            continue;
+        }
+#endif
+        for (int d = 0; d < D; d++)
+            for (int l = 0; l < 16; l++) {
+                int t = b * 16 + l;
+                kt[((size_t)b * D + d) * 16 + l] = t < n ? kv_elem(src, (size_t)t * D + d, dtype, sc ? sc[t] : 1.f) : 0.f;
+            }
+    }
+}
+
+#ifdef __AVX512F__
+/* s[h][16 b + l] = score of key 16 b + l for query q[h], for HG heads and KB blocks of 16 keys. */
+static inline __attribute__((always_inline)) void att_scores_k(const float *kt, int D, const float *const *q,
+                                                               float *const *s, float scale, const int HG,
+                                                               const int KB) {
+    __m512 acc[3][4];
+    for (int h = 0; h < HG; h++)
+        for (int b = 0; b < KB; b++) acc[h][b] = _mm512_setzero_ps();
+    for (int d = 0; d < D; d++) {
+        __m512 kv[4];
+        for (int b = 0; b < KB; b++) kv[b] = _mm512_load_ps(kt + ((size_t)b * D + d) * 16);
+        for (int h = 0; h < HG; h++) {
+            __m512 qd = _mm512_set1_ps(q[h][d]);
+            for (int b = 0; b < KB; b++) acc[h][b] = _mm512_fmadd_ps(qd, kv[b], acc[h][b]);
+        }
+    }
+    for (int h = 0; h < HG; h++)
+        for (int b = 0; b < KB; b++) _mm512_storeu_ps(s[h] + b * 16, _mm512_mul_ps(acc[h][b], _mm512_set1_ps(scale)));
+}
+
+/* o[h][0 .. 16 DV) += sum over t < n of e[h][t] v[t][0 .. 16 DV), for HG heads (v rows D apart). */
+static inline __attribute__((always_inline)) void att_values_k(const float *v, int D, int n, const float *const *e,
+                                                               float *const *o, const int HG, const int DV) {
+    __m512 acc[3][4];
+    for (int h = 0; h < HG; h++)
+        for (int j = 0; j < DV; j++) acc[h][j] = _mm512_loadu_ps(o[h] + 16 * j);
+    for (int t = 0; t < n; t++) {
+        __m512 vv[4];
+        for (int j = 0; j < DV; j++) vv[j] = _mm512_loadu_ps(v + (size_t)t * D + 16 * j);
+        for (int h = 0; h < HG; h++) {
+            __m512 p = _mm512_set1_ps(e[h][t]);
+            for (int j = 0; j < DV; j++) acc[h][j] = _mm512_fmadd_ps(p, vv[j], acc[h][j]);
+        }
+    }
+    for (int h = 0; h < HG; h++)
+        for (int j = 0; j < DV; j++) _mm512_storeu_ps(o[h] + 16 * j, acc[h][j]);
+}
+#endif
+
+/* Scores of keys 0 .. 16 nkb - 1 of kt for `heads` queries (up to 16 nkb values written per head). */
+static void att_scores(const float *kt, int D, int heads, const float *const *q, float *const *s, float scale,
+                       int nkb) {
+#ifdef __AVX512F__
+    if (D % 16 == 0) {
+        for (int h = 0; h < heads;) {
+            int hg = heads - h >= 3 ? 3 : heads - h;
+#define ATT_S(HG, KB) att_scores_k(kt, D, q + h, s + h, scale, HG, KB)
+#define ATT_S_KB(HG)                                                                                              \
+    switch (nkb) {                                                                                                \
+    case 1: ATT_S(HG, 1); break;                                                                                  \
+    case 2: ATT_S(HG, 2); break;                                                                                  \
+    case 3: ATT_S(HG, 3); break;                                                                                  \
+    default: ATT_S(HG, 4);                                                                                        \
+    }
+            if (hg == 3) { ATT_S_KB(3) } else if (hg == 2) { ATT_S_KB(2) } else { ATT_S_KB(1) }
+#undef ATT_S_KB
+#undef ATT_S
+            h += hg;
+        }
+        return;
+    }
+#endif
+    for (int h = 0; h < heads; h++)
+        for (int b = 0; b < nkb; b++) {
+            float acc[16] = {0};
+            for (int d = 0; d < D; d++)
+                for (int l = 0; l < 16; l++) acc[l] += q[h][d] * kt[((size_t)b * D + d) * 16 + l];
+            for (int l = 0; l < 16; l++) s[h][b * 16 + l] = acc[l] * scale;
+        }
+}
+
+/* o[h] += sum over t < n of e[h][t] v[t] for `heads` heads (v: n fp32 rows of D). */
+static void att_values(const float *v, int D, int n, int heads, const float *const *e, float *const *o) {
+#ifdef __AVX512F__
+    if (D % 16 == 0) {
+        for (int j0 = 0; j0 < D; j0 += 64) { /* 64 elements at a time */
+            int dv = D - j0 >= 64 ? 4 : (D - j0) / 16;
+            for (int h = 0; h < heads;) {
+                int hg = heads - h >= 3 ? 3 : heads - h;
+                float *oh[3];
+                for (int i = 0; i < hg; i++) oh[i] = o[h + i] + j0;
+#define ATT_V(HG, DV) att_values_k(v + j0, D, n, e + h, oh, HG, DV)
+#define ATT_V_DV(HG)                                                                                              \
+    switch (dv) {                                                                                                 \
+    case 1: ATT_V(HG, 1); break;                                                                                  \
+    case 2: ATT_V(HG, 2); break;                                                                                  \
+    case 3: ATT_V(HG, 3); break;                                                                                  \
+    default: ATT_V(HG, 4);                                                                                        \
+    }
+                if (hg == 3) { ATT_V_DV(3) } else if (hg == 2) { ATT_V_DV(2) } else { ATT_V_DV(1) }
+#undef ATT_V_DV
+#undef ATT_V
+                h += hg;
+            }
+        }
+        return;
+    }
+#endif
+    for (int h = 0; h < heads; h++)
+        for (int t = 0; t < n; t++) {
+            float p = e[h][t], *oh = o[h];
+            const float *vt = v + (size_t)t * D;
+            for (int i = 0; i < D; i++) oh[i] += p * vt[i];
+        }
+}
+
+typedef struct {
+    int m0, rows, c, kvh; /* rows m0 .. m0 + rows - 1 of one cache, chunk c, kv head kvh */
+} AttTask;
+
+static int same_cache(int a, int b, void **kb, void **vb, float **ks, float **vs, const long *head_stride,
+                      int dtype) {
+    return kb[a] == kb[b] && vb[a] == vb[b] && head_stride[a] == head_stride[b] &&
+           (dtype != KV_INT8 || (ks[a] == ks[b] && vs[a] == vs[b]));
+}
+
 void attend(const float *q, int M, int Hq, int Hkv, int D, long q_stride, void **kb, void **vb, float **ks,
             float **vs, const int *len, const long *head_stride, int dtype, const float *scale, float *out) {
     int group = Hq / Hkv;
     size_t el = kv_size(dtype);
-    int *first = malloc(sizeof(int) * (M + 1)); /* tasks of row m: first[m] .. first[m + 1] - 1 */
+    int *first = malloc(sizeof(int) * (M + 1)); /* row m's partial results: first[m] .. first[m + 1] - 1 */
     first[0] = 0;
     for (int m = 0; m < M; m++) {
         int chunks = kb[m] && len[m] > 0 ? (len[m] + ATT_CHUNK - 1) / ATT_CHUNK : 0;
         first[m + 1] = first[m] + chunks * Hkv;
     }
-    int tasks = first[M];
-    size_t per = (size_t)group * (D + 2); /* per task and query head: max, sum, D partial outputs */
-    float *part = malloc(sizeof(float) * (tasks ? tasks : 1) * per);
+    AttTask *tasks = malloc(sizeof(AttTask) * (first[M] ? first[M] : 1));
+    int ntasks = 0;
+    for (int m0 = 0; m0 < M;) { /* rows of one cache, ATT_ROWS at most, in tasks per chunk and kv head */
+        int rows = 1, chunks = (first[m0 + 1] - first[m0]) / Hkv;
+        while (m0 + rows < M && rows < ATT_ROWS && kb[m0] && same_cache(m0, m0 + rows, kb, vb, ks, vs, head_stride, dtype)) {
+            int c = (first[m0 + rows + 1] - first[m0 + rows]) / Hkv;
+            chunks = c > chunks ? c : chunks;
+            rows++;
+        }
+        for (int c = 0; c < chunks; c++)
+            for (int h = 0; h < Hkv; h++) tasks[ntasks++] = (AttTask){m0, rows, c, h};
+        m0 += rows;
+    }
+    size_t per = (size_t)group * (D + 2); /* per row, chunk and kv head: each query head's max, sum, D outputs */
+    float *part = malloc(sizeof(float) * (first[M] ? first[M] : 1) * per);
 #pragma omp parallel
     {
-        float *kv = malloc(sizeof(float) * D);
-        float *s = malloc(sizeof(float) * group * ATT_CHUNK);
+        float *kt = aligned_alloc(64, sizeof(float) * ATT_BLOCK * D); /* keys, transposed */
+        float *vf = aligned_alloc(64, sizeof(float) * ATT_BLOCK * D);
+        float *s = malloc(sizeof(float) * ATT_ROWS * group * ATT_CHUNK); /* scores, then exp */
+        /* per row r and query head g of a task, at [r * group + g]: its query, scores, outputs */
+        const float **qp = malloc(sizeof(float *) * ATT_ROWS * group), **er = malloc(sizeof(float *) * group);
+        float **sp = malloc(sizeof(float *) * ATT_ROWS * group), **op = malloc(sizeof(float *) * ATT_ROWS * group);
+        float **sr = malloc(sizeof(float *) * group);
 #pragma omp for schedule(static)
-        for (int task = 0; task < tasks; task++) {
-            int m = 0;
-            while (first[m + 1] <= task) m++;
-            int kvh = (task - first[m]) % Hkv, c = (task - first[m]) / Hkv;
-            int t0 = c * ATT_CHUNK, t1 = t0 + ATT_CHUNK < len[m] ? t0 + ATT_CHUNK : len[m], n = t1 - t0;
-            const char *kh = (const char *)kb[m] + (size_t)kvh * head_stride[m] * el;
-            const char *vh = (const char *)vb[m] + (size_t)kvh * head_stride[m] * el;
-            const float *qh = q + m * q_stride + (long)kvh * group * D;
+        for (int i = 0; i < ntasks; i++) {
+            AttTask tk = tasks[i];
+            int m0 = tk.m0, kvh = tk.kvh, t0 = tk.c * ATT_CHUNK, n[ATT_ROWS], nmax = 0;
+            for (int r = 0; r < tk.rows; r++) {
+                int m = m0 + r, e = len[m] < t0 + ATT_CHUNK ? len[m] : t0 + ATT_CHUNK;
+                n[r] = kb[m] && e > t0 ? e - t0 : 0;
+                nmax = n[r] > nmax ? n[r] : nmax;
+            }
+            const char *kh = (const char *)kb[m0] + ((size_t)kvh * head_stride[m0] + (size_t)t0 * D) * el;
+            const char *vh = (const char *)vb[m0] + ((size_t)kvh * head_stride[m0] + (size_t)t0 * D) * el;
             /* int8: the scales of this head's positions (index = element offset / D) */
-            const float *ksh = dtype == KV_INT8 ? ks[m] + kvh * head_stride[m] / D : NULL;
-            const float *vsh = dtype == KV_INT8 ? vs[m] + kvh * head_stride[m] / D : NULL;
-            float *pt = part + (size_t)task * per;
-            for (int t = 0; t < n; t++) {
-                load_kv(kv, kh + (size_t)(t0 + t) * D * el, D, dtype, ksh ? ksh[t0 + t] : 1.f);
-                for (int g = 0; g < group; g++) s[g * ATT_CHUNK + t] = dot(qh + g * D, kv, D) * scale[m];
-            }
-            for (int g = 0; g < group; g++) {
-                float mx = -INFINITY;
-                for (int t = 0; t < n; t++) mx = s[g * ATT_CHUNK + t] > mx ? s[g * ATT_CHUNK + t] : mx;
-                pt[g * (D + 2)] = mx;
-                pt[g * (D + 2) + 1] = exp_sum(s + g * ATT_CHUNK, n, mx);
-                memset(pt + g * (D + 2) + 2, 0, sizeof(float) * D);
-            }
-            for (int t = 0; t < n; t++) {
-                load_kv(kv, vh + (size_t)(t0 + t) * D * el, D, dtype, vsh ? vsh[t0 + t] : 1.f);
+            const float *ksh = dtype == KV_INT8 ? ks[m0] + kvh * head_stride[m0] / D + t0 : NULL;
+            const float *vsh = dtype == KV_INT8 ? vs[m0] + kvh * head_stride[m0] / D + t0 : NULL;
+            for (int r = 0; r < tk.rows; r++)
                 for (int g = 0; g < group; g++) {
-                    float p = s[g * ATT_CHUNK + t], *o = pt + g * (D + 2) + 2;
-#pragma omp simd
-                    for (int i = 0; i < D; i++) o[i] += p * kv[i];
+                    qp[r * group + g] = q + (m0 + r) * q_stride + (long)(kvh * group + g) * D;
+                    sp[r * group + g] = s + (size_t)(r * group + g) * ATT_CHUNK;
+                    op[r * group + g] = part + (size_t)(first[m0 + r] + tk.c * Hkv + kvh) * per + g * (D + 2);
+                }
+            for (int b0 = 0; b0 < nmax; b0 += ATT_BLOCK) {
+                int nb = nmax - b0 < ATT_BLOCK ? nmax - b0 : ATT_BLOCK;
+                att_keys(kt, kh + (size_t)b0 * D * el, nb, D, dtype, ksh ? ksh + b0 : NULL);
+                for (int r = 0; r < tk.rows; r++) {
+                    if (n[r] <= b0) continue;
+                    int nk = n[r] - b0 < ATT_BLOCK ? n[r] - b0 : ATT_BLOCK;
+                    for (int g = 0; g < group; g++) sr[g] = sp[r * group + g] + b0;
+                    att_scores(kt, D, group, qp + r * group, sr, scale[m0 + r], (nk + 15) / 16);
+                }
+            }
+            for (int r = 0; r < tk.rows; r++) {
+                if (!n[r]) continue;
+                for (int g = 0; g < group; g++) {
+                    float mx = -INFINITY, *sg = sp[r * group + g], *pt = op[r * group + g];
+                    for (int t = 0; t < n[r]; t++) mx = sg[t] > mx ? sg[t] : mx;
+                    pt[0] = mx;
+                    pt[1] = exp_sum(sg, n[r], mx);
+                    memset(pt + 2, 0, sizeof(float) * D);
+                    op[r * group + g] = pt + 2;
+                }
+            }
+            for (int b0 = 0; b0 < nmax; b0 += ATT_BLOCK) {
+                int nb = nmax - b0 < ATT_BLOCK ? nmax - b0 : ATT_BLOCK;
+                for (int t = 0; t < nb; t++)
+                    load_kv(vf + (size_t)t * D, vh + (size_t)(b0 + t) * D * el, D, dtype, vsh ? vsh[b0 + t] : 1.f);
+                for (int r = 0; r < tk.rows; r++) {
+                    if (n[r] <= b0) continue;
+                    int nk = n[r] - b0 < ATT_BLOCK ? n[r] - b0 : ATT_BLOCK;
+                    for (int g = 0; g < group; g++) er[g] = sp[r * group + g] + b0;
+                    att_values(vf, D, nk, group, er, op + r * group);
                 }
             }
         }
-        free(kv);
+        free(kt);
+        free(vf);
         free(s);
+        free(qp);
+        free(er);
+        free(sp);
+        free(op);
+        free(sr);
     }
     for (int m = 0; m < M; m++) /* merge the chunks of each query head, in chunk order */
         for (int h = 0; h < Hq; h++) {
@@ -773,6 +1003,7 @@ void attend(const float *q, int M, int Hq, int Hkv, int D, long q_stride, void *
             }
             for (int i = 0; i < D && sum > 0; i++) o[i] /= sum;
         }
+    free(tasks);
     free(part);
     free(first);
 }

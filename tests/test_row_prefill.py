@@ -1,0 +1,148 @@
+"""A prompt prefilled as rows of the decode step (qianwen/native/kernels.c `decode_layers`, each row one
+token of the same sequence: the same K/V buffer, positions p .. p + M - 1) computes what decoding its
+tokens one at a time computes, bit for bit: the K/V it writes and every row's output. `attend` shares
+the conversion of a cache's keys and values among the rows reading it; these tests hold every body of
+the C file (this CPU's -march=native, and the plain C one) to a row's result alone, and to a float64
+softmax attention."""
+
+from __future__ import annotations
+
+import ctypes
+
+import pytest
+import torch
+
+import qianwen
+from qianwen import native
+from qianwen.convert import quantize_folder
+from qianwen.engine.cache_manager import BatchCache, CacheManager
+from qianwen.fast.cache import quantize_kv
+
+from .conftest import save_tiny
+
+BODIES = {"native": ["-march=native"], "portable": ["-mno-avx512f"]}
+KV = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
+
+
+@pytest.fixture(scope="module", params=list(BODIES))
+def lib(request, tmp_path_factory):
+    assert native.lib() is not None, native.failure
+    flags = [*BODIES[request.param], "-O3", "-fno-math-errno", "-fopenmp"]
+    path = tmp_path_factory.mktemp("k") / f"{request.param}.so"
+    return native.open_library(native.build(native._compiler(), path, (flags,)))
+
+
+class Cache:
+    """One sequence's K/V for one layer, [Hkv, cap, D] each, as the kernels read it (int8: with scales)."""
+
+    def __init__(self, kind: str, hkv: int, cap: int, d: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        k, v = (torch.randn(hkv, cap, d, generator=g) for _ in range(2))
+        k[:, ::23] *= 8  # a few large keys: softmax maxima differ between chunks
+        if kind == "int8":
+            (self.k, self.ks), (self.v, self.vs) = quantize_kv(k), quantize_kv(v)
+            self.kf, self.vf = self.k.float() * self.ks[..., None], self.v.float() * self.vs[..., None]
+        else:
+            self.k, self.v = k.to(KV[kind]), v.to(KV[kind])
+            self.kf, self.vf, self.ks, self.vs = self.k.float(), self.v.float(), None, None
+        self.code, self.cap, self.d = list(KV).index(kind), cap, d
+
+    def ptrs(self) -> tuple[int, int, int | None, int | None]:
+        return (self.k.data_ptr(), self.v.data_ptr(), self.ks is not None and self.ks.data_ptr() or None,
+                self.vs is not None and self.vs.data_ptr() or None)
+
+
+def attend(lib, q: torch.Tensor, rows: list[tuple[Cache | None, int]], hq: int, hkv: int) -> torch.Tensor:
+    """attend for rows (cache, length) with queries q [M, hq * D]; a None cache is a padding row."""
+    m, d = q.shape[0], q.shape[1] // hq
+    arr = lambda t, vals: (t * m)(*vals)  # noqa: E731
+    kb, vb, ks, vs = (arr(ctypes.c_void_p, [c.ptrs()[i] if c else None for c, _ in rows]) for i in range(4))
+    lens = arr(ctypes.c_int, [n for _, n in rows])
+    strides = arr(ctypes.c_long, [c.cap * d if c else 0 for c, _ in rows])
+    code = next((c.code for c, _ in rows if c), 0)
+    scale, out = torch.full((m,), d ** -0.5), torch.full((m, hq * d), float("nan"))
+    native.kernel_threads()
+    lib.attend(q.data_ptr(), m, hq, hkv, d, hq * d, kb, vb, ks, vs, lens, strides, code, scale.data_ptr(),
+               out.data_ptr())
+    return out
+
+
+def reference(q: torch.Tensor, cache: Cache, n: int, hq: int, hkv: int) -> torch.Tensor:
+    """Softmax attention of one query [hq * D] over the first n positions, in float64."""
+    d = cache.d
+    qh = q.view(hq, d).double()
+    k, v = (t[:, :n].double().repeat_interleave(hq // hkv, 0) for t in (cache.kf, cache.vf))
+    p = torch.softmax((qh[:, None] @ k.transpose(1, 2))[:, 0] * d ** -0.5, -1)
+    return (p[:, None] @ v)[:, 0].reshape(-1).float()
+
+
+# (hq, hkv, d): SmolLM2's 9/3 x 64, 7 query heads per kv head, 128-wide heads, and a D the vector
+# bodies do not take (the plain loops then run in every build)
+SHAPES = [(9, 3, 64), (7, 1, 64), (4, 2, 128), (2, 2, 40)]
+
+
+@pytest.mark.parametrize("kind", list(KV))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_rows_of_one_sequence_equal_each_row_alone(lib, kind, shape):
+    """Rows p .. p + 39 of one cache (crossing a 256-position chunk; more rows than one task takes) give
+    each row's result alone, bit for bit, and softmax attention."""
+    hq, hkv, d = shape
+    cache = Cache(kind, hkv, 600, d, seed=hq + d)
+    torch.manual_seed(d)
+    for p in (0, 230, 540):
+        lens = list(range(p + 1, p + 41))
+        q = torch.randn(len(lens), hq * d)
+        together = attend(lib, q, [(cache, n) for n in lens], hq, hkv)
+        for i, n in enumerate(lens):
+            alone = attend(lib, q[i:i + 1].contiguous(), [(cache, n)], hq, hkv)
+            assert torch.equal(together[i], alone[0]), (p, i)
+            want = reference(q[i], cache, n, hq, hkv)
+            assert (together[i] - want).abs().max().item() <= 1e-5 * want.abs().max().item() + 1e-6
+
+
+def test_rows_of_several_caches_and_padding_rows(lib):
+    """Rows of two sequences interleaved with padding rows (no cache): each row as alone."""
+    hq, hkv, d = 9, 3, 64
+    a, b = Cache("bf16", hkv, 300, d, seed=1), Cache("bf16", hkv, 300, d, seed=2)
+    rows = [(a, 257), (a, 258), (b, 5), (None, 0), (b, 6), (b, 7), (a, 259), (None, 0)] + [(a, n) for n in range(1, 21)]
+    q = torch.randn(len(rows), hq * d)
+    together = attend(lib, q, rows, hq, hkv)
+    for i, (c, n) in enumerate(rows):
+        if c is not None:
+            assert torch.equal(together[i], attend(lib, q[i:i + 1].contiguous(), [(c, n)], hq, hkv)[0]), i
+
+
+@pytest.fixture(scope="module", params=["q4", "bf16"])
+def model(request, tmp_path_factory):
+    src = save_tiny(tmp_path_factory.mktemp("src"), "qwen2", dtype=torch.bfloat16,
+                    hidden_size=192, num_attention_heads=6, num_key_value_heads=2)  # 3 query heads a kv head
+    if request.param == "q4":
+        src = quantize_folder(src, tmp_path_factory.mktemp("q4"), bits=4, group_size=32)
+    return qianwen.load(str(src), dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.int8])
+def test_prefill_as_rows_writes_what_decoding_token_by_token_writes(model, kv_dtype):
+    """A 100-token prompt through fast_decode as rows of 64 and 36 (one sequence's K/V buffer repeated,
+    as the engine's prefill calls it) = the same tokens decoded one per step: K/V and outputs bit for bit."""
+    net, c = model.net, model.config
+    assert net.fast_decode is not None and net.fast_decode.one_call
+    cm = CacheManager(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, kv_dtype, torch.device("cpu"), 4096)
+    ids = [(i * 37) % 200 + 3 for i in range(100)]
+
+    def run(chunks: list[int]):
+        kv, outs, s = cm.allocate(128), [], 0
+        with torch.inference_mode():
+            for n in chunks:
+                cache = BatchCache([kv] * n, list(range(s, s + n)))
+                outs.append(net.fast_decode(torch.tensor(ids[s:s + n])[:, None], torch.arange(s, s + n)[:, None],
+                                            cache))
+                s += n
+        return kv, torch.cat(outs)
+
+    rows_kv, rows_out = run([64, 36])
+    one_kv, one_out = run([1] * 100)
+    assert torch.equal(rows_out, one_out)
+    assert torch.equal(rows_kv.buf[..., :100, :], one_kv.buf[..., :100, :])
+    if kv_dtype == torch.int8:
+        assert torch.equal(rows_kv.scales[..., :100], one_kv.scales[..., :100])
