@@ -360,7 +360,7 @@ def test_dense_gemm_rows_do_not_depend_on_the_batch(dtype):
     x = torch.randn(64, 203)
     batch = torch.empty(64, 131)
     lin.native_matmul(x, batch)
-    for m in (1, 2, 3, 5, 7, 13, 16):  # every row of x[:m], a tile of 1, 2 or 4 rows at any offset
+    for m in (1, 2, 3, 5, 7, 13, 16):  # every row of x[:m], a tile of 1 to 6 rows at any offset
         part = torch.empty(m, 131)
         lin.native_matmul(x[64 - m:].contiguous(), part)
         assert torch.equal(part, batch[64 - m:])

@@ -424,11 +424,12 @@ void q8_gemm(const float *x, int M, int K, const int8_t *q, const float *scales,
 /* ---- dense GEMM on nn.Linear's own weight: w [N, K] row-major, bf16 (bf16 = 1) or fp32 ----------
    y[m, n] (+)= sum_k x[m, k] w[n, k] + bias[n], rows of y `ldy` floats apart. bf16 -> fp32 is exact
    (a 16-bit shift) and an fp32 FMA of it with fp32 x rounds only the sum: the products are exact.
-   Tiles of 4 weight rows (contiguous in w) by R = 4, 2 or 1 rows of x: each tile comes from memory once
-   for all M rows. A row's dot product is the same sequence of operations wherever it falls (16 lanes
-   each summing k = lane mod 16 in order, the tail of K masked into the same lanes, then the lanes
-   reduced), so it does not depend on M or on its tile. */
-#define DENSE_ROWS 4
+   Tiles of 4 weight rows (contiguous in w) by up to DENSE_ROWS rows of x (24 accumulators): each tile
+   comes from memory once for all M rows. A row's dot product is the same sequence of
+   operations wherever it falls (16 lanes each summing k = lane mod 16 in order, the tail of K masked
+   into the same lanes, then the lanes reduced in one fixed tree, four outputs at once), so it does not
+   depend on M or on its tile. */
+#define DENSE_ROWS 6
 #ifdef __AVX512F__
 static inline __attribute__((always_inline)) __m512 dense_w(const void *w, size_t off, const int bf16) {
     if (bf16)
@@ -437,28 +438,29 @@ static inline __attribute__((always_inline)) __m512 dense_w(const void *w, size_
     return _mm512_loadu_ps((const float *)w + off);
 }
 
+/* out[r][i] = row r of x . weight row i, for R rows. */
 static inline __attribute__((always_inline)) void dense_tile(const void *const *wr, int K, const float *const *xr,
-                                                             float (*out)[DENSE_ROWS], const int bf16, const int R) {
-    __m512 acc[4][DENSE_ROWS]; /* fixed size, not [R]: R is a constant at each call, so this stays in registers */
+                                                             float (*out)[4], const int bf16, const int R) {
+    __m512 acc[DENSE_ROWS][4]; /* fixed size, not [R]: R is a constant at each call, so this stays in registers */
     for (int r = 0; r < R; r++)
-        for (int i = 0; i < DENSE_ROWS; i++) acc[r][i] = _mm512_setzero_ps();
+        for (int i = 0; i < 4; i++) acc[r][i] = _mm512_setzero_ps();
     int k = 0;
     for (; k + 16 <= K; k += 16) {
-        __m512 wv[DENSE_ROWS];
-        for (int i = 0; i < DENSE_ROWS; i++) {
+        __m512 wv[4];
+        for (int i = 0; i < 4; i++) {
             _mm_prefetch((const char *)wr[i] + ((size_t)k + 8 * (size_t)K) * (bf16 ? 2 : 4), _MM_HINT_T0);
             wv[i] = dense_w(wr[i], k, bf16);
         }
         for (int r = 0; r < R; r++) {
             __m512 xv = _mm512_loadu_ps(xr[r] + k);
-            for (int i = 0; i < DENSE_ROWS; i++) acc[r][i] = _mm512_fmadd_ps(wv[i], xv, acc[r][i]);
+            for (int i = 0; i < 4; i++) acc[r][i] = _mm512_fmadd_ps(wv[i], xv, acc[r][i]);
         }
     }
     if (k < K) { /* the last K % 16: zeros in the lanes past K */
         int t = K - k;
         __mmask16 mask = (__mmask16)((1u << t) - 1);
-        __m512 wv[DENSE_ROWS];
-        for (int i = 0; i < DENSE_ROWS; i++) {
+        __m512 wv[4];
+        for (int i = 0; i < 4; i++) {
             if (bf16) {
                 uint16_t tmp[16] = {0};
                 memcpy(tmp, (const uint16_t *)wr[i] + k, sizeof(uint16_t) * t);
@@ -469,18 +471,35 @@ static inline __attribute__((always_inline)) void dense_tile(const void *const *
         }
         for (int r = 0; r < R; r++) {
             __m512 xv = _mm512_maskz_loadu_ps(mask, xr[r] + k);
-            for (int i = 0; i < DENSE_ROWS; i++) acc[r][i] = _mm512_fmadd_ps(wv[i], xv, acc[r][i]);
+            for (int i = 0; i < 4; i++) acc[r][i] = _mm512_fmadd_ps(wv[i], xv, acc[r][i]);
         }
     }
-    for (int r = 0; r < R; r++)
-        for (int i = 0; i < DENSE_ROWS; i++) out[r][i] = _mm512_reduce_add_ps(acc[r][i]);
+    for (int r = 0; r < R; r++) q8_sum4(acc[r], out[r]); /* the tree of _mm512_reduce_add_ps, 4 at once */
+}
+
+/* R rows against one tile. */
+static void dense_rows(const void *const *wr, int K, const float *const *xr, float (*out)[4], int bf16, int R) {
+#define DENSE_R(B)                                                                                                \
+    switch (R) {                                                                                                  \
+    case 1: dense_tile(wr, K, xr, out, B, 1); break;                                                              \
+    case 2: dense_tile(wr, K, xr, out, B, 2); break;                                                              \
+    case 3: dense_tile(wr, K, xr, out, B, 3); break;                                                              \
+    case 4: dense_tile(wr, K, xr, out, B, 4); break;                                                              \
+    case 5: dense_tile(wr, K, xr, out, B, 5); break;                                                              \
+    default: dense_tile(wr, K, xr, out, B, 6);                                                                    \
+    }
+    if (bf16) {
+        DENSE_R(1)
+    } else {
+        DENSE_R(0)
+    }
+#undef DENSE_R
 }
 #else
 /* The plain C body: the same lane structure, in a form -O3 vectorises for whatever the CPU has. */
-static void dense_tile(const void *const *wr, int K, const float *const *xr, float (*out)[DENSE_ROWS], const int bf16,
-                       const int R) {
+static void dense_rows(const void *const *wr, int K, const float *const *xr, float (*out)[4], int bf16, int R) {
     for (int r = 0; r < R; r++)
-        for (int i = 0; i < DENSE_ROWS; i++) {
+        for (int i = 0; i < 4; i++) {
             float acc[16] = {0};
             const uint16_t *wh = wr[i];
             const float *wf = wr[i], *x = xr[r];
@@ -502,32 +521,23 @@ void dense_gemm(const float *x, int M, int K, const void *w, int bf16, int N, co
                 int accumulate) {
     size_t el = bf16 ? 2 : 4;
 #pragma omp parallel for schedule(static)
-    for (int n0 = 0; n0 < N; n0 += DENSE_ROWS) {
-        const void *wr[DENSE_ROWS];
-        for (int i = 0; i < DENSE_ROWS; i++) /* rows past N repeat the last one and are not stored */
+    for (int n0 = 0; n0 < N; n0 += 4) {
+        const void *wr[4];
+        for (int i = 0; i < 4; i++) /* rows past N repeat the last one and are not stored */
             wr[i] = (const char *)w + (size_t)(n0 + i < N ? n0 + i : N - 1) * K * el;
-        for (int m0 = 0; m0 < M;) {
-            int R = M - m0 >= 4 ? 4 : M - m0 >= 2 ? 2 : 1; /* rows sharing one pass over the tile */
-            float out[4][DENSE_ROWS];
-            const float *xr[4];
+        for (int m0 = 0; m0 < M; m0 += DENSE_ROWS) {
+            int R = M - m0 < DENSE_ROWS ? M - m0 : DENSE_ROWS;
+            float out[DENSE_ROWS][4];
+            const float *xr[DENSE_ROWS];
             for (int r = 0; r < R; r++) xr[r] = x + (size_t)(m0 + r) * K;
-            if (bf16) {
-                if (R == 4) dense_tile(wr, K, xr, out, 1, 4);
-                else if (R == 2) dense_tile(wr, K, xr, out, 1, 2);
-                else dense_tile(wr, K, xr, out, 1, 1);
-            } else {
-                if (R == 4) dense_tile(wr, K, xr, out, 0, 4);
-                else if (R == 2) dense_tile(wr, K, xr, out, 0, 2);
-                else dense_tile(wr, K, xr, out, 0, 1);
-            }
+            dense_rows(wr, K, xr, out, bf16, R);
             for (int r = 0; r < R; r++) {
                 float *ym = y + (size_t)(m0 + r) * ldy;
-                for (int i = 0; i < DENSE_ROWS && n0 + i < N; i++) {
+                for (int i = 0; i < 4 && n0 + i < N; i++) {
                     float v = out[r][i] + (bias ? bias[n0 + i] : 0.f);
                     ym[n0 + i] = accumulate ? ym[n0 + i] + v : v;
                 }
             }
-            m0 += R;
         }
     }
 }
@@ -650,26 +660,32 @@ static inline void load_kv(float *dst, const void *src, int D, int dtype, float 
 
 static inline size_t kv_size(int dtype) { return dtype == KV_F32 ? 4 : dtype == KV_BF16 ? 2 : 1; }
 
+#ifdef __AVX512F__
+/* e^x for x >= -88: 2^k e^r, k = round(x log2 e), |r| <= ln2/2, e^r by a degree-6 Taylor polynomial
+   (rel. err ~2e-7) */
+static inline __attribute__((always_inline)) __m512 exp512(__m512 x) {
+    __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.69314718f), x);
+    __m512 p = _mm512_set1_ps(1.f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, k);
+}
+#endif
+
 /* s[i] = exp(s[i] - mx), returning the sum (softmax numerators). */
 static inline float exp_sum(float *s, int n, float mx) {
     float sum = 0;
     int i = 0;
 #ifdef __AVX512F__
-    /* e^x = 2^k e^r, k = round(x log2 e), |r| <= ln2/2, e^r by a degree-6 Taylor polynomial (rel. err ~2e-7) */
-    const __m512 log2e = _mm512_set1_ps(1.44269504f), ln2 = _mm512_set1_ps(0.69314718f);
     __m512 vsum = _mm512_setzero_ps();
     for (; i + 16 <= n; i += 16) {
-        __m512 x = _mm512_max_ps(_mm512_sub_ps(_mm512_loadu_ps(s + i), _mm512_set1_ps(mx)), _mm512_set1_ps(-88.f));
-        __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        __m512 r = _mm512_fnmadd_ps(k, ln2, x);
-        __m512 p = _mm512_set1_ps(1.f / 720);
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-        __m512 e = _mm512_scalef_ps(p, k);
+        __m512 e = exp512(_mm512_max_ps(_mm512_sub_ps(_mm512_loadu_ps(s + i), _mm512_set1_ps(mx)), _mm512_set1_ps(-88.f)));
         _mm512_storeu_ps(s + i, e);
         vsum = _mm512_add_ps(vsum, e);
     }
@@ -923,7 +939,7 @@ void attend(const float *q, int M, int Hq, int Hkv, int D, long q_stride, void *
         const float **qp = malloc(sizeof(float *) * ATT_ROWS * group), **er = malloc(sizeof(float *) * group);
         float **sp = malloc(sizeof(float *) * ATT_ROWS * group), **op = malloc(sizeof(float *) * ATT_ROWS * group);
         float **sr = malloc(sizeof(float *) * group);
-#pragma omp for schedule(static)
+#pragma omp for schedule(static, 1) /* round robin: a prompt's later rows have more positions */
         for (int i = 0; i < ntasks; i++) {
             AttTask tk = tasks[i];
             int m0 = tk.m0, kvh = tk.kvh, t0 = tk.c * ATT_CHUNK, n[ATT_ROWS], nmax = 0;
@@ -1008,13 +1024,24 @@ void attend(const float *q, int M, int Hq, int Hkv, int D, long q_stride, void *
     free(first);
 }
 
-/* ---- SwiGLU: out[m, i] = silu(gu[m, i]) * gu[m, I + i] ----------------------------------------- */
+/* ---- SwiGLU: out[m, i] = silu(gu[m, i]) * gu[m, I + i] = g / (1 + e^-g) * u; with AVX-512, e^-g by
+   exp512 (-g clamped to [-88, 88]: silu of |g| > 88 is g or -0) ------------------------------------- */
 void silu_mul(const float *gu, int M, int I, float *out) {
+#pragma omp parallel for schedule(static) if (M >= 8)
     for (int m = 0; m < M; m++) {
         const float *g = gu + (long)m * 2 * I, *u = g + I;
         float *o = out + (long)m * I;
-#pragma omp simd
-        for (int i = 0; i < I; i++) o[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+        int i = 0;
+#ifdef __AVX512F__
+        for (; i + 16 <= I; i += 16) {
+            __m512 gv = _mm512_loadu_ps(g + i);
+            __m512 x = _mm512_min_ps(_mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), gv), _mm512_set1_ps(-88.f)),
+                                     _mm512_set1_ps(88.f));
+            __m512 s = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.f), exp512(x)));
+            _mm512_storeu_ps(o + i, _mm512_mul_ps(s, _mm512_loadu_ps(u + i)));
+        }
+#endif
+        for (; i < I; i++) o[i] = g[i] / (1.f + expf(-g[i])) * u[i];
     }
 }
 
