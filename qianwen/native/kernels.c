@@ -438,9 +438,11 @@ static inline __attribute__((always_inline)) __m512 dense_w(const void *w, size_
     return _mm512_loadu_ps((const float *)w + off);
 }
 
-/* out[r][i] = row r of x . weight row i, for R rows. */
+/* out[r][i] = row r of x . weight row i, for R rows; pf: prefetch the weights 8 rows ahead (the tile's
+   first rows of x: the tile then comes from L1 for the others, where prefetches only take load slots). */
 static inline __attribute__((always_inline)) void dense_tile(const void *const *wr, int K, const float *const *xr,
-                                                             float (*out)[4], const int bf16, const int R) {
+                                                             float (*out)[4], const int bf16, const int R,
+                                                             const int pf) {
     __m512 acc[DENSE_ROWS][4]; /* fixed size, not [R]: R is a constant at each call, so this stays in registers */
     for (int r = 0; r < R; r++)
         for (int i = 0; i < 4; i++) acc[r][i] = _mm512_setzero_ps();
@@ -448,7 +450,7 @@ static inline __attribute__((always_inline)) void dense_tile(const void *const *
     for (; k + 16 <= K; k += 16) {
         __m512 wv[4];
         for (int i = 0; i < 4; i++) {
-            _mm_prefetch((const char *)wr[i] + ((size_t)k + 8 * (size_t)K) * (bf16 ? 2 : 4), _MM_HINT_T0);
+            if (pf) _mm_prefetch((const char *)wr[i] + ((size_t)k + 8 * (size_t)K) * (bf16 ? 2 : 4), _MM_HINT_T0);
             wv[i] = dense_w(wr[i], k, bf16);
         }
         for (int r = 0; r < R; r++) {
@@ -478,26 +480,33 @@ static inline __attribute__((always_inline)) void dense_tile(const void *const *
 }
 
 /* R rows against one tile. */
-static void dense_rows(const void *const *wr, int K, const float *const *xr, float (*out)[4], int bf16, int R) {
-#define DENSE_R(B)                                                                                                \
+static void dense_rows(const void *const *wr, int K, const float *const *xr, float (*out)[4], int bf16, int pf,
+                       int R) {
+#define DENSE_R(B, P)                                                                                             \
     switch (R) {                                                                                                  \
-    case 1: dense_tile(wr, K, xr, out, B, 1); break;                                                              \
-    case 2: dense_tile(wr, K, xr, out, B, 2); break;                                                              \
-    case 3: dense_tile(wr, K, xr, out, B, 3); break;                                                              \
-    case 4: dense_tile(wr, K, xr, out, B, 4); break;                                                              \
-    case 5: dense_tile(wr, K, xr, out, B, 5); break;                                                              \
-    default: dense_tile(wr, K, xr, out, B, 6);                                                                    \
+    case 1: dense_tile(wr, K, xr, out, B, 1, P); break;                                                           \
+    case 2: dense_tile(wr, K, xr, out, B, 2, P); break;                                                           \
+    case 3: dense_tile(wr, K, xr, out, B, 3, P); break;                                                           \
+    case 4: dense_tile(wr, K, xr, out, B, 4, P); break;                                                           \
+    case 5: dense_tile(wr, K, xr, out, B, 5, P); break;                                                           \
+    default: dense_tile(wr, K, xr, out, B, 6, P);                                                                 \
     }
-    if (bf16) {
-        DENSE_R(1)
+    if (bf16 && pf) {
+        DENSE_R(1, 1)
+    } else if (bf16) {
+        DENSE_R(1, 0)
+    } else if (pf) {
+        DENSE_R(0, 1)
     } else {
-        DENSE_R(0)
+        DENSE_R(0, 0)
     }
 #undef DENSE_R
 }
 #else
 /* The plain C body: the same lane structure, in a form -O3 vectorises for whatever the CPU has. */
-static void dense_rows(const void *const *wr, int K, const float *const *xr, float (*out)[4], int bf16, int R) {
+static void dense_rows(const void *const *wr, int K, const float *const *xr, float (*out)[4], int bf16, int pf,
+                       int R) {
+    (void)pf;
     for (int r = 0; r < R; r++)
         for (int i = 0; i < 4; i++) {
             float acc[16] = {0};
@@ -530,7 +539,7 @@ void dense_gemm(const float *x, int M, int K, const void *w, int bf16, int N, co
             float out[DENSE_ROWS][4];
             const float *xr[DENSE_ROWS];
             for (int r = 0; r < R; r++) xr[r] = x + (size_t)(m0 + r) * K;
-            dense_rows(wr, K, xr, out, bf16, R);
+            dense_rows(wr, K, xr, out, bf16, m0 == 0, R);
             for (int r = 0; r < R; r++) {
                 float *ym = y + (size_t)(m0 + r) * ldy;
                 for (int i = 0; i < 4 && n0 + i < N; i++) {
