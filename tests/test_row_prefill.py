@@ -52,6 +52,11 @@ class Cache:
                 self.vs is not None and self.vs.data_ptr() or None)
 
 
+def logn(n: int) -> float:
+    """A per-row factor on the scores that grows with the row's length (as Qwen-7B's LogN does)."""
+    return 1 + n / 1000
+
+
 def attend(lib, q: torch.Tensor, rows: list[tuple[Cache | None, int]], hq: int, hkv: int) -> torch.Tensor:
     """attend for rows (cache, length) with queries q [M, hq * D]; a None cache is a padding row."""
     m, d = q.shape[0], q.shape[1] // hq
@@ -60,7 +65,7 @@ def attend(lib, q: torch.Tensor, rows: list[tuple[Cache | None, int]], hq: int, 
     lens = arr(ctypes.c_int, [n for _, n in rows])
     strides = arr(ctypes.c_long, [c.cap * d if c else 0 for c, _ in rows])
     code = next((c.code for c, _ in rows if c), 0)
-    scale, out = torch.full((m,), d ** -0.5), torch.full((m, hq * d), float("nan"))
+    scale, out = torch.tensor([d ** -0.5 * logn(n) for _, n in rows]), torch.full((m, hq * d), float("nan"))
     native.kernel_threads()
     lib.attend(q.data_ptr(), m, hq, hkv, d, hq * d, kb, vb, ks, vs, lens, strides, code, scale.data_ptr(),
                out.data_ptr())
@@ -72,7 +77,7 @@ def reference(q: torch.Tensor, cache: Cache, n: int, hq: int, hkv: int) -> torch
     d = cache.d
     qh = q.view(hq, d).double()
     k, v = (t[:, :n].double().repeat_interleave(hq // hkv, 0) for t in (cache.kf, cache.vf))
-    p = torch.softmax((qh[:, None] @ k.transpose(1, 2))[:, 0] * d ** -0.5, -1)
+    p = torch.softmax((qh[:, None] @ k.transpose(1, 2))[:, 0] * (d ** -0.5 * logn(n)), -1)
     return (p[:, None] @ v)[:, 0].reshape(-1).float()
 
 

@@ -193,25 +193,42 @@ static inline __attribute__((always_inline)) void q4_rows(const uint8_t *wb, con
 }
 #endif
 
+/* Row m's sums of x per group (xs) and, with VNNI, its int16 form (xq, sx: the row's own). */
+static void q4_prep(const float *x, int m, int K, int g, float *xs, int16_t *xq, float *sx) {
+    int G = K / g;
+    for (int gi = 0; gi < G; gi++) {
+        float s = 0;
+        for (int k = gi * g; k < (gi + 1) * g; k++) s += x[(size_t)m * K + k];
+        xs[m * G + gi] = s;
+    }
+#ifdef Q4_VNNI
+    q4_quantize_x(x + (size_t)m * K, K, g, xq, sx + (size_t)m * G);
+#else
+    (void)xq, (void)sx;
+#endif
+}
+
 void q4_gemm(const float *x, int M, int K, const uint8_t *packed, const uint16_t *sz, int g, int N, int Npad,
              const float *bias, float *y, long ldy, int accumulate) {
     int G = K / g, nblk = Npad / 64;
     if (M <= 0) return;
     float *xs = malloc(sizeof(float) * (size_t)M * G); /* per row and group: sums of x, for the zero term */
-    for (int m = 0; m < M; m++)
-        for (int gi = 0; gi < G; gi++) {
-            float s = 0;
-            for (int k = gi * g; k < (gi + 1) * g; k++) s += x[(size_t)m * K + k];
-            xs[m * G + gi] = s;
-        }
 #ifdef Q4_VNNI
     float *sxs = malloc(sizeof(float) * (size_t)M * G);  /* per row and group: x's scale */
     int32_t *xq = malloc(sizeof(int16_t) * (size_t)M * K); /* x as int16 pairs */
-    for (int m = 0; m < M; m++)
-        q4_quantize_x(x + (size_t)m * K, K, g, (int16_t *)(xq + (size_t)m * K / 2), sxs + (size_t)m * G);
+#define Q4_PREP(m) q4_prep(x, m, K, g, xs, (int16_t *)(xq + (size_t)(m) * K / 2), sxs)
+#else
+#define Q4_PREP(m) q4_prep(x, m, K, g, xs, NULL, NULL)
 #endif
+    int split = M >= 8; /* the rows' sums (and int16 x) on the threads too */
+    for (int m = 0; m < M && !split; m++) Q4_PREP(m);
 #pragma omp parallel
     {
+        if (split) {
+#pragma omp for schedule(static)
+            for (int m = 0; m < M; m++) Q4_PREP(m);
+        }
+#undef Q4_PREP
 #ifndef __AVX512F__
         float *buf = malloc(sizeof(float) * 64 * g); /* a group's nibbles as floats, for all the rows */
 #endif
