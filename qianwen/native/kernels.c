@@ -704,15 +704,36 @@ static inline __attribute__((always_inline)) __m512 exp512(__m512 x) {
 }
 #endif
 
-/* s[i] = exp(s[i] - mx), returning the sum (softmax numerators). */
+#ifdef __AVX512F__
+static inline __mmask16 first_lanes(int n) { return (__mmask16)(n >= 16 ? 0xffff : (1u << n) - 1); }
+#endif
+
+/* The largest of s[0 .. n) (NaNs passed over; -inf when n is 0). */
+static inline float max_of(const float *s, int n) {
+    float mx = -INFINITY;
+    int i = 0;
+#ifdef __AVX512F__
+    __m512 v = _mm512_set1_ps(-INFINITY);
+    for (; i < n; i += 16) /* max_ps(x, v) is v where x is NaN */
+        v = _mm512_max_ps(_mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), first_lanes(n - i), s + i), v);
+    mx = _mm512_reduce_max_ps(v);
+#endif
+    for (; i < n; i++) mx = s[i] > mx ? s[i] : mx;
+    return mx;
+}
+
+/* s[i] = exp(s[i] - mx), returning the sum (softmax numerators); with AVX-512 the last n % 16 in masked
+   lanes of the same vectors. */
 static inline float exp_sum(float *s, int n, float mx) {
     float sum = 0;
     int i = 0;
 #ifdef __AVX512F__
     __m512 vsum = _mm512_setzero_ps();
-    for (; i + 16 <= n; i += 16) {
-        __m512 e = exp512(_mm512_max_ps(_mm512_sub_ps(_mm512_loadu_ps(s + i), _mm512_set1_ps(mx)), _mm512_set1_ps(-88.f)));
-        _mm512_storeu_ps(s + i, e);
+    for (; i < n; i += 16) {
+        __mmask16 m = first_lanes(n - i);
+        __m512 x = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + i), _mm512_set1_ps(mx));
+        __m512 e = _mm512_maskz_mov_ps(m, exp512(_mm512_max_ps(x, _mm512_set1_ps(-88.f))));
+        _mm512_mask_storeu_ps(s + i, m, e);
         vsum = _mm512_add_ps(vsum, e);
     }
     sum = _mm512_reduce_add_ps(vsum);
@@ -998,8 +1019,7 @@ void attend(const float *q, int M, int Hq, int Hkv, int D, long q_stride, void *
             for (int r = 0; r < tk.rows; r++) {
                 if (!n[r]) continue;
                 for (int g = 0; g < group; g++) {
-                    float mx = -INFINITY, *sg = sp[r * group + g], *pt = op[r * group + g];
-                    for (int t = 0; t < n[r]; t++) mx = sg[t] > mx ? sg[t] : mx;
+                    float *sg = sp[r * group + g], *pt = op[r * group + g], mx = max_of(sg, n[r]);
                     pt[0] = mx;
                     pt[1] = exp_sum(sg, n[r], mx);
                     memset(pt + 2, 0, sizeof(float) * D);
