@@ -329,9 +329,9 @@ static inline __attribute__((always_inline)) void q8_sum4(const __m512 v[4], flo
     __m512 c = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xdd)); /* v[i]: 128-bit lane i */
     c = _mm512_add_ps(c, _mm512_permute_ps(c, 0x4e));
     c = _mm512_add_ps(c, _mm512_permute_ps(c, 0xb1));
-    float t[16];
-    _mm512_storeu_ps(t, c);
-    for (int i = 0; i < 4; i++) out[i] = t[4 * i];
+    /* lanes 0, 4, 8, 12 -> out[0 .. 3] */
+    _mm_storeu_ps(out, _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0,
+                                                                                     0, 0, 0, 0, 0, 0), c)));
 }
 
 /* R rows of x against the 4 outputs of a tile, the weights converted in registers (WEIGHTS: from qr, sr)
@@ -559,6 +559,13 @@ void dense_gemm(const float *x, int M, int K, const void *w, int bf16, int N, co
             dense_rows(wr, K, xr, out, bf16, m0 == 0, R);
             for (int r = 0; r < R; r++) {
                 float *ym = y + (size_t)(m0 + r) * ldy;
+#ifdef __AVX512F__
+                if (n0 + 4 <= N) { /* the same operations as below, four at once */
+                    __m128 v = _mm_add_ps(_mm_loadu_ps(out[r]), bias ? _mm_loadu_ps(bias + n0) : _mm_setzero_ps());
+                    _mm_storeu_ps(ym + n0, accumulate ? _mm_add_ps(_mm_loadu_ps(ym + n0), v) : v);
+                    continue;
+                }
+#endif
                 for (int i = 0; i < 4 && n0 + i < N; i++) {
                     float v = out[r][i] + (bias ? bias[n0 + i] : 0.f);
                     ym[n0 + i] = accumulate ? ym[n0 + i] + v : v;
