@@ -4,8 +4,9 @@
     .venv/bin/python benchmarks/prefill_rows.py --model ~/.cache/qianwen/bench/SmolLM2-135M-Instruct.Q4_1-hf-bf16
 
 One sequence of N tokens is prefilled into an engine cache (`qianwen.engine.cache_manager`) two ways:
-- torch: `hidden_states` over chunks of 64 tokens (the engine's prefill: torch attention, the weights
-  dequantized to bf16 per call from `PREFILL_TOKENS` tokens on);
+- torch: `hidden_states` over chunks of 64 tokens with the fused step switched off (`net.fast_decode =
+  None`): torch attention, the weights dequantized to bf16 per call from `PREFILL_TOKENS` tokens on (the
+  prefill before prompts ran as rows);
 - rows P: `fast_decode` (qianwen/native/kernels.c `decode_layers`) over chunks of P consecutive tokens of
   the same sequence, one row each (the same K/V buffer repeated, positions s .. s + P - 1): a causal
   prefill by exactly the decode step's arithmetic, so its K/V equal token-by-token decoding's bit for bit.
@@ -60,10 +61,14 @@ def main() -> None:
     def torch_path(n: int) -> None:
         kv = cm.allocate(n + 8)
         ids = list(range(100, 100 + n))
-        with torch.inference_mode():
-            for s in range(0, n, CHUNK):
-                e = min(n, s + CHUNK)
-                net.hidden_states(torch.tensor([ids[s:e]]), torch.arange(s, e)[None], BatchCache([kv], [s]))
+        fused, net.fast_decode = net.fast_decode, None
+        try:
+            with torch.inference_mode():
+                for s in range(0, n, CHUNK):
+                    e = min(n, s + CHUNK)
+                    net.hidden_states(torch.tensor([ids[s:e]]), torch.arange(s, e)[None], BatchCache([kv], [s]))
+        finally:
+            net.fast_decode = fused
         cm.free(kv)
 
     def row_path(n: int, rows: int) -> None:
