@@ -6,7 +6,7 @@ English: a header, k exemplars "Question: ...\\nA. ...\\n...\\nAnswer: B\\n\\n",
 Chinese: "问题：...\\n答案：" and the letters without a space.
 
 The header and exemplars are the same for every question of a subject: they run once through the
-model into a `PrefixCache`, and batches of questions (right-padded) attend to it.
+model and the subject's questions attend to their keys and values (`score_prompts`, `PackedCache`).
 """
 
 from __future__ import annotations
@@ -135,51 +135,69 @@ class Prompt:
     item: MCItem
 
 
-@torch.inference_mode()
-def score_prompts(net: torch.nn.Module, prompts: list[Prompt], letter_ids: list[int], device: Any,
-                  batch_size: int = 8, max_len: int | None = None, progress: Any = None, tokens: int = PACK_TOKENS) -> list[list[float]]:
-    """Log-probs of the four letter tokens after each prompt (prefix + suffix).
+@dataclass
+class _Piece:
+    ids: list[int]
+    first: int  # position of its first token
+    prefix: int | None = None  # the kept prefix it continues
+    keep: int | None = None  # a prefix: kept under this number
+    question: int | None = None  # a question: its index in the prompts
 
-    Each distinct prefix runs once and its questions attend to it. Prefixes and questions are packed one
-    after another into rows of up to `tokens` tokens (a longer prefix or question gets a row of its own)
-    and at most `batch_size` questions, so every projection is one matmul over real tokens only."""
-    out: list[list[float] | None] = [None] * len(prompts)
+
+def _pieces(prompts: list[Prompt], max_len: int | None) -> tuple[list[_Piece], dict[int, int]]:
+    """Each distinct prefix once, followed by its questions; and for each prefix, the index of the
+    piece of its last question (after which its keys and values can go)."""
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, p in enumerate(prompts):
         groups.setdefault(tuple(p.prefix), []).append(i)
-    letters = torch.tensor(letter_ids, device=device)
-    # the stream of segments: (token ids, first position, prefix number it continues, number it is kept as,
-    # question index)
-    stream: list[tuple[list[int], int, int | None, int | None, int | None]] = []
-    last_use: dict[int, int] = {}  # prefix number -> index in the stream of its last question
+    pieces: list[_Piece] = []
+    last_use: dict[int, int] = {}
     for g, (prefix, idx) in enumerate(groups.items()):
         for i in idx:
             if max_len is not None and len(prefix) + len(prompts[i].suffix) > max_len:
                 # too long to share the prefix: keep the last max_len tokens, alone
-                stream.append(((list(prefix) + prompts[i].suffix)[-max_len:], 0, None, None, i))
-                continue
-            if prefix and g not in last_use:
-                stream.append((list(prefix), 0, None, g, None))
-            if prefix:
-                last_use[g] = len(stream)
-            stream.append((prompts[i].suffix, len(prefix), g if prefix else None, None, i))
+                pieces.append(_Piece((list(prefix) + prompts[i].suffix)[-max_len:], 0, question=i))
+            elif not prefix:
+                pieces.append(_Piece(prompts[i].suffix, 0, question=i))
+            else:
+                if g not in last_use:
+                    pieces.append(_Piece(list(prefix), 0, keep=g))
+                last_use[g] = len(pieces)
+                pieces.append(_Piece(prompts[i].suffix, len(prefix), prefix=g, question=i))
+    return pieces, last_use
+
+
+@torch.inference_mode()
+def score_prompts(net: torch.nn.Module, prompts: list[Prompt], letter_ids: list[int], device: Any,
+                  batch_size: int = 8, max_len: int | None = None, progress: Any = None,
+                  tokens: int = PACK_TOKENS) -> list[list[float]]:
+    """Log-probs of the four letter tokens after each prompt (prefix + suffix).
+
+    Each distinct prefix runs once and its questions attend to it. Prefixes and questions are packed one
+    after another into forwards of one row, of up to `tokens` tokens (a longer prefix or question gets a
+    forward of its own) and `batch_size` questions, so every projection is one matmul over real tokens."""
+    out: list[list[float] | None] = [None] * len(prompts)
+    letters = torch.tensor(letter_ids, device=device)
+    pieces, last_use = _pieces(prompts, max_len)
     store: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
-    pos = 0
-    while pos < len(stream):
-        n_tok, n_q, end = 0, 0, pos
-        while end < len(stream) and (end == pos or (n_tok + len(stream[end][0]) <= tokens
-                                                    and n_q + (stream[end][4] is not None) <= batch_size)):
-            n_tok += len(stream[end][0])
-            n_q += stream[end][4] is not None
+    start = 0
+    while start < len(pieces):
+        end, n_tok, n_q = start, 0, 0
+        while end < len(pieces) and (end == start or (n_tok + len(pieces[end].ids) <= tokens
+                                                      and n_q + (pieces[end].question is not None) <= batch_size)):
+            n_tok += len(pieces[end].ids)
+            n_q += pieces[end].question is not None
             end += 1
-        ids, positions, segments, rows, questions = [], [], [], [], []
-        for toks, first, prefix, keep, i in stream[pos:end]:
-            segments.append(Segment(len(ids), len(ids) + len(toks), prefix, keep))
-            ids += toks
-            positions += range(first, first + len(toks))
-            if i is not None:
+        ids: list[int] = []
+        positions: list[int] = []
+        segments, rows, questions = [], [], []
+        for piece in pieces[start:end]:
+            segments.append(Segment(len(ids), len(ids) + len(piece.ids), piece.prefix, piece.keep))
+            ids += piece.ids
+            positions += range(piece.first, piece.first + len(piece.ids))
+            if piece.question is not None:
                 rows.append(len(ids) - 1)
-                questions.append(i)
+                questions.append(piece.question)
         h = net.hidden_states(torch.tensor([ids], device=device), torch.tensor([positions], device=device),
                               PackedCache(segments, store))
         if rows:  # (none when the forward holds only a prefix)
@@ -190,7 +208,7 @@ def score_prompts(net: torch.nn.Module, prompts: list[Prompt], letter_ids: list[
             del store[g]
         if progress is not None:
             progress.update(len(questions))
-        pos = end
+        start = end
     return out  # type: ignore[return-value]
 
 
