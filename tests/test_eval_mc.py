@@ -286,3 +286,13 @@ def test_each_prefix_runs_once_and_nothing_is_padded(tiny_mc, monkeypatch):
     prefixes = {tuple(p.prefix) for p in prompts}
     assert sum(seen) == sum(map(len, prefixes)) + sum(len(p.suffix) for p in prompts)
     assert len(seen) == 3  # 12 questions, 4 a forward
+
+
+@pytest.mark.parametrize("t", [5, 128, 300])
+def test_blocked_causal_attention_equals_causal_attention(t):
+    from qianwen.models.cache import blocked_causal_attention, causal_attention
+
+    torch.manual_seed(1)
+    q, k, v = torch.randn(1, 6, t, 16), torch.randn(1, 2, t, 16), torch.randn(1, 2, t, 16)
+    torch.testing.assert_close(blocked_causal_attention(q, k, v, block=64), causal_attention(q, k, v),
+                               atol=1e-5, rtol=1e-5)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import QianwenError
-from ..models.cache import attention_lse, causal_attention, merge_attention
+from ..models.cache import attention_lse, blocked_causal_attention, merge_attention
 from .data import LETTERS, MCItem, MCTask
 
 HEADERS = {
@@ -119,7 +119,7 @@ class PackedCache:
             for seg in run:
                 s, e = seg.start, seg.end
                 if prefix is None:
-                    out[:, :, s:e] = causal_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e])
+                    out[:, :, s:e] = blocked_causal_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e])
                 else:
                     o2, lse2 = attention_lse(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], causal=True)
                     out[:, :, s:e] = merge_attention(o1[:, :, s - lo:e - lo], lse1[:, :, s - lo:e - lo], o2, lse2)

@@ -33,6 +33,21 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: in
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
+def blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """`causal_attention` (past 0), `block` queries at a time against only the keys up to the block's
+    last query. On the CPU torch's flash kernel scores whole 512-key blocks, so a causal attention over
+    up to ~600 tokens costs as much as a full one; in blocks of 128 it cost 20-25% less at 300-500
+    tokens, 7% less at 1,000, the same at 1,500 (dev machine, bf16, SmolLM2's 9 heads of 64)."""
+    t = q.shape[2]
+    if q.device.type != "cpu" or t <= block:
+        return causal_attention(q, k, v)
+    out = torch.empty_like(q)
+    for a in range(0, t, block):
+        b = min(t, a + block)
+        out[:, :, a:b] = causal_attention(q[:, :, a:b], k[:, :, :b], v[:, :, :b], past=a)
+    return out
+
+
 class NoCache:
     """Full causal attention over the tokens of one forward, keeping nothing."""
 
