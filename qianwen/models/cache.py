@@ -48,6 +48,40 @@ def blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return out
 
 
+def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q [B, Hq, T, D] over k, v [B, Hkv, S, D] (GQA by head groups; `causal` needs T == S)
+    and the log-sum-exp of each query's scaled scores [B, Hq, T] (float32), so that attention over
+    several key sets can be merged (`merge_attention`). On the CPU torch's flash kernel, which returns
+    it (and wants as many key heads as query heads); elsewhere `_attention_lse_matmul`."""
+    if q.device.type != "cpu":
+        return _attention_lse_matmul(q, k, v, causal)
+    g = q.shape[1] // k.shape[1]
+    if g > 1:
+        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, is_causal=causal)
+    return out, lse
+
+
+def _attention_lse_matmul(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`attention_lse` in float32 matmuls (any device)."""
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    s = (q.float().reshape(b, hkv, hq // hkv * t, d) @ k.float().transpose(-1, -2)).view(b, hq, t, -1) * d ** -0.5
+    if causal:
+        s = s.masked_fill(torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - lse[..., None]).view(b, hkv, -1, s.shape[-1])
+    return (p @ v.float()).view(b, hq, t, d).to(q.dtype), lse
+
+
+def merge_attention(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor) -> torch.Tensor:
+    """Attention over the union of two disjoint key sets from each one's output and log-sum-exp
+    (`attention_lse`): the outputs weighted by each set's share of the softmax mass."""
+    w1 = torch.sigmoid(lse1 - lse2)[..., None]
+    return (o2.float() + (o1.float() - o2.float()) * w1).to(o1.dtype)
+
+
 class NoCache:
     """Full causal attention over the tokens of one forward, keeping nothing."""
 
@@ -103,37 +137,3 @@ class KVCache:
         other._len = list(self._len)
         other.extra = dict(self.extra)
         return other
-
-
-def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of q [B, Hq, T, D] over k, v [B, Hkv, S, D] (GQA by head groups; `causal` needs T == S)
-    and the log-sum-exp of each query's scaled scores [B, Hq, T] (float32), so that attention over
-    several key sets can be merged (`merge_attention`). On the CPU torch's flash kernel, which returns
-    it (and wants as many key heads as query heads); elsewhere `_attention_lse_matmul`."""
-    if q.device.type != "cpu":
-        return _attention_lse_matmul(q, k, v, causal)
-    g = q.shape[1] // k.shape[1]
-    if g > 1:
-        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, is_causal=causal)
-    return out, lse
-
-
-def _attention_lse_matmul(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """`attention_lse` in float32 matmuls (any device)."""
-    b, hq, t, d = q.shape
-    hkv = k.shape[1]
-    s = (q.float().reshape(b, hkv, hq // hkv * t, d) @ k.float().transpose(-1, -2)).view(b, hq, t, -1) * d ** -0.5
-    if causal:
-        s = s.masked_fill(torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    p = torch.exp(s - lse[..., None]).view(b, hkv, -1, s.shape[-1])
-    return (p @ v.float()).view(b, hq, t, d).to(q.dtype), lse
-
-
-def merge_attention(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor, lse2: torch.Tensor) -> torch.Tensor:
-    """Attention over the union of two disjoint key sets from each one's output and log-sum-exp
-    (`attention_lse`): the outputs weighted by each set's share of the softmax mass."""
-    w1 = torch.sigmoid(lse1 - lse2)[..., None]
-    return (o2.float() + (o1.float() - o2.float()) * w1).to(o1.dtype)
