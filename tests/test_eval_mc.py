@@ -219,3 +219,80 @@ def test_runner_cmmlu_end_to_end(tiny_mc, tmp_path):
     saved = json.loads((tmp_path / "r.json").read_text())
     for key in ("task", "model", "n", "shots", "metric", "score", "subjects", "wall_s", "qianwen_version"):
         assert key in saved
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("impl", ["attention_lse", "_attention_lse_matmul"])
+def test_merged_attention_equals_one_softmax(dtype, impl):
+    """A question attending to a kept prefix (all of it) and causally to itself, in two parts merged by
+    log-sum-exp, equals one masked softmax over the prefix and the question together (GQA: 6 query heads
+    on 2 key heads)."""
+    from qianwen.models import cache as C
+
+    attend = getattr(C, impl)
+    torch.manual_seed(0)
+    p, t = 37, 11
+    q = torch.randn(1, 6, t, 16) * 2
+    k, v = torch.randn(1, 2, p + t, 16) * 2, torch.randn(1, 2, p + t, 16)
+    mask = torch.arange(p + t)[None, :] <= torch.arange(t)[:, None] + p
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    o1, lse1 = attend(q, k[:, :, :p], v[:, :, :p], causal=False)
+    o2, lse2 = attend(q, k[:, :, p:], v[:, :, p:], causal=True)
+    assert lse1.shape == (1, 6, t) and lse1.dtype == torch.float32
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(C.merge_attention(o1, lse1, o2, lse2).float(), ref, atol=tol, rtol=tol)
+    scores = (q.float() @ k.float().repeat_interleave(3, 1)[:, :, :p].transpose(-1, -2)) / 4
+    torch.testing.assert_close(lse1, torch.logsumexp(scores, -1), atol=1e-4, rtol=1e-4)
+
+
+def _plain_scores(net, prompts: list, letters: list[int]) -> list[list[float]]:
+    with torch.no_grad():
+        return [torch.log_softmax(net(torch.tensor([p.prefix + p.suffix]))[0, -1].float(), -1)[letters].tolist()
+                for p in prompts]
+
+
+@pytest.mark.parametrize("batch_size,tokens", [(1, 2048), (3, 2048), (100, 2048), (100, 40), (4, 1)])
+def test_packed_scoring_matches_plain_forward(tiny_mc, batch_size, tokens):
+    """However prompts are packed into forwards (a prefix in the same forward as its questions or an
+    earlier one, several subjects in one forward, a prefix or question longer than the token budget
+    alone), each question scores as its whole prompt in a plain forward; a group without a shared prefix
+    and a prompt longer than the context (scored alone on its last max_len tokens) are handled too."""
+    rng = random.Random(2)
+    task = _task(rng, subjects=("alpha", "beta", "gamma"), n=5)
+    items = MC.stratified_sample(task, None)
+    prompts = MC.build_prompts(task, items, tiny_mc.tokenizer.encode, shots=2)
+    prompts += [MC.Prompt([], p.prefix + p.suffix, p.item) for p in prompts[:3]]  # no shared prefix
+    letters = MC.letter_token_ids(tiny_mc.tokenizer, "en")
+    longest = max(len(p.prefix) + len(p.suffix) for p in prompts)
+    ours = MC.score_prompts(tiny_mc.net, prompts, letters, "cpu", batch_size=batch_size, max_len=longest - 1,
+                            tokens=tokens)
+    long = [i for i, p in enumerate(prompts) if len(p.prefix) + len(p.suffix) == longest]
+    cut = [MC.Prompt([], (p.prefix + p.suffix)[1:], p.item) if i in long else p for i, p in enumerate(prompts)]
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(_plain_scores(tiny_mc.net, cut, letters)),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_each_prefix_runs_once_and_nothing_is_padded(tiny_mc, monkeypatch):
+    """The forwards see every shared prefix once and every question's own tokens once, nothing more."""
+    rng = random.Random(4)
+    task = _task(rng, subjects=("alpha", "beta"), n=6)
+    items = MC.stratified_sample(task, None)
+    prompts = MC.build_prompts(task, items, tiny_mc.tokenizer.encode, shots=2)
+    seen = []
+    run = tiny_mc.net.hidden_states
+    monkeypatch.setattr(tiny_mc.net, "hidden_states", lambda ids, *a, **k: seen.append(ids.numel()) or run(ids, *a, **k))
+    MC.score_prompts(tiny_mc.net, prompts, MC.letter_token_ids(tiny_mc.tokenizer, "en"), "cpu", batch_size=4)
+    prefixes = {tuple(p.prefix) for p in prompts}
+    assert sum(seen) == sum(map(len, prefixes)) + sum(len(p.suffix) for p in prompts)
+    assert len(seen) == 3  # 12 questions, 4 a forward
+
+
+@pytest.mark.parametrize("t", [5, 128, 300])
+def test_blocked_causal_attention_equals_causal_attention(t):
+    from qianwen.models.cache import blocked_causal_attention, causal_attention
+
+    torch.manual_seed(1)
+    q, k, v = torch.randn(1, 6, t, 16), torch.randn(1, 2, t, 16), torch.randn(1, 2, t, 16)
+    torch.testing.assert_close(blocked_causal_attention(q, k, v, block=64), causal_attention(q, k, v),
+                               atol=1e-5, rtol=1e-5)

@@ -366,6 +366,21 @@ def test_dense_gemm_rows_do_not_depend_on_the_batch(dtype):
         assert torch.equal(part, batch[64 - m:])
 
 
+def test_native_forward_runs_many_rows_in_calls_of_native_rows():
+    """A call over more rows than NATIVE_ROWS runs in pieces, with the result of one kernel call."""
+    from qianwen.quant.linear import NATIVE_ROWS
+
+    lin = _dense(131, 203, torch.float32, True)
+    x = torch.randn(2 * NATIVE_ROWS + 37, 203)
+    whole = torch.empty(len(x), 131)
+    lin.native_matmul(x, whole)
+    calls = []
+    run = lin.native_matmul
+    lin.native_matmul = lambda a, b: calls.append(len(a)) or run(a, b)
+    assert torch.equal(lin.native_forward(x), whole)
+    assert calls == [NATIVE_ROWS, NATIVE_ROWS, 37]
+
+
 def _decode_logits(net, ids: list[int], steps: list[int]) -> torch.Tensor:
     cache = StaticKVCache.for_model(net, 1, len(ids) + len(steps) + 4)
     with torch.inference_mode():

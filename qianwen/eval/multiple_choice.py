@@ -6,7 +6,7 @@ English: a header, k exemplars "Question: ...\\nA. ...\\n...\\nAnswer: B\\n\\n",
 Chinese: "问题：...\\n答案：" and the letters without a space.
 
 The header and exemplars are the same for every question of a subject: they run once through the
-model into a `PrefixCache`, and batches of questions (right-padded) attend to it.
+model and the subject's questions attend to their keys and values (`score_prompts`, `PackedCache`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import QianwenError
-from ..models.cache import causal_attention
+from ..models.cache import attention_lse, blocked_causal_attention, merge_attention
 from .data import LETTERS, MCItem, MCTask
 
 HEADERS = {
@@ -29,6 +29,7 @@ HEADERS = {
     "cmmlu": "以下是关于{subject}的单项选择题，请直接给出正确答案的选项。\n\n",
     "ceval": "以下是中国关于{subject}考试的单项选择题，请选出其中的正确答案。\n\n",
 }
+PACK_TOKENS = 2048  # tokens per forward when scoring: past this, a bigger matmul gains little
 ANSWER_TAIL = {"en": ("Question: ", "\nAnswer:", " "), "zh": ("问题：", "\n答案：", "")}
 
 
@@ -76,28 +77,55 @@ def stratified_sample(task: MCTask, per_subject: int | None, seed: int = 1234) -
     return out
 
 
-class PrefixCache:
-    """Cache interface: first records a shared prefix (batch 1), then serves it to batches of suffixes."""
+@dataclass
+class Segment:
+    """A run of tokens in a packed forward: a shared prefix (kept as number `keep` for the questions that
+    follow it) or a question's own tokens (attending to kept prefix number `prefix`, if any)."""
 
-    def __init__(self) -> None:
+    start: int  # offset in the packed row
+    end: int
+    prefix: int | None = None
+    keep: int | None = None
+
+
+class PackedCache:
+    """Cache interface for one forward over segments packed into one row (no padding): each segment
+    attends causally to itself and, if it continues a prefix, to all of that prefix's kept keys and values
+    (one flash call for the queries of every segment of the prefix, merged with each segment's causal
+    part by log-sum-exp). A prefix segment keeps its keys and values in `store` for later segments, in
+    this forward (layer by layer, it comes first) or later ones. The caller passes the positions."""
+
+    def __init__(self, segments: list[Segment], store: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]]):
         self.extra: dict[str, Any] = {}
-        self._k: dict[int, torch.Tensor] = {}
-        self._v: dict[int, torch.Tensor] = {}
-        self.recording = True
+        self.store = store
+        self.runs: list[list[Segment]] = []  # consecutive segments continuing the same prefix
+        for seg in segments:
+            if self.runs and seg.prefix is not None and self.runs[-1][-1].prefix == seg.prefix:
+                self.runs[-1].append(seg)
+            else:
+                self.runs.append([seg])
 
     @property
     def length(self) -> int:
-        return 0 if self.recording or not self._k else self._k[0].shape[2]
+        return 0
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if self.recording:
-            self._k[layer], self._v[layer] = k, v
-            return causal_attention(q, k, v)
-        pk, pv = self._k[layer], self._v[layer]
-        b = q.shape[0]
-        keys = torch.cat([pk.expand(b, -1, -1, -1), k], dim=2)
-        vals = torch.cat([pv.expand(b, -1, -1, -1), v], dim=2)
-        return causal_attention(q, keys, vals, past=pk.shape[2])
+        out = torch.empty_like(q)
+        for run in self.runs:
+            lo, hi, prefix = run[0].start, run[-1].end, run[0].prefix
+            if prefix is not None:
+                pk, pv = self.store[prefix][layer]
+                o1, lse1 = attention_lse(q[:, :, lo:hi], pk, pv, causal=False)
+            for seg in run:
+                s, e = seg.start, seg.end
+                if prefix is None:
+                    out[:, :, s:e] = blocked_causal_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e])
+                else:
+                    o2, lse2 = attention_lse(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], causal=True)
+                    out[:, :, s:e] = merge_attention(o1[:, :, s - lo:e - lo], lse1[:, :, s - lo:e - lo], o2, lse2)
+                if seg.keep is not None:
+                    self.store.setdefault(seg.keep, {})[layer] = (k[:, :, s:e].contiguous(), v[:, :, s:e].contiguous())
+        return out
 
 
 @dataclass
@@ -107,49 +135,80 @@ class Prompt:
     item: MCItem
 
 
-def _last_logprobs(net: torch.nn.Module, hidden: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    rows = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    return F.log_softmax(net.compute_logits(rows), dim=-1)
+@dataclass
+class _Piece:
+    ids: list[int]
+    first: int  # position of its first token
+    prefix: int | None = None  # the kept prefix it continues
+    keep: int | None = None  # a prefix: kept under this number
+    question: int | None = None  # a question: its index in the prompts
+
+
+def _pieces(prompts: list[Prompt], max_len: int | None) -> tuple[list[_Piece], dict[int, int]]:
+    """Each distinct prefix once, followed by its questions; and for each prefix, the index of the
+    piece of its last question (after which its keys and values can go)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(tuple(p.prefix), []).append(i)
+    pieces: list[_Piece] = []
+    last_use: dict[int, int] = {}
+    for g, (prefix, idx) in enumerate(groups.items()):
+        for i in idx:
+            if max_len is not None and len(prefix) + len(prompts[i].suffix) > max_len:
+                # too long to share the prefix: keep the last max_len tokens, alone
+                pieces.append(_Piece((list(prefix) + prompts[i].suffix)[-max_len:], 0, question=i))
+            elif not prefix:
+                pieces.append(_Piece(prompts[i].suffix, 0, question=i))
+            else:
+                if g not in last_use:
+                    pieces.append(_Piece(list(prefix), 0, keep=g))
+                last_use[g] = len(pieces)
+                pieces.append(_Piece(prompts[i].suffix, len(prefix), prefix=g, question=i))
+    return pieces, last_use
 
 
 @torch.inference_mode()
 def score_prompts(net: torch.nn.Module, prompts: list[Prompt], letter_ids: list[int], device: Any,
-                  batch_size: int = 8, max_len: int | None = None, pad_id: int = 0,
-                  progress: Any = None) -> list[list[float]]:
-    """Log-probs of the four letter tokens after each prompt (prefix + suffix)."""
+                  batch_size: int = 8, max_len: int | None = None, progress: Any = None,
+                  tokens: int = PACK_TOKENS) -> list[list[float]]:
+    """Log-probs of the four letter tokens after each prompt (prefix + suffix).
+
+    Each distinct prefix runs once and its questions attend to it. Prefixes and questions are packed one
+    after another into forwards of one row, of up to `tokens` tokens (a longer prefix or question gets a
+    forward of its own) and `batch_size` questions, so every projection is one matmul over real tokens."""
     out: list[list[float] | None] = [None] * len(prompts)
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, p in enumerate(prompts):
-        groups.setdefault(tuple(p.prefix), []).append(i)
     letters = torch.tensor(letter_ids, device=device)
-    for prefix, idx in groups.items():
-        fits = [i for i in idx if max_len is None or len(prefix) + len(prompts[i].suffix) <= max_len]
-        for i in idx:
-            if i not in fits:  # too long to share the prefix: keep the last max_len tokens, alone
-                ids = (list(prefix) + prompts[i].suffix)[-max_len:]  # type: ignore[index]
-                h = net.hidden_states(torch.tensor([ids], device=device))
-                out[i] = _last_logprobs(net, h, torch.tensor([len(ids) - 1], device=device))[0, letters].tolist()
-                if progress is not None:
-                    progress.update(1)
-        if not fits:
-            continue
-        cache = PrefixCache()
-        if prefix:
-            net.hidden_states(torch.tensor([prefix], device=device), cache=cache)
-        cache.recording = False
-        for s in range(0, len(fits), batch_size):
-            chunk = fits[s: s + batch_size]
-            lens = [len(prompts[i].suffix) for i in chunk]
-            ids = torch.full((len(chunk), max(lens)), pad_id, dtype=torch.long)
-            for r, i in enumerate(chunk):
-                ids[r, : lens[r]] = torch.tensor(prompts[i].suffix)
-            # right padding: each row's last real token never sees the pads after it
-            h = net.hidden_states(ids.to(device), cache=cache if prefix else None)
-            lp = _last_logprobs(net, h, torch.tensor(lens, device=device) - 1)[:, letters]
-            for r, i in enumerate(chunk):
+    pieces, last_use = _pieces(prompts, max_len)
+    store: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+    start = 0
+    while start < len(pieces):
+        end, n_tok, n_q = start, 0, 0
+        while end < len(pieces) and (end == start or (n_tok + len(pieces[end].ids) <= tokens
+                                                      and n_q + (pieces[end].question is not None) <= batch_size)):
+            n_tok += len(pieces[end].ids)
+            n_q += pieces[end].question is not None
+            end += 1
+        ids: list[int] = []
+        positions: list[int] = []
+        segments, rows, questions = [], [], []
+        for piece in pieces[start:end]:
+            segments.append(Segment(len(ids), len(ids) + len(piece.ids), piece.prefix, piece.keep))
+            ids += piece.ids
+            positions += range(piece.first, piece.first + len(piece.ids))
+            if piece.question is not None:
+                rows.append(len(ids) - 1)
+                questions.append(piece.question)
+        h = net.hidden_states(torch.tensor([ids], device=device), torch.tensor([positions], device=device),
+                              PackedCache(segments, store))
+        if rows:  # (none when the forward holds only a prefix)
+            lp = F.log_softmax(net.compute_logits(h[0, torch.tensor(rows, device=device)]), dim=-1)[:, letters]
+            for r, i in enumerate(questions):
                 out[i] = lp[r].tolist()
-            if progress is not None:
-                progress.update(len(chunk))
+        for g in [g for g in store if last_use[g] < end]:
+            del store[g]
+        if progress is not None:
+            progress.update(len(questions))
+        start = end
     return out  # type: ignore[return-value]
 
 

@@ -22,10 +22,9 @@ def run(model: Any, task_name: str, args: RunArgs) -> dict[str, Any]:
     prompts = MC.build_prompts(task, items, lambda text: encode_prompt(model, text.rstrip() if args.chat else text,
                                                                         args.chat), args.shots)
     letters = MC.letter_token_ids(model.tokenizer, task.language, args.chat)
-    pad = model.tokenizer.pad_id if model.tokenizer.pad_id is not None else 0
     with tqdm(total=len(prompts), desc=task.name, unit="q") as bar:
         lps = MC.score_prompts(model.net, prompts, letters, model.device, batch_size=args.batch_size,
-                               max_len=model.context_length, pad_id=pad, progress=bar)
+                               max_len=model.context_length, progress=bar)
     out = MC.summarize(task, items, lps)
     out["n"] = len(items)
     if args.limit is not None:
