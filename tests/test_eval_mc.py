@@ -296,3 +296,30 @@ def test_blocked_causal_attention_equals_causal_attention(t):
     q, k, v = torch.randn(1, 6, t, 16), torch.randn(1, 2, t, 16), torch.randn(1, 2, t, 16)
     torch.testing.assert_close(blocked_causal_attention(q, k, v, block=64), causal_attention(q, k, v),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_engine_scoring_matches_plain_forward_and_reuses_prefixes(tiny_mc):
+    """On the CPU kernels the engine scores (score_with_engine): each question's letter log-probs are its
+    whole prompt's in a plain forward (a prompt longer than the context cut to its last tokens), the first
+    question of each subject runs before the others, which find its prefix in the prefix cache."""
+    from qianwen.engine import LLM
+
+    rng = random.Random(5)
+    task = _task(rng, subjects=("alpha", "beta", "gamma"), n=5)
+    items = MC.stratified_sample(task, None)
+    prompts = MC.build_prompts(task, items, tiny_mc.tokenizer.encode, shots=2)
+    letters = MC.letter_token_ids(tiny_mc.tokenizer, "en")
+    llm = LLM(tiny_mc)
+    assert llm.engine.runner.rows, "the C kernels are not built"
+    longest = max(len(p.prefix) + len(p.suffix) for p in prompts)
+    ours = MC.score_with_engine(llm, prompts, letters, max_len=longest)
+    cut = [MC.Prompt([], (p.prefix + p.suffix)[1:], p.item) if len(p.prefix) + len(p.suffix) == longest else p
+           for p in prompts]
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(_plain_scores(tiny_mc.net, cut, letters)),
+                               atol=1e-4, rtol=1e-4)
+    b, firsts = llm.engine.cache.prefix.block_size, {}
+    for p in prompts:
+        firsts.setdefault(tuple(p.prefix), p)
+    rest = [p for p in prompts if firsts[tuple(p.prefix)] is not p]
+    assert rest and all(len(p.prefix) >= b for p in rest)
+    assert llm.engine.prefix_cache_stats()["hit_tokens"] >= sum(len(p.prefix) // b * b for p in rest)

@@ -6,7 +6,9 @@ English: a header, k exemplars "Question: ...\\nA. ...\\n...\\nAnswer: B\\n\\n",
 Chinese: "问题：...\\n答案：" and the letters without a space.
 
 The header and exemplars are the same for every question of a subject: they run once through the
-model and the subject's questions attend to their keys and values (`score_prompts`, `PackedCache`).
+model and the subject's questions attend to their keys and values. On the CPU kernels that is the serving
+engine (`score_with_engine`: its prefix cache, its packed rows, the arithmetic of generation); elsewhere
+`score_prompts` packs prefixes and questions into torch forwards itself (`PackedCache`).
 """
 
 from __future__ import annotations
@@ -168,6 +170,40 @@ def _pieces(prompts: list[Prompt], max_len: int | None) -> tuple[list[_Piece], d
 
 
 @torch.inference_mode()
+def score_with_engine(llm: Any, prompts: list[Prompt], letter_ids: list[int], max_len: int | None = None,
+                      progress: Any = None) -> list[list[float]]:
+    """Log-probs of the four letter tokens after each prompt, from the first-token logits of the engine
+    `llm` (qianwen.engine.LLM: raw logits, no penalty). The first question of each shared prefix runs
+    first and the rest after, so they find the prefix in the engine's prefix cache; a prompt longer than
+    `max_len` - 1 keeps its last tokens (as `score_prompts`)."""
+    out: list[list[float] | None] = [None] * len(prompts)
+    letters = torch.tensor(letter_ids)
+
+    def capture(i: int) -> Callable[[list[int], list[int], torch.Tensor], torch.Tensor]:
+        def keep(prompt_ids: list[int], output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+            out[i] = F.log_softmax(logits.float(), dim=-1)[letters].tolist()
+            if progress is not None:
+                progress.update(1)
+            return logits
+        return keep
+
+    first: list[dict[str, Any]] = []
+    rest: list[dict[str, Any]] = []
+    seen: set[tuple[int, ...]] = set()
+    for i, p in enumerate(prompts):
+        ids = p.prefix + p.suffix
+        ids = ids[-(max_len - 1):] if max_len is not None and len(ids) >= max_len else ids
+        (rest if tuple(p.prefix) in seen else first).append(
+            {"prompt": ids, "max_tokens": 1, "temperature": 0.0, "repetition_penalty": 1.0,
+             "presence_penalty": 0.0, "frequency_penalty": 0.0, "logits_processors": [capture(i)]})
+        seen.add(tuple(p.prefix))
+    for wave in (first, rest):
+        for c in llm.generate(wave):
+            if c.finish_reason == "error":
+                raise QianwenError(f"scoring failed: {c.error}")
+    return out  # type: ignore[return-value]
+
+
 def score_prompts(net: torch.nn.Module, prompts: list[Prompt], letter_ids: list[int], device: Any,
                   batch_size: int = 8, max_len: int | None = None, progress: Any = None,
                   tokens: int = PACK_TOKENS) -> list[list[float]]:

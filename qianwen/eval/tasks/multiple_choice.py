@@ -6,10 +6,16 @@ from typing import Any
 
 from ..registry import EvalTask, RunArgs, register
 
+# the engine's size for scoring: many questions' rows a step (measured on the default model, MMLU 5-shot
+# --limit 5, 2 threads: 31.8 s with these, 34.0 s with the offline defaults 16 / 512)
+ENGINE_SEQS = 64
+ENGINE_PREFILL_TOKENS = 2048
+
 
 def run(model: Any, task_name: str, args: RunArgs) -> dict[str, Any]:
     from tqdm import tqdm
 
+    from ...engine import LLM, EngineConfig
     from .. import data as D
     from .. import multiple_choice as MC
     from ..generate import encode_prompt
@@ -22,9 +28,14 @@ def run(model: Any, task_name: str, args: RunArgs) -> dict[str, Any]:
     prompts = MC.build_prompts(task, items, lambda text: encode_prompt(model, text.rstrip() if args.chat else text,
                                                                         args.chat), args.shots)
     letters = MC.letter_token_ids(model.tokenizer, task.language, args.chat)
+    # on the CPU kernels the engine scores (prefix cache, packed rows); elsewhere score_prompts' torch forwards
+    llm = LLM(model, EngineConfig(max_num_seqs=ENGINE_SEQS, max_prefill_tokens=ENGINE_PREFILL_TOKENS))
     with tqdm(total=len(prompts), desc=task.name, unit="q") as bar:
-        lps = MC.score_prompts(model.net, prompts, letters, model.device, batch_size=args.batch_size,
-                               max_len=model.context_length, progress=bar)
+        if llm.engine.runner.rows:
+            lps = MC.score_with_engine(llm, prompts, letters, max_len=model.context_length, progress=bar)
+        else:
+            lps = MC.score_prompts(model.net, prompts, letters, model.device, batch_size=args.batch_size,
+                                   max_len=model.context_length, progress=bar)
     out = MC.summarize(task, items, lps)
     out["n"] = len(items)
     if args.limit is not None:
