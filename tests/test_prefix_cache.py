@@ -43,11 +43,13 @@ def test_hit_counting_and_reuse_after_finish(tiny_qwen2_dir):
     assert stats["queried_tokens"] == len(ids) and stats["hit_tokens"] == 0
     # the finished sequence's buffer is freed; the full blocks of what it cached stay, inside the budget:
     # its prompt's, and on the row path also those its decode steps wrote (all but the last token's K/V)
+    # (with partial matching, prefix_cache.py, its last partial block too, in a whole block's room)
+    partial = eng.cache.prefix.partial
     computed = len(ids) + (len(first.token_ids) - 1 if eng.runner.rows else 0)
-    assert eng.cache.used == 0 and stats["cached_tokens"] == computed // b * b
+    assert eng.cache.used == 0 and stats["cached_tokens"] == (-(-computed // b) * b if partial else computed // b * b)
     again = llm.generate([greedy(ids)])[0]
     assert again.token_ids == first.token_ids
-    hit = (len(ids) - 1) // b * b  # the last token always runs, for its logits
+    hit = len(ids) - 1 if partial else (len(ids) - 1) // b * b  # the last token always runs, for its logits
     stats = eng.prefix_cache_stats()
     assert stats["hit_tokens"] == hit and stats["queried_tokens"] == 2 * len(ids)
     assert stats["hit_rate"] == pytest.approx(hit / (2 * len(ids)))
@@ -55,13 +57,14 @@ def test_hit_counting_and_reuse_after_finish(tiny_qwen2_dir):
     other = llm.encode(PROMPTS[2])[0]
     common = next(i for i, (x, y) in enumerate(zip(ids, other, strict=False)) if x != y)
     llm.generate([greedy(other)])
-    assert eng.prefix_cache_stats()["hit_tokens"] == hit + common // b * b
+    assert eng.prefix_cache_stats()["hit_tokens"] == hit + (common if partial else common // b * b)
 
 
 def test_a_next_turn_reuses_what_the_answer_decoded(tiny_qwen2_model):
     """On the row path (model_runner.py `step_rows`) decode steps write the same K/V a prefill would, so
-    the blocks of an answer are cached when it finishes: a prompt that continues prompt + answer hits
-    all of them, and gives exactly the tokens a run without the cache gives."""
+    the blocks of an answer are cached when it finishes, its last partial block too: a prompt that
+    continues prompt + answer hits every token the first computed, and gives exactly the tokens a run
+    without the cache gives."""
     model = tiny_qwen2_model
     llm = LLM(model)
     assert llm.engine.runner.rows, "the C decode step is not installed"
@@ -71,7 +74,7 @@ def test_a_next_turn_reuses_what_the_answer_decoded(tiny_qwen2_model):
     turn2 = ids + first.token_ids + llm.encode("And then?")[0]
     before = llm.engine.prefix_cache_stats()["hit_tokens"]
     got = llm.generate([greedy(turn2, 8)])[0]
-    assert llm.engine.prefix_cache_stats()["hit_tokens"] - before == (len(ids) + 3 * b - 1) // b * b
+    assert llm.engine.prefix_cache_stats()["hit_tokens"] - before == len(ids) + 3 * b - 1  # all it computed
     ref = LLM(model, EngineConfig(prefix_caching=False)).generate([greedy(turn2, 8)])[0]
     assert got.token_ids == ref.token_ids and got.top_logprobs == ref.top_logprobs
 
@@ -174,3 +177,27 @@ def test_a_prompt_admitted_after_its_twin_reuses_its_blocks(tiny_qwen2_dir):
     llm.engine.scheduler.config.max_prefill_tokens = len(a) + bs // 2  # a, and less than a block of b
     llm.generate([greedy(a, 2), greedy(b, 2)])
     assert llm.engine.prefix_cache_stats()["hit_tokens"] >= 2 * bs
+
+
+def test_a_prompt_reuses_the_tokens_it_shares_inside_a_block(tiny_qwen2_model):
+    """Token-granular matching past the last whole block (row path): a prompt that leaves another one
+    part way through a block copies the shared tokens of that block too, with the same results as
+    without the cache; blocks evicted leave no trace in the index."""
+    model = tiny_qwen2_model
+    llm = LLM(model)
+    assert llm.engine.cache.prefix.partial
+    b = llm.engine.cache.prefix.block_size
+    a = llm.encode(PROMPTS[1])[0]
+    common = 2 * b + b // 2
+    other = a[:common] + [t + 1 for t in a[common:common + 20]]
+    assert other[common] != a[common]
+    llm.generate([greedy(a, 2)])
+    before = llm.engine.prefix_cache_stats()["hit_tokens"]
+    got = llm.generate([greedy(other, 6)])[0]
+    assert llm.engine.prefix_cache_stats()["hit_tokens"] - before == common
+    ref = LLM(model, EngineConfig(prefix_caching=False)).generate([greedy(other, 6)])[0]
+    assert got.token_ids == ref.token_ids and got.top_logprobs == ref.top_logprobs
+    prefix = llm.engine.cache.prefix
+    while prefix.evict():
+        pass
+    assert not prefix.children and prefix.num_tokens == 0

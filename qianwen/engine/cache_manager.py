@@ -48,13 +48,13 @@ class CacheManager:
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device, max_tokens: int, block_size: int = 256,
-                 prefix_block_size: int | None = 16) -> None:
+                 prefix_block_size: int | None = 16, prefix_partial: bool = False) -> None:
         self.shape = (num_layers, 2, num_kv_heads, head_dim)
         self.dtype, self.device = dtype, device
         self.block_size = block_size
         self.max_tokens = max(block_size, max_tokens // block_size * block_size)
         self.used = 0  # capacity of live sequences' buffers
-        self.prefix = PrefixCache(prefix_block_size) if prefix_block_size else None
+        self.prefix = PrefixCache(prefix_block_size, prefix_partial) if prefix_block_size else None
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -120,19 +120,28 @@ class CacheManager:
         logits) into `kv`; returns how many tokens it holds now."""
         if self.prefix is None:
             return 0
-        blocks = self.prefix.match(ids, len(ids) - 1)
+        blocks, part = self.prefix.match(ids, len(ids) - 1)
         b = self.prefix.block_size
         for i, block in enumerate(blocks):
             _copy(kv, i * b, block, 0, b)
-        self.prefix.count(len(ids), len(blocks) * b)
-        return len(blocks) * b
+        n = len(blocks) * b
+        if part is not None:  # the first tokens of the next block (partial matching, prefix_cache.py)
+            _copy(kv, n, part[0], 0, part[1])
+            n += part[1]
+        self.prefix.count(len(ids), n)
+        return n
 
-    def remember(self, ids: list[int], kv: SeqKV, n_tokens: int) -> None:
+    def remember(self, ids: list[int], kv: SeqKV, n_tokens: int, tail: bool = False) -> None:
         """Keep copies of the full blocks among the first n_tokens of `ids` that `kv` holds (computed as a
-        prefill would: see prefix_cache.py), evicting older blocks for room but never live sequences."""
+        prefill would: see prefix_cache.py), and with `tail` (a finished sequence, under partial matching)
+        the last, partial block too, evicting older blocks for room but never live sequences."""
         if self.prefix is None:
             return
         b, chain = self.prefix.block_size, self.prefix.chain(ids, n_tokens)
+        if tail and self.prefix.partial and n_tokens % b:
+            start, parent = len(chain) * b, chain[-1][0] if chain else None
+            tokens = tuple(ids[start:n_tokens])
+            chain.append((hash((parent, tokens)), parent, tokens))
         keys = [key for key, _, _ in chain]
         self.prefix.touch(keys)  # the blocks already cached are not the ones to make room
         for i, (key, parent, tokens) in enumerate(chain):
@@ -141,7 +150,7 @@ class CacheManager:
             if not self._make_room(b):
                 break
             block = self._empty(b)
-            _copy(block, 0, kv, i * b, b)
+            _copy(block, 0, kv, i * b, len(tokens))
             self.prefix.add(key, parent, tokens, block)
         self.prefix.touch(keys)
 

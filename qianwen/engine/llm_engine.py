@@ -64,7 +64,8 @@ class LLMEngine:
         block = 1 << 62 if whole else ROW_BLOCK if self.runner.rows else PREFILL_BLOCK
         self.cache = CacheManager(c.num_hidden_layers, n_kv, head_dim, kv_dtype, model.device,
                                   int(config.kv_cache_mb * 2**20) // per_token,
-                                  prefix_block_size=block if config.prefix_caching and not whole else None)
+                                  prefix_block_size=block if config.prefix_caching and not whole else None,
+                                  prefix_partial=self.runner.rows)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, block if whole else config.max_prefill_tokens,
                                                    block), self.cache)
         self.context_length: int = model.context_length
@@ -188,7 +189,7 @@ class LLMEngine:
                 continue
             if out.finish_reason:
                 if self.runner.rows:  # what its decode steps wrote is as good as a prefill's: keep it too
-                    self.cache.remember(seq.all_ids, seq.kv, seq.num_cached)
+                    self.cache.remember(seq.all_ids, seq.kv, seq.num_cached, tail=True)
                 self.scheduler.finish(seq)
                 self.seqs.pop(seq.seq_id, None)
             outputs.append(out)
