@@ -7,14 +7,13 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import StreamingResponse
 
 from ..chat import reasoning as R
 from ..chat import tools as T
 from ..chat.template import encode_rendered
 from ..models import architecture
 from .schemas import ChatCompletion, ChatCompletionRequest
-from .serving import ERRORS, APIError, ChunkFormat, Serving, get_serving, new_id, sse, usage
+from .serving import ERRORS, APIError, ChunkFormat, Serving, get_serving, new_id, sse, sse_response, usage
 from .structured import processor_factory, request_grammar
 
 if TYPE_CHECKING:
@@ -27,8 +26,7 @@ router = APIRouter()
              summary="Chat completion (set stream=true for server-sent events)")
 async def chat(req: ChatCompletionRequest, request: Request, serving: Serving = Depends(get_serving)) -> Any:
     if req.stream:
-        return StreamingResponse(chat_stream_setup(serving, req), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return sse_response(chat_stream_setup(serving, req))
     return await chat_completion(serving, req, request)
 
 

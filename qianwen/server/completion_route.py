@@ -7,10 +7,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import StreamingResponse
 
 from .schemas import Completion, CompletionRequest
-from .serving import ERRORS, APIError, ChunkFormat, Serving, get_serving, new_id, sse, usage
+from .serving import ERRORS, APIError, ChunkFormat, Serving, get_serving, new_id, sse, sse_response, usage
 from .structured import processor_factory, request_grammar
 
 router = APIRouter()
@@ -20,8 +19,7 @@ router = APIRouter()
              summary="Text completion (set stream=true for server-sent events)")
 async def complete(req: CompletionRequest, request: Request, serving: Serving = Depends(get_serving)) -> Any:
     if req.stream:
-        return StreamingResponse(completion_stream_setup(serving, req), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return sse_response(completion_stream_setup(serving, req))
     return await completion(serving, req, request)
 
 

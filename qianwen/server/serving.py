@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 
 from .. import native
 from ..engine.async_engine import AsyncEngine
@@ -230,6 +231,11 @@ def new_id(prefix: str) -> str:
 
 def sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
+    """A response streaming `events` (SSE text, `sse`) to the client as they come."""
+    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 class ChunkFormat:

