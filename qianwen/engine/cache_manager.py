@@ -137,11 +137,7 @@ class CacheManager:
         the last, partial block too, evicting older blocks for room but never live sequences."""
         if self.prefix is None:
             return
-        b, chain = self.prefix.block_size, self.prefix.chain(ids, n_tokens)
-        if tail and self.prefix.partial and n_tokens % b:
-            start, parent = len(chain) * b, chain[-1][0] if chain else None
-            tokens = tuple(ids[start:n_tokens])
-            chain.append((hash((parent, tokens)), parent, tokens))
+        b, chain = self.prefix.block_size, self.prefix.chain(ids, n_tokens, tail and self.prefix.partial)
         keys = [key for key, _, _ in chain]
         self.prefix.touch(keys)  # the blocks already cached are not the ones to make room
         for i, (key, parent, tokens) in enumerate(chain):

@@ -51,11 +51,12 @@ class PrefixCache:
     def hit_rate(self) -> float:
         return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
 
-    def chain(self, ids: list[int], n_tokens: int) -> list[tuple[int, int | None, tuple[int, ...]]]:
-        """(key, parent key, tokens) of each full block among the first n_tokens of ids."""
+    def chain(self, ids: list[int], n_tokens: int, tail: bool = False) -> list[tuple[int, int | None, tuple[int, ...]]]:
+        """(key, parent key, tokens) of each full block among the first n_tokens of ids, and with `tail` of
+        the partial block after them (when n_tokens is not a whole number of blocks)."""
         out, parent, b = [], None, self.block_size
-        for start in range(0, n_tokens - b + 1, b):
-            tokens = tuple(ids[start:start + b])
+        for start in range(0, n_tokens if tail else n_tokens - b + 1, b):
+            tokens = tuple(ids[start:min(start + b, n_tokens)])
             key = hash((parent, tokens))
             out.append((key, parent, tokens))
             parent = key
