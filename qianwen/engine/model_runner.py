@@ -92,8 +92,10 @@ class ModelRunner:
             kvs.append(seq.kv)
             want.append(len(ids) - 1)
             done.append(seq)
+        stops = []  # where each prefill sequence's cached tokens end after this forward
         for seq, n in prefill:
             start, stop = seq.num_cached, min(seq.num_tokens, seq.num_cached + n)
+            stops.append(stop)
             ids += seq.all_ids[start:stop]
             pos += range(start, stop)
             kvs += [seq.kv] * (stop - start)
@@ -106,9 +108,8 @@ class ModelRunner:
         logits = self.net.compute_logits(h[want, 0]).float().cpu() if want else torch.empty(0)
         for seq in decode:
             seq.num_cached = seq.num_tokens
-        for seq, n in prefill:
-            seq.num_cached = min(seq.num_tokens, seq.num_cached + n)
-            seq.prefilling = seq.num_cached < seq.num_tokens
+        for (seq, _), stop in zip(prefill, stops, strict=True):
+            seq.num_cached, seq.prefilling = stop, stop < seq.num_tokens
         return done, logits
 
     @torch.inference_mode()
