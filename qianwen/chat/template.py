@@ -79,10 +79,11 @@ class ChatTemplate:
 def encode_rendered(tokenizer, text: str, contents: list[Any]) -> list[int]:
     """Encode a rendered prompt: template text with special tokens allowed, message contents as plain
     text. When no content holds a special-token string the whole text is encoded at once (exactly as
-    transformers would); otherwise contents are found in order and encoded apart as plain text."""
+    transformers would; `Tokenizer.encode_prompt` reuses the ids of a recent prompt for the start they share);
+    otherwise contents are found in order and encoded apart as plain text."""
     specials = list(getattr(tokenizer, "special_tokens", {}) or {})
     if not any(isinstance(c, str) and any(s in c for s in specials) for c in contents):
-        return tokenizer.encode(text, allow_special=True)
+        return tokenizer.encode_prompt(text)
     spans: list[tuple[int, int]] = []
     pos = 0
     for c in contents:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import os
+import re
 import tempfile
+import threading
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -29,6 +33,11 @@ class Tokenizer(ABC):
     chat_template: str | None = None  # the Jinja template shipped with the vocabulary, if any
     # SentencePiece-style decoders drop the space that starts the first token; streams must too.
     strip_leading_space: bool = False
+    # The strings `encode(..., allow_special=True)` finds in the text before anything else, each becoming its
+    # own token, with the text between them encoded piece by piece, independently (tiktoken's special tokens;
+    # Hugging Face added tokens that are not normalized and strip no neighbouring whitespace). None: not
+    # promised, and `encode_prompt` encodes every prompt whole.
+    split_tokens: dict[str, int] | None = None
 
     @abstractmethod
     def encode(self, text: str, allow_special: bool = False) -> list[int]: ...
@@ -56,6 +65,19 @@ class Tokenizer(ABC):
     def encode_batch(self, texts: Sequence[str], allow_special: bool = False) -> list[list[int]]:
         return [self.encode(t, allow_special) for t in texts]
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """`encode(text, allow_special=True)` for a rendered prompt, reusing the ids of a recent prompt that
+        starts the same way (`PromptIds`): a chat's next turn resends the whole history."""
+        return self._prompt_ids.encode(text) if self._prompt_ids is not None else self.encode(text, True)
+
+    @cached_property
+    def _prompt_ids(self) -> PromptIds | None:
+        split = self.split_tokens
+        # a cut before an ASCII character never changes a Unicode normalization of the text before it
+        if not split or any(not s or not s[0].isascii() for s in split):
+            return None
+        return PromptIds(self, split)
+
     @cached_property
     def special_ids(self) -> frozenset[int]:
         return frozenset(self.special_tokens.values())
@@ -76,6 +98,74 @@ class Tokenizer(ABC):
 
     def __len__(self) -> int:
         return self.vocab_size
+
+
+RECENT_PROMPTS = 16  # prompts whose ids `PromptIds` keeps
+
+
+class PromptIds:
+    """Ids of recent prompts, to encode a prompt that starts as one of them did from where they part.
+
+    A tokenizer with `split_tokens` encodes text cut just before one of those tokens to exactly the first ids
+    of the whole text's, so a new prompt takes the ids of a recent one up to the last split token both have at
+    the same place within their common start, and encodes only the rest. Each prompt's cuts are (place in the
+    text, place in the ids) of its split tokens, found by counting: a prompt whose ids do not hold the id of
+    each split token found in its text, in order, is encoded whole again and not kept.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, split_tokens: dict[str, int], size: int = RECENT_PROMPTS) -> None:
+        self.tokenizer, self.split, self.size = tokenizer, split_tokens, size
+        self.split_ids = frozenset(split_tokens.values())
+        # the leftmost, longest match at each place, as both backends find them
+        self.pattern = re.compile("|".join(re.escape(t) for t in sorted(split_tokens, key=len, reverse=True)))
+        self.recent: OrderedDict[str, tuple[list[int], list[int], list[int]]] = OrderedDict()  # text -> ids, cuts
+        self.lock = threading.Lock()
+
+    def _cuts(self, text: str, ids: list[int]) -> tuple[list[int], list[int]] | None:
+        """The places of the split tokens in text and in ids, or None when the ids do not hold them in order."""
+        found = [(m.start(), self.split[m.group()]) for m in self.pattern.finditer(text)]
+        at = [i for i, t in enumerate(ids) if t in self.split_ids]
+        if len(at) != len(found) or any(ids[i] != t for i, (_, t) in zip(at, found, strict=True)):
+            return None
+        return [p for p, _ in found], at
+
+    def encode(self, text: str) -> list[int]:
+        with self.lock:
+            recent = list(self.recent.items())
+        best, ids = (0, 0), None
+        for old, (old_ids, old_text_cuts, old_id_cuts) in recent:
+            n = _common_prefix(old, text)
+            k = bisect.bisect_right(old_text_cuts, n) - 1
+            # the cut must stand before a split token of the new text too (the text before it is the same)
+            while k >= 0 and old_text_cuts[k] > best[0] and not self.pattern.match(text, old_text_cuts[k]):
+                k -= 1
+            if k >= 0 and old_text_cuts[k] > best[0]:
+                best, ids = (old_text_cuts[k], old_id_cuts[k]), old_ids
+        out = self.tokenizer.encode(text, allow_special=True) if ids is None else \
+            ids[:best[1]] + self.tokenizer.encode(text[best[0]:], allow_special=True)
+        cuts = self._cuts(text, out)
+        if cuts is None and ids is not None:  # never trust a reuse the ids disagree with: encode it whole
+            out = self.tokenizer.encode(text, allow_special=True)
+            cuts = self._cuts(text, out)
+        if cuts is not None and cuts[0]:
+            with self.lock:
+                self.recent[text] = (out, *cuts)
+                self.recent.move_to_end(text)
+                while len(self.recent) > self.size:
+                    self.recent.popitem(last=False)
+        return out
+
+
+def _common_prefix(a: str, b: str) -> int:
+    """The length of the longest common start of a and b (string comparisons, in C)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 @lru_cache(maxsize=1)

@@ -60,6 +60,10 @@ class HFTokenizer(Tokenizer):
         self._added = {i: a.content for i, a in added.items()}
         self._added_ids = {a.content: i for i, a in added.items()}
         self.special_tokens = {a.content: i for i, a in added.items() if a.special}
+        # added tokens are found before normalization and the pieces between them encode on their own, unless
+        # one eats the whitespace beside it (base.py `split_tokens`)
+        if not any(a.lstrip or a.rstrip or a.single_word for a in added.values()):
+            self.split_tokens = {a.content: i for i, a in added.items() if not a.normalized}
         self._n = max([tok.get_vocab_size(with_added_tokens=False), *(i + 1 for i in added)])
 
         decoders = _decoder_types(json.loads(tok.decoder.__getstate__())) if tok.decoder is not None else []

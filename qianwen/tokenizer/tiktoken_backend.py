@@ -61,6 +61,7 @@ class TiktokenTokenizer(Tokenizer):
         self.path = Path(path)
         self.ranks = load_ranks(self.path)
         self.special_tokens = special_tokens or qwen_special_tokens(len(self.ranks))
+        self.split_tokens = self.special_tokens  # tiktoken finds them first, then encodes the text between
         self._enc = tiktoken.Encoding(
             name=f"qwen:{self.path.name}", pat_str=QWEN_PATTERN,
             mergeable_ranks=self.ranks, special_tokens=self.special_tokens,
