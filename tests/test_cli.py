@@ -93,3 +93,19 @@ def test_list_shows_cached_models(tmp_path):
     r = subprocess.run([sys.executable, "-m", "qianwen.cli.main", "list"], capture_output=True, text=True,
                        timeout=120, env={**os.environ, "QIANWEN_HOME": str(home)})
     assert r.returncode == 0 and "Org/tiny" in r.stdout
+
+
+def test_a_loaded_model_is_left_out_of_garbage_collections(tiny_qwen2_dir):
+    """After the commands' load, a full collection no longer walks the model's objects (cli/common.py
+    `freeze_heap`): they sit in the permanent generation, which gc.get_objects() does not list."""
+    import argparse
+    import gc
+
+    from qianwen.cli.common import load_model
+
+    try:
+        model = load_model(argparse.Namespace(model=str(tiny_qwen2_dir), dtype="float32", device="cpu"))
+        assert gc.get_freeze_count() > 0
+        assert not any(o is model.net for o in gc.get_objects())
+    finally:
+        gc.unfreeze()

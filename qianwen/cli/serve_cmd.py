@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..engine import EngineConfig
     from ..server import create_app
-    from .common import load_model
+    from .common import freeze_heap, load_model
 
     if args.threads:  # the flag wins over $QIANWEN_THREADS: loading applies the variable
         os.environ["QIANWEN_THREADS"] = str(args.threads)
@@ -108,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
                                  kv_cache_mb=args.kv_cache_mb, kv_cache_dtype=args.kv_cache_dtype,
                                  batch_invariant=not args.no_batch_invariance, prefix_caching=not args.no_prefix_cache)
     app = create_app(model, engine_config, config)
+    freeze_heap()  # the app's routes and schemas too
     cache = app.state.engine.engine.cache
     print(f"serving {name} ({model.dtype}, KV cache {cache.max_tokens} tokens of {cache.dtype}) on http://{args.host}:{args.port}"
           f"  chat page: http://{args.host}:{args.port}/", file=sys.stderr)
