@@ -122,3 +122,17 @@ def test_tokens_that_eat_whitespace_turn_reuse_off(tmp_path):
     tok = load_tokenizer(tmp_path)
     assert tok.split_tokens is None
     assert tok.encode_prompt("a<|im_end|>  a") == tok.encode("a<|im_end|>  a", allow_special=True)
+
+
+def test_common_prefix_lengths():
+    import os
+
+    from qianwen.tokenizer.base import _common_prefix
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        a = "".join(rng.choice("ab") for _ in range(rng.randint(0, 40)))
+        b = a[:rng.randint(0, len(a))] + "".join(rng.choice("ab") for _ in range(rng.randint(0, 40)))
+        for x, y in ((a, b), (b, a)):
+            for step in (1, 3, 4096):
+                assert _common_prefix(x, y, step) == len(os.path.commonprefix([x, y]))

@@ -156,12 +156,19 @@ class PromptIds:
         return out
 
 
-def _common_prefix(a: str, b: str) -> int:
-    """The length of the longest common start of a and b (string comparisons, in C)."""
-    lo, hi = 0, min(len(a), len(b))
+def _common_prefix(a: str, b: str, step: int = 4096) -> int:
+    """The length of the longest common start of a and b (compared in C, step characters at a time, then
+    by halves within the step where they differ)."""
+    end = min(len(a), len(b))
+    if a.startswith(b[:end]) if len(b) <= len(a) else b.startswith(a):
+        return end
+    lo = 0
+    while a[lo:lo + step] == b[lo:lo + step]:
+        lo += step
+    hi = min(lo + step, end)
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
+        if a[lo:mid] == b[lo:mid]:
             lo = mid
         else:
             hi = mid - 1
