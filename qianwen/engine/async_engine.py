@@ -13,13 +13,14 @@ thread waits, at most HANDOFF_WAIT seconds, until the loop has run the readers i
 
 A core for the front end, when that is faster: a step of a few sequences is short, and the event loop, the
 HTTP streams and the clients' own processes need a core every few milliseconds. With `frontend_cores` (the
-server's default: one, on a CPU with two or more cores) a step of at most FRONTEND_MAX_SEQS sequences runs
+server's default: one, on a CPU with two or more cores) a decode step of at most FRONTEND_MAX_SEQS sequences runs
 either on that many kernel threads fewer (the front end works beside the step) or on all of them (the step
 is shortest, and the engine waits for the loop as above, so the two take turns instead of stalling each other).
 Which is faster depends on the cores, the model, the clients and the machine's other load, so `ThreadChoice`
 measures it as the server runs: each batch size's steps run mostly on the count that served them faster and
 now and then on the other, to notice a change. Bigger batches run on every thread (their long steps suffer
-less from the front end's work; vLLM's CPU backend also keeps cores for its front end). Results do not
+less from the front end's work; vLLM's CPU backend also keeps cores for its front end), and so do steps
+with prompt tokens (long, and the front end has nothing to do until they end). Results do not
 depend on the thread count (docs/conventions.md).
 """
 
@@ -163,11 +164,14 @@ class AsyncEngine:
                     self._wake.clear()
                     continue
                 t0 = time.perf_counter()
-                if last is not None and self.choice is not None and last[0] <= FRONTEND_MAX_SEQS:
+                if last is not None and self.choice is not None:
                     self.choice.record(last[0], last[1], t0 - last[3], last[2])
                 n, before = self.engine.num_running + self.engine.num_waiting, threads  # arrivals too
-                threads = self.choice.threads(n) if self.choice is not None and n <= FRONTEND_MAX_SEQS else every
-                last = (n, threads, threads != before, t0)
+                # a step with prompt tokens is long and leaves the front end nothing to do: every thread, and
+                # its time says nothing of the decode steps `choice` compares
+                chosen = self.choice is not None and n <= FRONTEND_MAX_SEQS and not self.engine.prefill_pending
+                threads = self.choice.threads(n) if chosen else every
+                last = (n, threads, threads != before, t0) if chosen else None
                 # fewer while other processes keep cores busy (qianwen/native's CoreWatch), decided once for the
                 # whole step: torch's ops too, and the kernels' own checks inside it can only lower it
                 use = native.watch.threads(threads) if self._cores is not None else threads

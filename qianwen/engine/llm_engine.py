@@ -111,6 +111,12 @@ class LLMEngine:
     def num_running(self) -> int:
         return len(self.scheduler.running)
 
+    @property
+    def prefill_pending(self) -> bool:
+        """Whether the next step will run prompt tokens: a new or queued request, or a prompt in chunks.
+        (Read from another thread it may be a step late; it only steers the thread count.)"""
+        return bool(self._inbox or self.scheduler.waiting or any(s.prefilling for s in self.scheduler.running))
+
     def has_work(self) -> bool:
         return bool(self._inbox or self._aborts or self.scheduler.has_work())
 
