@@ -79,6 +79,36 @@ def test_a_next_turn_reuses_what_the_answer_decoded(tiny_qwen2_model):
     assert got.token_ids == ref.token_ids and got.top_logprobs == ref.top_logprobs
 
 
+def test_a_next_turn_takes_over_the_finished_buffer(tiny_qwen2_model):
+    """On the row path a finished sequence leaves its buffer (cache_manager.py `donate`): the prompt that
+    continues it takes that very buffer, nothing copied in, and gives the tokens a run without the cache
+    gives; a prompt that shares only the start of it (the system prompt) copies cached blocks instead and
+    leaves the buffer; donated buffers are the first to go when room is needed."""
+    model = tiny_qwen2_model
+    llm = LLM(model)
+    eng = llm.engine
+    b = eng.cache.prefix.block_size
+    ids = llm.encode(SYSTEM[:120] + "A short question: " + "the quick brown fox " * 3)[0]
+    first = llm.generate([greedy(ids, 2 * b)])[0]
+    (held, donated), = eng.cache.donors
+    assert held == ids + first.token_ids[:-1] and eng.cache.used == 0 and eng.cache.donor_tokens > 0
+    other = llm.encode(SYSTEM[:120] + "Another question entirely.")[0]
+    llm.generate([greedy(other, 4)])
+    assert any(kv.buf.data_ptr() == donated.buf.data_ptr() for _, kv in eng.cache.donors)  # left alone
+    turn2 = ids + first.token_ids + llm.encode("And then?")[0]
+    taken = []
+    admit = eng.cache.admit
+    eng.cache.admit = lambda i, n: taken.append(admit(i, n)) or taken[-1]
+    got = llm.generate([greedy(turn2, 8)])[0]
+    (kv, hold), = taken
+    assert kv.buf.data_ptr() == donated.buf.data_ptr() and hold == len(held)
+    ref = LLM(model, EngineConfig(prefix_caching=False)).generate([greedy(turn2, 8)])[0]
+    assert got.token_ids == ref.token_ids and got.top_logprobs == ref.top_logprobs
+    blocks = len(eng.cache.prefix.blocks)
+    assert eng.cache._make_room(eng.cache.free_tokens + eng.cache.donor_tokens)
+    assert not eng.cache.donors and eng.cache.donor_tokens == 0 and len(eng.cache.prefix.blocks) == blocks
+
+
 def test_next_chat_turn_reuses_the_previous_prompt(tiny_qwen2_dir):
     model = qianwen.load(str(tiny_qwen2_dir), dtype="float32")
     llm = LLM(model)
@@ -115,7 +145,7 @@ def test_cached_blocks_are_evicted_before_live_sequences_are_preempted(tiny_qwen
         out = schedule()
         preempted.extend(out.preempted)
         peak.append(eng.num_running)
-        assert eng.cache.used + eng.cache.cached_tokens <= eng.cache.max_tokens
+        assert eng.cache.used + eng.cache.cached_tokens + eng.cache.donor_tokens <= eng.cache.max_tokens
         return out
 
     eng.scheduler.schedule = spy

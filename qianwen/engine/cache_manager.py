@@ -5,6 +5,10 @@ its attention always reads a contiguous prefix of its own buffer: the same shape
 calls whether it runs alone or beside others (batch invariance). The budget counts allocated capacity;
 when it is spent the scheduler queues or preempts sequences. Prefilled prompts (and finished answers) leave
 copies of their full blocks behind for later prompts that start the same way (prefix_cache.py), in the same budget.
+Where decode steps write what a prefill would (the engine's row path), a finished sequence also leaves its
+whole buffer (`donate`): a later sequence that starts the same way at least as far as the cached blocks go
+takes that buffer over as its own (`admit`) instead of a new one with the blocks copied in: a chat's next
+turn copies nothing. Such buffers are the first to go when room is needed.
 
 
 An int8 cache (`--kv-cache-dtype int8`) keeps beside the buffer one fp32 scale per vector, scales
@@ -55,6 +59,8 @@ class CacheManager:
         self.max_tokens = max(block_size, max_tokens // block_size * block_size)
         self.used = 0  # capacity of live sequences' buffers
         self.prefix = PrefixCache(prefix_block_size, prefix_partial) if prefix_block_size else None
+        self.donors: list[tuple[list[int], SeqKV]] = []  # finished sequences' buffers and the tokens they hold
+        self.donor_tokens = 0  # their capacity
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -79,12 +85,15 @@ class CacheManager:
 
     @property
     def free_tokens(self) -> int:
-        return self.max_tokens - self.used - self.cached_tokens
+        return self.max_tokens - self.used - self.cached_tokens - self.donor_tokens
 
     def _make_room(self, n_tokens: int) -> bool:
-        """Evict cached prefix blocks until n_tokens are free; False when even that is not enough."""
+        """Drop donated buffers, oldest first, then evict cached prefix blocks until n_tokens are free; False
+        when even that is not enough."""
         while n_tokens > self.free_tokens:
-            if self.prefix is None or not self.prefix.evict():
+            if self.donors:
+                self.donor_tokens -= self.donors.pop(0)[1].capacity
+            elif self.prefix is None or not self.prefix.evict():
                 return False
         return True
 
@@ -115,21 +124,62 @@ class CacheManager:
 
     # ------------------------------------------------------------------ prefix caching
 
-    def reuse(self, ids: list[int], kv: SeqKV) -> int:
-        """Copy the longest cached prefix of `ids` (never all of it: the last token is computed for its
-        logits) into `kv`; returns how many tokens it holds now."""
-        if self.prefix is None:
-            return 0
-        blocks, part = self.prefix.match(ids, len(ids) - 1)
-        b = self.prefix.block_size
-        for i, block in enumerate(blocks):
-            _copy(kv, i * b, block, 0, b)
-        n = len(blocks) * b
-        if part is not None:  # the first tokens of the next block (partial matching, prefix_cache.py)
-            _copy(kv, n, part[0], 0, part[1])
-            n += part[1]
-        self.prefix.count(len(ids), n)
-        return n
+    def admit(self, ids: list[int], n_tokens: int) -> tuple[SeqKV, int] | None:
+        """A buffer for a new sequence of `ids` (room for n_tokens) and how many of its first tokens it holds
+        already (never all: the last token is computed for its logits): a donated buffer that starts as ids
+        do at least as far as the cached prefix blocks, taken over as it is, else a new buffer with those
+        blocks copied in. None when there is no room."""
+        limit, n, blocks, part = len(ids) - 1, 0, [], None
+        if self.prefix is not None:
+            blocks, part = self.prefix.match(ids, limit)
+            n = len(blocks) * self.prefix.block_size + (part[1] if part is not None else 0)
+        kv, hold = self._take_donor(ids, limit, n)
+        if kv is not None and not self.ensure(kv, n_tokens, hold):
+            self.free(kv)  # no room to grow it: start afresh
+            kv = None
+        if kv is None:
+            kv, hold = self.allocate(n_tokens), n
+            if kv is None:
+                return None
+            b = self.prefix.block_size if self.prefix is not None else 0
+            for i, block in enumerate(blocks):
+                _copy(kv, i * b, block, 0, b)
+            if part is not None:  # the first tokens of the next block (partial matching, prefix_cache.py)
+                _copy(kv, len(blocks) * b, part[0], 0, part[1])
+        if self.prefix is not None:
+            self.prefix.count(len(ids), hold)
+        return kv, hold
+
+    def _take_donor(self, ids: list[int], limit: int, at_least: int) -> tuple[SeqKV | None, int]:
+        """The donated buffer that ids continue (all its tokens but at most a block's: a chat's next turn
+        re-encodes the end of the answer it quotes), at least `at_least` tokens of it (the cached blocks'
+        reach), moved to the live sequences' budget, and how many of its tokens ids start with (at most
+        `limit`). A prompt that shares less (say a system prompt) leaves it to its own continuation."""
+        best, hold = None, 0
+        for i, (tokens, _) in enumerate(self.donors):
+            if tokens[:at_least] != ids[:at_least]:
+                continue
+            n = _common_start(tokens, ids, min(limit, len(tokens)))
+            if n > hold and n >= max(at_least, len(tokens) - self.prefix.block_size):
+                best, hold = i, n
+        if best is None:
+            return None, 0
+        _, kv = self.donors.pop(best)
+        self.donor_tokens -= kv.capacity
+        self.used += kv.capacity
+        return kv, hold
+
+    def donate(self, ids: list[int], kv: SeqKV) -> None:
+        """Keep a finished sequence's buffer, whose K/V of `ids` are what a prefill of them would compute,
+        for a later sequence that starts the same way (`admit`); it counts against the budget as a live
+        buffer does, until taken or dropped for room (`_make_room`)."""
+        if not ids or self.prefix is None:
+            self.free(kv)
+            return
+        self.used -= kv.capacity
+        self.donor_tokens += kv.capacity
+        self.donors.append((ids, SeqKV(kv.buf, kv.scales)))
+        kv.buf, kv.scales = kv.buf.new_empty(0), None
 
     def remember(self, ids: list[int], kv: SeqKV, n_tokens: int, tail: bool = False) -> None:
         """Keep copies of the full blocks among the first n_tokens of `ids` that `kv` holds (computed as a
@@ -149,6 +199,16 @@ class CacheManager:
             _copy(block, 0, kv, i * b, len(tokens))
             self.prefix.add(key, parent, tokens, block)
         self.prefix.touch(keys)
+
+
+def _common_start(a: list[int], b: list[int], limit: int, step: int = 256) -> int:
+    """How many of the first `limit` tokens of a and b are the same (compared a step at a time, in C)."""
+    n = 0
+    while n < limit and a[n:min(n + step, limit)] == b[n:min(n + step, limit)]:
+        n = min(n + step, limit)
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
 
 
 class BatchCache:

@@ -196,6 +196,7 @@ class LLMEngine:
             if out.finish_reason:
                 if self.runner.rows:  # what its decode steps wrote is as good as a prefill's: keep it too
                     self.cache.remember(seq.all_ids, seq.kv, seq.num_cached, tail=True)
+                    self.cache.donate(seq.all_ids[:seq.num_cached], seq.kv)
                 self.scheduler.finish(seq)
                 self.seqs.pop(seq.seq_id, None)
             outputs.append(out)

@@ -89,12 +89,11 @@ class Scheduler:
                 break  # just preempted for room: retry next step
             if out.prefill and budget < min(seq.num_tokens, self.config.prefill_block):
                 break  # none of it would run now: admit it next step, when this step's blocks are cached
-            kv = self.cache.allocate(seq.num_tokens + 1)
-            if kv is None:
+            got = self.cache.admit(seq.all_ids, seq.num_tokens + 1)
+            if got is None:
                 break
             self.waiting.popleft()
-            seq.kv, seq.status, seq.prefilling = kv, Status.RUNNING, True
-            seq.num_cached = self.cache.reuse(seq.all_ids, kv)
+            (seq.kv, seq.num_cached), seq.status, seq.prefilling = got, Status.RUNNING, True
             self.running.append(seq)
             budget -= self._chunk(out, seq, budget) or budget
         return out
