@@ -157,10 +157,11 @@ class CacheManager:
         `limit`). A prompt that shares less (say a system prompt) leaves it to its own continuation."""
         best, hold = None, 0
         for i, (tokens, _) in enumerate(self.donors):
-            if tokens[:at_least] != ids[:at_least]:
-                continue
+            need = max(at_least, len(tokens) - self.prefix.block_size, 1)
+            if need > min(limit, len(tokens)) or tokens[need - 1] != ids[need - 1]:
+                continue  # (the last token it must share tells most donors apart at once)
             n = _common_start(tokens, ids, min(limit, len(tokens)))
-            if n > hold and n >= max(at_least, len(tokens) - self.prefix.block_size):
+            if n >= need and n > hold:
                 best, hold = i, n
         if best is None:
             return None, 0
