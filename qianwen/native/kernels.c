@@ -843,109 +843,128 @@ static void att_keys(float *kt, const char *src, int n, int D, int dtype, const 
     }
 }
 
+#define ATT_Q 6 /* queries (row and query head pairs) sharing each key or value vector loaded */
+
 #ifdef __AVX512F__
-/* s[h][16 b + l] = score of key 16 b + l for query q[h], for HG heads and KB blocks of 16 keys. */
+/* s[i][16 b + l] = score of key 16 b + l for query q[i] times scale[i], for R queries and KB blocks of
+   16 keys (R x KB accumulators; each query's sum runs over d in order whatever R and KB). */
 static inline __attribute__((always_inline)) void att_scores_k(const float *kt, int D, const float *const *q,
-                                                               float *const *s, float scale, const int HG,
+                                                               float *const *s, const float *scale, const int R,
                                                                const int KB) {
-    __m512 acc[3][4];
-    for (int h = 0; h < HG; h++)
-        for (int b = 0; b < KB; b++) acc[h][b] = _mm512_setzero_ps();
+    __m512 acc[ATT_Q][4];
+    for (int i = 0; i < R; i++)
+        for (int b = 0; b < KB; b++) acc[i][b] = _mm512_setzero_ps();
     for (int d = 0; d < D; d++) {
         __m512 kv[4];
         for (int b = 0; b < KB; b++) kv[b] = _mm512_load_ps(kt + ((size_t)b * D + d) * 16);
-        for (int h = 0; h < HG; h++) {
-            __m512 qd = _mm512_set1_ps(q[h][d]);
-            for (int b = 0; b < KB; b++) acc[h][b] = _mm512_fmadd_ps(qd, kv[b], acc[h][b]);
+        for (int i = 0; i < R; i++) {
+            __m512 qd = _mm512_set1_ps(q[i][d]);
+            for (int b = 0; b < KB; b++) acc[i][b] = _mm512_fmadd_ps(qd, kv[b], acc[i][b]);
         }
     }
-    for (int h = 0; h < HG; h++)
-        for (int b = 0; b < KB; b++) _mm512_storeu_ps(s[h] + b * 16, _mm512_mul_ps(acc[h][b], _mm512_set1_ps(scale)));
+    for (int i = 0; i < R; i++)
+        for (int b = 0; b < KB; b++) _mm512_storeu_ps(s[i] + b * 16, _mm512_mul_ps(acc[i][b], _mm512_set1_ps(scale[i])));
 }
 
-/* o[h][0 .. 16 DV) += sum over t < n of e[h][t] v[t][0 .. 16 DV), for HG heads (v rows D apart). */
-static inline __attribute__((always_inline)) void att_values_k(const float *v, int D, int n, const float *const *e,
-                                                               float *const *o, const int HG, const int DV) {
-    __m512 acc[3][4];
-    for (int h = 0; h < HG; h++)
-        for (int j = 0; j < DV; j++) acc[h][j] = _mm512_loadu_ps(o[h] + 16 * j);
-    for (int t = 0; t < n; t++) {
+/* o[i][0 .. 16 DV) += sum over t0 <= t < t1 of e[i][t] v[t][0 .. 16 DV), for R queries (v rows D apart). */
+static inline __attribute__((always_inline)) void att_values_k(const float *v, int D, int t0, int t1,
+                                                               const float *const *e, float *const *o, const int R,
+                                                               const int DV) {
+    __m512 acc[ATT_Q][4];
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < DV; j++) acc[i][j] = _mm512_loadu_ps(o[i] + 16 * j);
+    for (int t = t0; t < t1; t++) {
         __m512 vv[4];
         for (int j = 0; j < DV; j++) vv[j] = _mm512_loadu_ps(v + (size_t)t * D + 16 * j);
-        for (int h = 0; h < HG; h++) {
-            __m512 p = _mm512_set1_ps(e[h][t]);
-            for (int j = 0; j < DV; j++) acc[h][j] = _mm512_fmadd_ps(p, vv[j], acc[h][j]);
+        for (int i = 0; i < R; i++) {
+            __m512 p = _mm512_set1_ps(e[i][t]);
+            for (int j = 0; j < DV; j++) acc[i][j] = _mm512_fmadd_ps(p, vv[j], acc[i][j]);
         }
     }
-    for (int h = 0; h < HG; h++)
-        for (int j = 0; j < DV; j++) _mm512_storeu_ps(o[h] + 16 * j, acc[h][j]);
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < DV; j++) _mm512_storeu_ps(o[i] + 16 * j, acc[i][j]);
 }
+
+#define ATT_BY_R(R, CALL) /* CALL(r) with r = R as a constant, 1 <= R <= ATT_Q */                        \
+    switch (R) {                                                                                          \
+    case 1: CALL(1); break;                                                                               \
+    case 2: CALL(2); break;                                                                               \
+    case 3: CALL(3); break;                                                                               \
+    case 4: CALL(4); break;                                                                               \
+    case 5: CALL(5); break;                                                                               \
+    default: CALL(6);                                                                                     \
+    }
+#define ATT_BY_4(N, CALL, R) /* CALL(R, n) with n = N as a constant, 1 <= N <= 4 */                      \
+    switch (N) {                                                                                          \
+    case 1: CALL(R, 1); break;                                                                            \
+    case 2: CALL(R, 2); break;                                                                            \
+    case 3: CALL(R, 3); break;                                                                            \
+    default: CALL(R, 4);                                                                                  \
+    }
 #endif
 
-/* Scores of keys 0 .. 16 nkb - 1 of kt for `heads` queries (up to 16 nkb values written per head). */
-static void att_scores(const float *kt, int D, int heads, const float *const *q, float *const *s, float scale,
-                       int nkb) {
+/* Scores of keys 0 .. 16 nkb[i] - 1 of kt for nq queries, times scale[i] (16 nkb[i] values written for
+   query i, maybe more: up to 16 times the largest nkb of the ATT_Q queries it is computed with). */
+static void att_scores(const float *kt, int D, int nq, const float *const *q, float *const *s, const float *scale,
+                       const int *nkb) {
 #ifdef __AVX512F__
     if (D % 16 == 0) {
-        for (int h = 0; h < heads;) {
-            int hg = heads - h >= 3 ? 3 : heads - h;
-#define ATT_S(HG, KB) att_scores_k(kt, D, q + h, s + h, scale, HG, KB)
-#define ATT_S_KB(HG)                                                                                              \
-    switch (nkb) {                                                                                                \
-    case 1: ATT_S(HG, 1); break;                                                                                  \
-    case 2: ATT_S(HG, 2); break;                                                                                  \
-    case 3: ATT_S(HG, 3); break;                                                                                  \
-    default: ATT_S(HG, 4);                                                                                        \
-    }
-            if (hg == 3) { ATT_S_KB(3) } else if (hg == 2) { ATT_S_KB(2) } else { ATT_S_KB(1) }
-#undef ATT_S_KB
+        for (int i = 0; i < nq; i += ATT_Q) {
+            int r = nq - i < ATT_Q ? nq - i : ATT_Q, kb = 0;
+            for (int j = i; j < i + r; j++) kb = nkb[j] > kb ? nkb[j] : kb;
+#define ATT_S(R, KB) att_scores_k(kt, D, q + i, s + i, scale + i, R, KB)
+#define ATT_S_R(R) ATT_BY_4(kb, ATT_S, R)
+            ATT_BY_R(r, ATT_S_R)
+#undef ATT_S_R
 #undef ATT_S
-            h += hg;
         }
         return;
     }
 #endif
-    for (int h = 0; h < heads; h++)
-        for (int b = 0; b < nkb; b++) {
+    for (int i = 0; i < nq; i++)
+        for (int b = 0; b < nkb[i]; b++) {
             float acc[16] = {0};
             for (int d = 0; d < D; d++)
-                for (int l = 0; l < 16; l++) acc[l] += q[h][d] * kt[((size_t)b * D + d) * 16 + l];
-            for (int l = 0; l < 16; l++) s[h][b * 16 + l] = acc[l] * scale;
+                for (int l = 0; l < 16; l++) acc[l] += q[i][d] * kt[((size_t)b * D + d) * 16 + l];
+            for (int l = 0; l < 16; l++) s[i][b * 16 + l] = acc[l] * scale[i];
         }
 }
 
-/* o[h] += sum over t < n of e[h][t] v[t] for `heads` heads (v: n fp32 rows of D). */
-static void att_values(const float *v, int D, int n, int heads, const float *const *e, float *const *o) {
+/* o[i] += sum over t < n[i] of e[i][t] v[t] for nq queries (v: fp32 rows of D). */
+static void att_values(const float *v, int D, int nq, const int *n, const float *const *e, float *const *o) {
 #ifdef __AVX512F__
     if (D % 16 == 0) {
         for (int j0 = 0; j0 < D; j0 += 64) { /* 64 elements at a time */
             int dv = D - j0 >= 64 ? 4 : (D - j0) / 16;
-            for (int h = 0; h < heads;) {
-                int hg = heads - h >= 3 ? 3 : heads - h;
-                float *oh[3];
-                for (int i = 0; i < hg; i++) oh[i] = o[h + i] + j0;
-#define ATT_V(HG, DV) att_values_k(v + j0, D, n, e + h, oh, HG, DV)
-#define ATT_V_DV(HG)                                                                                              \
-    switch (dv) {                                                                                                 \
-    case 1: ATT_V(HG, 1); break;                                                                                  \
-    case 2: ATT_V(HG, 2); break;                                                                                  \
-    case 3: ATT_V(HG, 3); break;                                                                                  \
-    default: ATT_V(HG, 4);                                                                                        \
-    }
-                if (hg == 3) { ATT_V_DV(3) } else if (hg == 2) { ATT_V_DV(2) } else { ATT_V_DV(1) }
-#undef ATT_V_DV
+            for (int i = 0; i < nq; i += ATT_Q) {
+                int r = nq - i < ATT_Q ? nq - i : ATT_Q, lo = n[i];
+                float *oh[ATT_Q];
+                for (int j = 0; j < r; j++) {
+                    oh[j] = o[i + j] + j0;
+                    lo = n[i + j] < lo ? n[i + j] : lo;
+                }
+                /* positions all r queries take together, then each query's own rest (same order) */
+#define ATT_V(R, DV) att_values_k(v + j0, D, 0, lo, e + i, oh, R, DV)
+#define ATT_V_R(R) ATT_BY_4(dv, ATT_V, R)
+                ATT_BY_R(r, ATT_V_R)
+#undef ATT_V_R
 #undef ATT_V
-                h += hg;
+                for (int j = 0; j < r; j++) {
+                    if (n[i + j] == lo) continue;
+#define ATT_V1(R, DV) att_values_k(v + j0, D, lo, n[i + j], e + i + j, oh + j, R, DV)
+                    ATT_BY_4(dv, ATT_V1, 1)
+#undef ATT_V1
+                }
             }
         }
         return;
     }
 #endif
-    for (int h = 0; h < heads; h++)
-        for (int t = 0; t < n; t++) {
-            float p = e[h][t], *oh = o[h];
+    for (int i = 0; i < nq; i++)
+        for (int t = 0; t < n[i]; t++) {
+            float p = e[i][t], *oh = o[i];
             const float *vt = v + (size_t)t * D;
-            for (int i = 0; i < D; i++) oh[i] += p * vt[i];
+            for (int j = 0; j < D; j++) oh[j] += p * vt[j];
         }
 }
 
@@ -986,13 +1005,15 @@ void attend(const float *q, int M, int Hq, int Hkv, int D, long q_stride, void *
     float *part = malloc(sizeof(float) * (first[M] ? first[M] : 1) * per);
 #pragma omp parallel
     {
+        int nq = ATT_ROWS * group; /* queries of a task at most: row r, query head g at r * group + g */
         float *kt = aligned_alloc(64, sizeof(float) * ATT_BLOCK * D); /* keys, transposed */
         float *vf = aligned_alloc(64, sizeof(float) * ATT_BLOCK * D);
-        float *s = malloc(sizeof(float) * ATT_ROWS * group * ATT_CHUNK); /* scores, then exp */
-        /* per row r and query head g of a task, at [r * group + g]: its query, scores, outputs */
-        const float **qp = malloc(sizeof(float *) * ATT_ROWS * group), **er = malloc(sizeof(float *) * group);
-        float **sp = malloc(sizeof(float *) * ATT_ROWS * group), **op = malloc(sizeof(float *) * ATT_ROWS * group);
-        float **sr = malloc(sizeof(float *) * group);
+        float *s = malloc(sizeof(float) * nq * ATT_CHUNK); /* scores, then exp */
+        float *sc = malloc(sizeof(float) * nq);
+        int *nk = malloc(sizeof(int) * nq);
+        /* per query with positions in the block: its query, scores (or exp), outputs, scale, positions */
+        const float **qa = malloc(sizeof(float *) * nq);
+        float **sa = malloc(sizeof(float *) * nq), **oa = malloc(sizeof(float *) * nq);
 #pragma omp for schedule(static, 1) /* round robin: a prompt's later rows have more positions */
         for (int i = 0; i < ntasks; i++) {
             AttTask tk = tasks[i];
@@ -1007,52 +1028,47 @@ void attend(const float *q, int M, int Hq, int Hkv, int D, long q_stride, void *
             /* int8: the scales of this head's positions (index = element offset / D) */
             const float *ksh = dtype == KV_INT8 ? ks[m0] + kvh * head_stride[m0] / D + t0 : NULL;
             const float *vsh = dtype == KV_INT8 ? vs[m0] + kvh * head_stride[m0] / D + t0 : NULL;
-            for (int r = 0; r < tk.rows; r++)
-                for (int g = 0; g < group; g++) {
-                    qp[r * group + g] = q + (m0 + r) * q_stride + (long)(kvh * group + g) * D;
-                    sp[r * group + g] = s + (size_t)(r * group + g) * ATT_CHUNK;
-                    op[r * group + g] = part + (size_t)(first[m0 + r] + tk.c * Hkv + kvh) * per + g * (D + 2);
-                }
             for (int b0 = 0; b0 < nmax; b0 += ATT_BLOCK) {
-                int nb = nmax - b0 < ATT_BLOCK ? nmax - b0 : ATT_BLOCK;
+                int nb = nmax - b0 < ATT_BLOCK ? nmax - b0 : ATT_BLOCK, na = 0;
                 att_keys(kt, kh + (size_t)b0 * D * el, nb, D, dtype, ksh ? ksh + b0 : NULL);
-                for (int r = 0; r < tk.rows; r++) {
-                    if (n[r] <= b0) continue;
-                    int nk = n[r] - b0 < ATT_BLOCK ? n[r] - b0 : ATT_BLOCK;
-                    for (int g = 0; g < group; g++) sr[g] = sp[r * group + g] + b0;
-                    att_scores(kt, D, group, qp + r * group, sr, scale[m0 + r], (nk + 15) / 16);
-                }
+                for (int r = 0; r < tk.rows; r++)
+                    for (int g = 0; g < group && n[r] > b0; g++, na++) {
+                        qa[na] = q + (m0 + r) * q_stride + (long)(kvh * group + g) * D;
+                        sa[na] = s + (size_t)(r * group + g) * ATT_CHUNK + b0;
+                        sc[na] = scale[m0 + r];
+                        nk[na] = ((n[r] - b0 < ATT_BLOCK ? n[r] - b0 : ATT_BLOCK) + 15) / 16;
+                    }
+                att_scores(kt, D, na, qa, sa, sc, nk);
             }
-            for (int r = 0; r < tk.rows; r++) {
-                if (!n[r]) continue;
-                for (int g = 0; g < group; g++) {
-                    float *sg = sp[r * group + g], *pt = op[r * group + g], mx = max_of(sg, n[r]);
+            for (int r = 0; r < tk.rows; r++)
+                for (int g = 0; g < group && n[r]; g++) {
+                    float *sg = s + (size_t)(r * group + g) * ATT_CHUNK, mx = max_of(sg, n[r]);
+                    float *pt = part + (size_t)(first[m0 + r] + tk.c * Hkv + kvh) * per + g * (D + 2);
                     pt[0] = mx;
                     pt[1] = exp_sum(sg, n[r], mx);
                     memset(pt + 2, 0, sizeof(float) * D);
-                    op[r * group + g] = pt + 2;
                 }
-            }
             for (int b0 = 0; b0 < nmax; b0 += ATT_BLOCK) {
-                int nb = nmax - b0 < ATT_BLOCK ? nmax - b0 : ATT_BLOCK;
+                int nb = nmax - b0 < ATT_BLOCK ? nmax - b0 : ATT_BLOCK, na = 0;
                 for (int t = 0; t < nb; t++)
                     load_kv(vf + (size_t)t * D, vh + (size_t)(b0 + t) * D * el, D, dtype, vsh ? vsh[b0 + t] : 1.f);
-                for (int r = 0; r < tk.rows; r++) {
-                    if (n[r] <= b0) continue;
-                    int nk = n[r] - b0 < ATT_BLOCK ? n[r] - b0 : ATT_BLOCK;
-                    for (int g = 0; g < group; g++) er[g] = sp[r * group + g] + b0;
-                    att_values(vf, D, nk, group, er, op + r * group);
-                }
+                for (int r = 0; r < tk.rows; r++)
+                    for (int g = 0; g < group && n[r] > b0; g++, na++) {
+                        sa[na] = s + (size_t)(r * group + g) * ATT_CHUNK + b0;
+                        oa[na] = part + (size_t)(first[m0 + r] + tk.c * Hkv + kvh) * per + g * (D + 2) + 2;
+                        nk[na] = n[r] - b0 < ATT_BLOCK ? n[r] - b0 : ATT_BLOCK;
+                    }
+                att_values(vf, D, na, nk, (const float *const *)sa, oa);
             }
         }
         free(kt);
         free(vf);
         free(s);
-        free(qp);
-        free(er);
-        free(sp);
-        free(op);
-        free(sr);
+        free(sc);
+        free(nk);
+        free(qa);
+        free(sa);
+        free(oa);
     }
     for (int m = 0; m < M; m++) /* merge the chunks of each query head, in chunk order */
         for (int h = 0; h < Hq; h++) {
