@@ -758,19 +758,25 @@ static inline float exp_sum(float *s, int n, float mx) {
 
    A task is one kv head, one chunk of ATT_CHUNK positions and up to ATT_ROWS rows of one cache (rows
    whose K/V pointers are the same: consecutive tokens of one sequence, as a prompt given as rows of the
-   step is). It converts its keys and values to fp32 once, ATT_BLOCK positions at a time, for all its
-   rows and their query heads (the heads h with h / (Hq / Hkv) = the kv head); long caches have several
-   chunks, on separate threads, merged by their softmax maxima and sums (as flash-decoding does).
+   step is; more rows of one cache are cut into groups of equal size). It converts its keys and values
+   to fp32 once, ATT_BLOCK positions at a time, for all its queries: its rows' query heads (the heads h
+   with h / (Hq / Hkv) = the kv head), ATT_Q at a time in the micro-kernels (att_scores_k, att_values_k),
+   so each key or value vector loaded serves ATT_Q queries. Long caches have several chunks, merged by
+   their softmax maxima and sums (as flash-decoding does). Threads take the tasks largest first, each the
+   next one when it is free.
    Per row, query head and chunk the operations are fixed by the row's own length, whatever the other
-   rows (batch invariance; a prompt's rows then write the K/V that token-by-token decoding writes):
+   rows and queries beside it (batch invariance; a prompt's rows then write the K/V that token-by-token
+   decoding writes):
    - score[t] = (sum over d = 0 .. D - 1, in order, of fma(q[d], k[t][d])) * scale: keys are held
      transposed, 16 positions to a vector, so 16 scores build up in one register (no lane reduction);
+     a query computed with others may get scores past its length too, which nothing reads;
    - the chunk's maximum, e = exp(score - max) and their sum (exp_sum);
    - out[i] = sum over t in order of fma(e[t], v[t][i]) (from 0), the sum and maximum kept beside it;
+     queries taken together share the positions all of them have, then each goes on alone;
    then per row the chunks are merged in chunk order and divided by the total sum. */
 #define ATT_CHUNK 256
 #define ATT_BLOCK 64 /* positions converted at once (a multiple of 16) */
-#define ATT_ROWS 16  /* rows of one cache per task */
+#define ATT_ROWS 32  /* rows of one cache per task at most */
 
 /* Element d of cached vector `src` (t-th of a head, int8 times its scale) as fp32. */
 static inline float kv_elem(const void *src, size_t i, int dtype, float scale) {
@@ -970,7 +976,13 @@ static void att_values(const float *v, int D, int nq, const int *n, const float 
 
 typedef struct {
     int m0, rows, c, kvh; /* rows m0 .. m0 + rows - 1 of one cache, chunk c, kv head kvh */
+    long cost;            /* its work, roughly: query heads x positions, plus converting the positions */
 } AttTask;
+
+static int att_larger(const void *a, const void *b) {
+    long x = ((const AttTask *)a)->cost, y = ((const AttTask *)b)->cost;
+    return x < y ? 1 : x > y ? -1 : 0;
+}
 
 static int same_cache(int a, int b, void **kb, void **vb, float **ks, float **vs, const long *head_stride,
                       int dtype) {
@@ -990,17 +1002,30 @@ void attend(const float *q, int M, int Hq, int Hkv, int D, long q_stride, void *
     }
     AttTask *tasks = malloc(sizeof(AttTask) * (first[M] ? first[M] : 1));
     int ntasks = 0;
-    for (int m0 = 0; m0 < M;) { /* rows of one cache, ATT_ROWS at most, in tasks per chunk and kv head */
-        int rows = 1, chunks = (first[m0 + 1] - first[m0]) / Hkv;
-        while (m0 + rows < M && rows < ATT_ROWS && kb[m0] && same_cache(m0, m0 + rows, kb, vb, ks, vs, head_stride, dtype)) {
-            int c = (first[m0 + rows + 1] - first[m0 + rows]) / Hkv;
+    for (int m0 = 0; m0 < M;) { /* a run of rows of one cache, in tasks per row group, chunk and kv head */
+        int run = 1, chunks = (first[m0 + 1] - first[m0]) / Hkv;
+        while (m0 + run < M && kb[m0] && same_cache(m0, m0 + run, kb, vb, ks, vs, head_stride, dtype)) {
+            int c = (first[m0 + run + 1] - first[m0 + run]) / Hkv;
             chunks = c > chunks ? c : chunks;
-            rows++;
+            run++;
         }
-        for (int c = 0; c < chunks; c++)
-            for (int h = 0; h < Hkv; h++) tasks[ntasks++] = (AttTask){m0, rows, c, h};
-        m0 += rows;
+        int groups = (run + ATT_ROWS - 1) / ATT_ROWS; /* of equal size; each converts the keys and values once */
+        for (int gi = 0; gi < groups; gi++) {
+            int a = m0 + run * gi / groups, b = m0 + run * (gi + 1) / groups;
+            for (int c = 0; c < chunks; c++) {
+                long cost = 0, nmax = 0;
+                for (int m = a; m < b; m++) {
+                    long n = len[m] - c * ATT_CHUNK < ATT_CHUNK ? len[m] - c * ATT_CHUNK : ATT_CHUNK;
+                    n = kb[m] && n > 0 ? n : 0;
+                    cost += n * group;
+                    nmax = n > nmax ? n : nmax;
+                }
+                for (int h = 0; h < Hkv; h++) tasks[ntasks++] = (AttTask){a, b - a, c, h, cost + 4 * nmax};
+            }
+        }
+        m0 += run;
     }
+    qsort(tasks, ntasks, sizeof(AttTask), att_larger); /* the largest first, each to the first free thread */
     size_t per = (size_t)group * (D + 2); /* per row, chunk and kv head: each query head's max, sum, D outputs */
     float *part = malloc(sizeof(float) * (first[M] ? first[M] : 1) * per);
 #pragma omp parallel
@@ -1014,7 +1039,7 @@ void attend(const float *q, int M, int Hq, int Hkv, int D, long q_stride, void *
         /* per query with positions in the block: its query, scores (or exp), outputs, scale, positions */
         const float **qa = malloc(sizeof(float *) * nq);
         float **sa = malloc(sizeof(float *) * nq), **oa = malloc(sizeof(float *) * nq);
-#pragma omp for schedule(static, 1) /* round robin: a prompt's later rows have more positions */
+#pragma omp for schedule(dynamic, 1)
         for (int i = 0; i < ntasks; i++) {
             AttTask tk = tasks[i];
             int m0 = tk.m0, kvh = tk.kvh, t0 = tk.c * ATT_CHUNK, n[ATT_ROWS], nmax = 0;
@@ -1069,13 +1094,11 @@ void attend(const float *q, int M, int Hq, int Hkv, int D, long q_stride, void *
         free(qa);
         free(sa);
         free(oa);
-    }
-    for (int m = 0; m < M; m++) /* merge the chunks of each query head, in chunk order */
-        for (int h = 0; h < Hq; h++) {
-            float *o = out + (long)m * Hq * D + (long)h * D;
+#pragma omp for schedule(static) /* merge the chunks of each row's query heads, in chunk order */
+        for (int mh = 0; mh < M * Hq; mh++) {
+            int m = mh / Hq, h = mh % Hq, chunks = (first[m + 1] - first[m]) / Hkv, kvh = h / group, g = h % group;
+            float *o = out + (long)m * Hq * D + (long)h * D, mx = -INFINITY, sum = 0;
             memset(o, 0, sizeof(float) * D);
-            int chunks = (first[m + 1] - first[m]) / Hkv, kvh = h / group, g = h % group;
-            float mx = -INFINITY, sum = 0;
             for (int c = 0; c < chunks; c++) {
                 float cm = part[(size_t)(first[m] + c * Hkv + kvh) * per + g * (D + 2)];
                 mx = cm > mx ? cm : mx;
@@ -1088,6 +1111,7 @@ void attend(const float *q, int M, int Hq, int Hkv, int D, long q_stride, void *
             }
             for (int i = 0; i < D && sum > 0; i++) o[i] /= sum;
         }
+    }
     free(tasks);
     free(part);
     free(first);
