@@ -984,6 +984,19 @@ static int att_larger(const void *a, const void *b) {
     return x < y ? 1 : x > y ? -1 : 0;
 }
 
+/* A task's work for rows a .. b - 1 in chunk c, roughly: query heads x positions, plus the positions
+   converted (0: none of its rows reach the chunk). */
+static long att_cost(int a, int b, int c, const int *len, void **kb, int group) {
+    long cost = 0, nmax = 0;
+    for (int m = a; m < b; m++) {
+        long n = len[m] - (long)c * ATT_CHUNK < ATT_CHUNK ? len[m] - (long)c * ATT_CHUNK : ATT_CHUNK;
+        n = kb[m] && n > 0 ? n : 0;
+        cost += n * group;
+        nmax = n > nmax ? n : nmax;
+    }
+    return cost + 4 * nmax;
+}
+
 static int same_cache(int a, int b, void **kb, void **vb, float **ks, float **vs, const long *head_stride,
                       int dtype) {
     return kb[a] == kb[b] && vb[a] == vb[b] && head_stride[a] == head_stride[b] &&
@@ -1001,26 +1014,29 @@ void attend(const float *q, int M, int Hq, int Hkv, int D, long q_stride, void *
         first[m + 1] = first[m] + chunks * Hkv;
     }
     AttTask *tasks = malloc(sizeof(AttTask) * (first[M] ? first[M] : 1));
-    int ntasks = 0;
+    int ntasks = 0, threads = get_threads();
     for (int m0 = 0; m0 < M;) { /* a run of rows of one cache, in tasks per row group, chunk and kv head */
-        int run = 1, chunks = (first[m0 + 1] - first[m0]) / Hkv;
-        while (m0 + run < M && kb[m0] && same_cache(m0, m0 + run, kb, vb, ks, vs, head_stride, dtype)) {
-            int c = (first[m0 + run + 1] - first[m0 + run]) / Hkv;
+        int run = 1;
+        while (m0 + run < M && kb[m0] && same_cache(m0, m0 + run, kb, vb, ks, vs, head_stride, dtype)) run++;
+        /* groups of equal size, ATT_ROWS rows at most (each converts the keys and values once), more while
+           the run's tasks are too few to keep the threads busy */
+        int groups = (run + ATT_ROWS - 1) / ATT_ROWS, chunks = 0;
+        for (int m = m0; m < m0 + run; m++) {
+            int c = (first[m + 1] - first[m]) / Hkv;
             chunks = c > chunks ? c : chunks;
-            run++;
         }
-        int groups = (run + ATT_ROWS - 1) / ATT_ROWS; /* of equal size; each converts the keys and values once */
+        while (groups * chunks * Hkv < 2 * threads && run / (groups + 1) >= 8) groups++;
         for (int gi = 0; gi < groups; gi++) {
             int a = m0 + run * gi / groups, b = m0 + run * (gi + 1) / groups;
+            long full = att_cost(a, b, 0, len, kb, group);
             for (int c = 0; c < chunks; c++) {
-                long cost = 0, nmax = 0;
-                for (int m = a; m < b; m++) {
-                    long n = len[m] - c * ATT_CHUNK < ATT_CHUNK ? len[m] - c * ATT_CHUNK : ATT_CHUNK;
-                    n = kb[m] && n > 0 ? n : 0;
-                    cost += n * group;
-                    nmax = n > nmax ? n : nmax;
+                /* a chunk (the last) with less than half the work of the first: in two tasks when there are
+                   threads to share them (the smallest tasks go last and even out the threads' work) */
+                int cut = threads > 1 && b - a >= 2 && 2 * att_cost(a, b, c, len, kb, group) < full ? (a + b) / 2 : b;
+                for (int x = a; x < b; x = cut, cut = b) {
+                    long cost = att_cost(x, cut, c, len, kb, group);
+                    for (int h = 0; h < Hkv && cost; h++) tasks[ntasks++] = (AttTask){x, cut - x, c, h, cost};
                 }
-                for (int h = 0; h < Hkv; h++) tasks[ntasks++] = (AttTask){a, b - a, c, h, cost + 4 * nmax};
             }
         }
         m0 += run;
@@ -1094,7 +1110,7 @@ void attend(const float *q, int M, int Hq, int Hkv, int D, long q_stride, void *
         free(qa);
         free(sa);
         free(oa);
-#pragma omp for schedule(static) /* merge the chunks of each row's query heads, in chunk order */
+#pragma omp for schedule(static) nowait /* merge the chunks of each row's query heads, in chunk order */
         for (int mh = 0; mh < M * Hq; mh++) {
             int m = mh / Hq, h = mh % Hq, chunks = (first[m + 1] - first[m]) / Hkv, kvh = h / group, g = h % group;
             float *o = out + (long)m * Hq * D + (long)h * D, mx = -INFINITY, sum = 0;
