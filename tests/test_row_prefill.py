@@ -119,17 +119,25 @@ def test_rows_of_several_caches_and_padding_rows(lib):
 
 
 @pytest.mark.parametrize("kind", list(KV))
-def test_rows_of_one_cache_at_scattered_lengths(lib, kind):
+def test_rows_of_one_cache_at_scattered_lengths(lib, kind, monkeypatch):
     """Rows of one cache in any order and at very different lengths (a row ending in a block where others
-    go on, rows with no position in a chunk's later blocks, more rows than one task takes): each row as
-    alone, and softmax attention."""
+    go on, rows with no position in a chunk's later blocks, more rows than one task takes), on 1 to 3
+    threads (which cut the rows into tasks differently): each row as alone, and softmax attention."""
     hq, hkv, d = 9, 3, 64
     cache = Cache(kind, hkv, 700, d, seed=5)
     lens = [600, 3, 250, 17, 256, 257, 1, 64, 65, 128, 700, 16, 33, 511, 512, 513, 90, 2, 300, 47, 48, 49,
             640, 129, 383, 384, 385, 5, 6, 7, 8, 9, 10, 11, 699, 200, 201]
     torch.manual_seed(3)
     q = torch.randn(len(lens), hq * d)
-    together = attend(lib, q, [(cache, n) for n in lens], hq, hkv)
+    rows, prompt = [(cache, n) for n in lens], [(cache, n) for n in range(621, 640)]
+    together, prompt_out = attend(lib, q, rows, hq, hkv), attend(lib, q[:19], prompt, hq, hkv)
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(native, "kernel_threads", lambda n=threads: lib.set_threads(n))
+        assert torch.equal(attend(lib, q, rows, hq, hkv), together), threads
+        assert torch.equal(attend(lib, q[:19], prompt, hq, hkv), prompt_out), threads
+    monkeypatch.undo()
+    for i, n in enumerate(range(621, 640)):
+        assert torch.equal(prompt_out[i], attend(lib, q[i:i + 1].contiguous(), [(cache, n)], hq, hkv)[0]), n
     for i, n in enumerate(lens):
         assert torch.equal(together[i], attend(lib, q[i:i + 1].contiguous(), [(cache, n)], hq, hkv)[0]), (i, n)
         want = reference(q[i], cache, n, hq, hkv)
