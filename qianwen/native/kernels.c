@@ -720,14 +720,25 @@ static inline float max_of(const float *s, int n) {
     float mx = -INFINITY;
     int i = 0;
 #ifdef __AVX512F__
-    __m512 v = _mm512_set1_ps(-INFINITY);
-    for (; i < n; i += 16) /* max_ps(x, v) is v where x is NaN */
+    __m512 v = _mm512_set1_ps(-INFINITY), w = v; /* two chains; max_ps(x, v) is v where x is NaN */
+    for (; i + 32 <= n; i += 32) {
+        v = _mm512_max_ps(_mm512_loadu_ps(s + i), v);
+        w = _mm512_max_ps(_mm512_loadu_ps(s + i + 16), w);
+    }
+    for (; i < n; i += 16)
         v = _mm512_max_ps(_mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), first_lanes(n - i), s + i), v);
-    mx = _mm512_reduce_max_ps(v);
+    mx = _mm512_reduce_max_ps(_mm512_max_ps(v, w));
 #endif
     for (; i < n; i++) mx = s[i] > mx ? s[i] : mx;
     return mx;
 }
+
+#ifdef __AVX512F__
+/* exp(s[i] - mx) of 16 scores, clamped below at exp(-88) (the softmax numerators) */
+static inline __attribute__((always_inline)) __m512 exp_less(__m512 s, float mx) {
+    return exp512(_mm512_max_ps(_mm512_sub_ps(s, _mm512_set1_ps(mx)), _mm512_set1_ps(-88.f)));
+}
+#endif
 
 /* s[i] = exp(s[i] - mx), returning the sum (softmax numerators); with AVX-512 the last n % 16 in masked
    lanes of the same vectors. */
@@ -736,12 +747,17 @@ static inline float exp_sum(float *s, int n, float mx) {
     int i = 0;
 #ifdef __AVX512F__
     __m512 vsum = _mm512_setzero_ps();
-    for (; i < n; i += 16) {
+    for (; i + 16 <= n; i += 16) {
+        __m512 e = exp_less(_mm512_loadu_ps(s + i), mx);
+        _mm512_storeu_ps(s + i, e);
+        vsum = _mm512_add_ps(vsum, e);
+    }
+    if (i < n) {
         __mmask16 m = first_lanes(n - i);
-        __m512 x = _mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + i), _mm512_set1_ps(mx));
-        __m512 e = _mm512_maskz_mov_ps(m, exp512(_mm512_max_ps(x, _mm512_set1_ps(-88.f))));
+        __m512 e = _mm512_maskz_mov_ps(m, exp_less(_mm512_maskz_loadu_ps(m, s + i), mx));
         _mm512_mask_storeu_ps(s + i, m, e);
         vsum = _mm512_add_ps(vsum, e);
+        i = n;
     }
     sum = _mm512_reduce_add_ps(vsum);
 #endif
@@ -775,7 +791,7 @@ static inline float exp_sum(float *s, int n, float mx) {
      queries taken together share the positions all of them have, then each goes on alone;
    then per row the chunks are merged in chunk order and divided by the total sum. */
 #define ATT_CHUNK 256
-#define ATT_BLOCK 64 /* positions converted at once (a multiple of 16) */
+#define ATT_BLOCK 64 /* positions converted at once (a multiple of 16, at most 64: att_scores takes 4 x 16) */
 #define ATT_ROWS 32  /* rows of one cache per task at most */
 
 /* Element d of cached vector `src` (t-th of a head, int8 times its scale) as fp32. */
