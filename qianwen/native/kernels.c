@@ -1107,7 +1107,8 @@ void attend(const float *q, int M, int Hq, int Hkv, int D, long q_stride, void *
                 }
             for (int b0 = 0; b0 < nmax; b0 += ATT_BLOCK) {
                 int nb = nmax - b0 < ATT_BLOCK ? nmax - b0 : ATT_BLOCK, na = 0;
-                for (int t = 0; t < nb; t++)
+                const float *v = (const float *)(vh + (size_t)b0 * D * el); /* an fp32 cache as it is */
+                for (int t = 0; t < nb && dtype != KV_F32; t++)
                     load_kv(vf + (size_t)t * D, vh + (size_t)(b0 + t) * D * el, D, dtype, vsh ? vsh[b0 + t] : 1.f);
                 for (int r = 0; r < tk.rows; r++)
                     for (int g = 0; g < group && n[r] > b0; g++, na++) {
@@ -1115,7 +1116,7 @@ void attend(const float *q, int M, int Hq, int Hkv, int D, long q_stride, void *
                         oa[na] = part + (size_t)(first[m0 + r] + tk.c * Hkv + kvh) * per + g * (D + 2) + 2;
                         nk[na] = n[r] - b0 < ATT_BLOCK ? n[r] - b0 : ATT_BLOCK;
                     }
-                att_values(vf, D, na, nk, (const float *const *)sa, oa);
+                att_values(dtype == KV_F32 ? v : vf, D, na, nk, (const float *const *)sa, oa);
             }
         }
         free(kt);
