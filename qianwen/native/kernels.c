@@ -837,37 +837,52 @@ static inline __attribute__((always_inline)) void transpose16(__m512 r[16]) {
 }
 #endif
 
+#ifdef __AVX512F__
+/* att_keys for one block of 16 positions (nl of them: zeros after) of bf16 or int8 keys (64 bytes of each
+   key at a time: 32 or 64 elements), as 32-bit words: 16 x 16 words transposed, then unpacked into 2 or 4
+   fp32 elements each (int8 ones times the positions' scales, scv); half or a quarter of the shuffles of
+   transposing them as fp32, the same values. */
+static inline __attribute__((always_inline)) void att_key_words(float *kt, const char *src, int nl, int D,
+                                                                const int dtype, __m512 scv, const int full) {
+    const int el = dtype == KV_BF16 ? 2 : 1, per = 4 / el; /* elements a word */
+    for (int j = 0; j < D; j += 16 * per) {
+        __m512 r[16];
+        for (int l = 0; l < 16; l++)
+            r[l] = full || l < nl ? _mm512_loadu_ps(src + ((size_t)l * D + j) * el) : _mm512_setzero_ps();
+        transpose16(r); /* r[w]: word w of the 16 keys (elements j + per w ..) */
+        for (int w = 0; w < 16; w++) {
+            __m512i x = _mm512_castps_si512(r[w]);
+            float *o = kt + ((size_t)j + per * w) * 16;
+            if (dtype == KV_BF16) {
+                _mm512_store_ps(o, _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)));
+                _mm512_store_ps(o + 16, _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32((int)0xffff0000))));
+            } else {
+                __m512i b0 = _mm512_slli_epi32(x, 24), b1 = _mm512_slli_epi32(x, 16), b2 = _mm512_slli_epi32(x, 8);
+                _mm512_store_ps(o, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(b0, 24)), scv));
+                _mm512_store_ps(o + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(b1, 24)), scv));
+                _mm512_store_ps(o + 32, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(b2, 24)), scv));
+                _mm512_store_ps(o + 48, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(x, 24)), scv));
+            }
+        }
+    }
+}
+#endif
+
 /* Keys 0 .. n - 1 from `src` (one head's, D elements apart; sc: their int8 scales) as fp32 in kt,
-   transposed per 16 positions: kt[(b D + d) 16 + l] = key 16 b + l, element d (0 past n). bf16 and int8
-   keys are transposed as 32-bit words (2 or 4 elements each), then unpacked: half the shuffles, or a
-   quarter, of transposing them as fp32 (the same values). */
+   transposed per 16 positions: kt[(b D + d) 16 + l] = key 16 b + l, element d (0 past n). */
 static void att_keys(float *kt, const char *src, int n, int D, int dtype, const float *sc) {
     for (int b = 0; b * 16 < n; b++) {
 #ifdef __AVX512F__
         if (dtype != KV_F32 && D * kv_size(dtype) % 64 == 0) {
-            int per = 4 / (int)kv_size(dtype); /* elements a word */
-            __m512 scv = dtype == KV_INT8 ? _mm512_maskz_loadu_ps(first_lanes(n - b * 16), sc + b * 16)
-                                          : _mm512_setzero_ps();
-            for (int j = 0; j < D; j += 16 * per) {
-                __m512 r[16];
-                for (int l = 0; l < 16; l++) {
-                    int t = b * 16 + l;
-                    r[l] = t < n ? _mm512_loadu_ps(src + ((size_t)t * D + j) * kv_size(dtype)) : _mm512_setzero_ps();
-                }
-                transpose16(r); /* r[w]: word w of the 16 keys (elements j + per w ..) */
-                for (int w = 0; w < 16; w++) {
-                    __m512i x = _mm512_castps_si512(r[w]);
-                    float *o = kt + ((size_t)b * D + j + per * w) * 16;
-                    if (dtype == KV_BF16) {
-                        _mm512_store_ps(o, _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)));
-                        _mm512_store_ps(o + 16, _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32((int)0xffff0000))));
-                    } else {
-                        _mm512_store_ps(o, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(x, 24), 24)), scv));
-                        _mm512_store_ps(o + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(x, 16), 24)), scv));
-                        _mm512_store_ps(o + 32, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(x, 8), 24)), scv));
-                        _mm512_store_ps(o + 48, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(x, 24)), scv));
-                    }
-                }
+            int nl = n - b * 16 < 16 ? n - b * 16 : 16;
+            float *o = kt + (size_t)b * D * 16;
+            const char *s = src + (size_t)b * 16 * D * kv_size(dtype);
+            if (dtype == KV_BF16 && nl == 16) att_key_words(o, s, nl, D, KV_BF16, _mm512_setzero_ps(), 1);
+            else if (dtype == KV_BF16) att_key_words(o, s, nl, D, KV_BF16, _mm512_setzero_ps(), 0);
+            else {
+                __m512 scv = _mm512_maskz_loadu_ps(first_lanes(nl), sc + b * 16);
+                if (nl == 16) att_key_words(o, s, nl, D, KV_INT8, scv, 1);
+                else att_key_words(o, s, nl, D, KV_INT8, scv, 0);
             }
             continue;
         }
