@@ -838,13 +838,13 @@ static inline __attribute__((always_inline)) void transpose16(__m512 r[16]) {
 #endif
 
 #ifdef __AVX512F__
-/* att_keys for one block of 16 positions (nl of them: zeros after) of bf16 or int8 keys (64 bytes of each
-   key at a time: 32 or 64 elements), as 32-bit words: 16 x 16 words transposed, then unpacked into 2 or 4
-   fp32 elements each (int8 ones times the positions' scales, scv); half or a quarter of the shuffles of
+/* att_keys for one block of 16 positions (nl of them: zeros after), 64 bytes of each key at a time (16, 32
+   or 64 elements) as 32-bit words: 16 x 16 words transposed, then bf16 and int8 words unpacked into 2 or 4
+   fp32 elements each (int8 ones times the positions' scales, scv): half or a quarter of the shuffles of
    transposing them as fp32, the same values. */
 static inline __attribute__((always_inline)) void att_key_words(float *kt, const char *src, int nl, int D,
                                                                 const int dtype, __m512 scv, const int full) {
-    const int el = dtype == KV_BF16 ? 2 : 1, per = 4 / el; /* elements a word */
+    const int el = dtype == KV_F32 ? 4 : dtype == KV_BF16 ? 2 : 1, per = 4 / el; /* elements a word */
     for (int j = 0; j < D; j += 16 * per) {
         __m512 r[16];
         for (int l = 0; l < 16; l++)
@@ -853,7 +853,9 @@ static inline __attribute__((always_inline)) void att_key_words(float *kt, const
         for (int w = 0; w < 16; w++) {
             __m512i x = _mm512_castps_si512(r[w]);
             float *o = kt + ((size_t)j + per * w) * 16;
-            if (dtype == KV_BF16) {
+            if (dtype == KV_F32) {
+                _mm512_store_ps(o, r[w]);
+            } else if (dtype == KV_BF16) {
                 _mm512_store_ps(o, _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)));
                 _mm512_store_ps(o + 16, _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32((int)0xffff0000))));
             } else {
@@ -873,11 +875,13 @@ static inline __attribute__((always_inline)) void att_key_words(float *kt, const
 static void att_keys(float *kt, const char *src, int n, int D, int dtype, const float *sc) {
     for (int b = 0; b * 16 < n; b++) {
 #ifdef __AVX512F__
-        if (dtype != KV_F32 && D * kv_size(dtype) % 64 == 0) {
+        if (D * kv_size(dtype) % 64 == 0) {
             int nl = n - b * 16 < 16 ? n - b * 16 : 16;
             float *o = kt + (size_t)b * D * 16;
             const char *s = src + (size_t)b * 16 * D * kv_size(dtype);
-            if (dtype == KV_BF16 && nl == 16) att_key_words(o, s, nl, D, KV_BF16, _mm512_setzero_ps(), 1);
+            if (dtype == KV_F32 && nl == 16) att_key_words(o, s, nl, D, KV_F32, _mm512_setzero_ps(), 1);
+            else if (dtype == KV_F32) att_key_words(o, s, nl, D, KV_F32, _mm512_setzero_ps(), 0);
+            else if (dtype == KV_BF16 && nl == 16) att_key_words(o, s, nl, D, KV_BF16, _mm512_setzero_ps(), 1);
             else if (dtype == KV_BF16) att_key_words(o, s, nl, D, KV_BF16, _mm512_setzero_ps(), 0);
             else {
                 __m512 scv = _mm512_maskz_loadu_ps(first_lanes(nl), sc + b * 16);
@@ -932,16 +936,18 @@ static inline __attribute__((always_inline)) void att_scores_k(const float *kt, 
         for (int b = 0; b < KB; b++) _mm512_storeu_ps(s[i] + b * 16, _mm512_mul_ps(acc[i][b], _mm512_set1_ps(scale[i])));
 }
 
-/* o[i][0 .. 16 DV) += sum over t0 <= t < t1 of e[i][t] v[t][0 .. 16 DV), for R queries (v rows D apart). */
-static inline __attribute__((always_inline)) void att_values_k(const float *v, int D, int t0, int t1,
+/* o[i][0 .. 16 DV) += sum over t0 <= t < t1 of e[i][t] v[t][0 .. 16 DV), for R queries (v: cached vectors
+   of `dtype`, D elements apart, vsc their int8 scales). */
+static inline __attribute__((always_inline)) void att_values_k(const char *v, int D, int t0, int t1,
                                                                const float *const *e, float *const *o, const int R,
-                                                               const int DV) {
+                                                               const int DV, const int dtype, const float *vsc) {
     __m512 acc[ATT_Q][4];
     for (int i = 0; i < R; i++)
         for (int j = 0; j < DV; j++) acc[i][j] = _mm512_loadu_ps(o[i] + 16 * j);
     for (int t = t0; t < t1; t++) {
         __m512 vv[4];
-        for (int j = 0; j < DV; j++) vv[j] = _mm512_loadu_ps(v + (size_t)t * D + 16 * j);
+        for (int j = 0; j < DV; j++)
+            vv[j] = kv_load16(v + ((size_t)t * D + 16 * j) * kv_size(dtype), dtype, dtype == KV_INT8 ? vsc[t] : 1.f);
         for (int i = 0; i < R; i++) {
             __m512 p = _mm512_set1_ps(e[i][t]);
             for (int j = 0; j < DV; j++) acc[i][j] = _mm512_fmadd_ps(p, vv[j], acc[i][j]);
@@ -996,12 +1002,15 @@ static void att_scores(const float *kt, int D, int nq, const float *const *q, fl
         }
 }
 
-/* o[i] += sum over t < n[i] of e[i][t] v[t] for nq queries (v: fp32 rows of D). */
-static void att_values(const float *v, int D, int nq, const int *n, const float *const *e, float *const *o) {
+/* o[i] += sum over t < n[i] of e[i][t] v[t] for nq queries; v: fp32 rows of D, or with AVX-512 and D a
+   multiple of 64 cached bf16 or int8 vectors (vsc: int8 scales), converted as they are used. */
+static void att_values(const char *v, int dtype, const float *vsc, int D, int nq, const int *n,
+                       const float *const *e, float *const *o) {
 #ifdef __AVX512F__
     if (D % 16 == 0) {
         for (int j0 = 0; j0 < D; j0 += 64) { /* 64 elements at a time */
             int dv = D - j0 >= 64 ? 4 : (D - j0) / 16;
+            const char *vj = v + (size_t)j0 * kv_size(dtype);
             for (int i = 0; i < nq; i += ATT_Q) {
                 int r = nq - i < ATT_Q ? nq - i : ATT_Q, lo = n[i];
                 float *oh[ATT_Q];
@@ -1010,15 +1019,24 @@ static void att_values(const float *v, int D, int nq, const int *n, const float 
                     lo = n[i + j] < lo ? n[i + j] : lo;
                 }
                 /* positions all r queries take together, then each query's own rest (same order) */
-#define ATT_V(R, DV) att_values_k(v + j0, D, 0, lo, e + i, oh, R, DV)
+#define ATT_V(R, DV) att_values_k(vj, D, 0, lo, e + i, oh, R, DV, KV_F32, vsc)
 #define ATT_V_R(R) ATT_BY_4(dv, ATT_V, R)
-                ATT_BY_R(r, ATT_V_R)
+#define ATT_VB(R) att_values_k(vj, D, 0, lo, e + i, oh, R, 4, KV_BF16, vsc)
+#define ATT_VI(R) att_values_k(vj, D, 0, lo, e + i, oh, R, 4, KV_INT8, vsc)
+                if (dtype == KV_BF16) { ATT_BY_R(r, ATT_VB) } else if (dtype == KV_INT8) { ATT_BY_R(r, ATT_VI) }
+                else { ATT_BY_R(r, ATT_V_R) }
+#undef ATT_VI
+#undef ATT_VB
 #undef ATT_V_R
 #undef ATT_V
                 for (int j = 0; j < r; j++) {
-                    if (n[i + j] == lo) continue;
-#define ATT_V1(R, DV) att_values_k(v + j0, D, lo, n[i + j], e + i + j, oh + j, R, DV)
-                    ATT_BY_4(dv, ATT_V1, 1)
+                    int t0 = lo, t1 = n[i + j];
+                    const float *const *ej = e + i + j;
+                    if (t1 == lo) continue;
+#define ATT_V1(R, DV) att_values_k(vj, D, t0, t1, ej, oh + j, R, DV, KV_F32, vsc)
+                    if (dtype == KV_BF16) att_values_k(vj, D, t0, t1, ej, oh + j, 1, 4, KV_BF16, vsc);
+                    else if (dtype == KV_INT8) att_values_k(vj, D, t0, t1, ej, oh + j, 1, 4, KV_INT8, vsc);
+                    else { ATT_BY_4(dv, ATT_V1, 1) }
 #undef ATT_V1
                 }
             }
@@ -1029,7 +1047,7 @@ static void att_values(const float *v, int D, int nq, const int *n, const float 
     for (int i = 0; i < nq; i++)
         for (int t = 0; t < n[i]; t++) {
             float p = e[i][t], *oh = o[i];
-            const float *vt = v + (size_t)t * D;
+            const float *vt = (const float *)v + (size_t)t * D;
             for (int j = 0; j < D; j++) oh[j] += p * vt[j];
         }
 }
@@ -1149,10 +1167,15 @@ void attend(const float *q, int M, int Hq, int Hkv, int D, long q_stride, void *
                     pt[1] = exp_sum(sg, n[r], mx);
                     memset(pt + 2, 0, sizeof(float) * D);
                 }
+            /* the values as they are (an fp32 cache), or converted as they are used when the task's queries
+               go in one pass (one conversion either way), else converted once into vf for all its passes */
+            int direct = dtype == KV_F32;
+#ifdef __AVX512F__
+            direct = direct || (D % 64 == 0 && tk.rows * group <= ATT_Q);
+#endif
             for (int b0 = 0; b0 < nmax; b0 += ATT_BLOCK) {
                 int nb = nmax - b0 < ATT_BLOCK ? nmax - b0 : ATT_BLOCK, na = 0;
-                const float *v = (const float *)(vh + (size_t)b0 * D * el); /* an fp32 cache as it is */
-                for (int t = 0; t < nb && dtype != KV_F32; t++)
+                for (int t = 0; t < nb && !direct; t++)
                     load_kv(vf + (size_t)t * D, vh + (size_t)(b0 + t) * D * el, D, dtype, vsh ? vsh[b0 + t] : 1.f);
                 for (int r = 0; r < tk.rows; r++)
                     for (int g = 0; g < group && n[r] > b0; g++, na++) {
@@ -1160,7 +1183,10 @@ void attend(const float *q, int M, int Hq, int Hkv, int D, long q_stride, void *
                         oa[na] = part + (size_t)(first[m0 + r] + tk.c * Hkv + kvh) * per + g * (D + 2) + 2;
                         nk[na] = n[r] - b0 < ATT_BLOCK ? n[r] - b0 : ATT_BLOCK;
                     }
-                att_values(dtype == KV_F32 ? v : vf, D, na, nk, (const float *const *)sa, oa);
+                if (direct)
+                    att_values(vh + (size_t)b0 * D * el, dtype, vsh ? vsh + b0 : NULL, D, na, nk, (const float *const *)sa, oa);
+                else
+                    att_values((const char *)vf, KV_F32, NULL, D, na, nk, (const float *const *)sa, oa);
             }
         }
         free(kt);
