@@ -777,12 +777,15 @@ static inline float exp_sum(float *s, int n, float mx) {
    step is; more rows of one cache are cut into groups of equal size). It converts its keys and values
    to fp32 once, ATT_BLOCK positions at a time, for all its queries: its rows' query heads (the heads h
    with h / (Hq / Hkv) = the kv head), ATT_Q at a time in the micro-kernels (att_scores_k, att_values_k),
-   so each key or value vector loaded serves ATT_Q queries. Long caches have several chunks, merged by
-   their softmax maxima and sums (as flash-decoding does). Threads take the tasks largest first, each the
-   next one when it is free.
+   so each key or value vector loaded serves ATT_Q queries (a task whose queries fit one pass, a decode
+   row, converts its values as it uses them instead). Long caches have several chunks, merged by their
+   softmax maxima and sums (as flash-decoding does). Threads take the tasks largest first, each the next
+   one when it is free; with several threads, a group's chunk holding under half the work of its first
+   (the last, mostly) goes in two tasks of half its rows, and a short run of many rows in more groups,
+   so that the threads finish together.
    Per row, query head and chunk the operations are fixed by the row's own length, whatever the other
-   rows and queries beside it (batch invariance; a prompt's rows then write the K/V that token-by-token
-   decoding writes):
+   rows and queries beside it and the thread count (batch invariance; a prompt's rows then write the K/V
+   that token-by-token decoding writes):
    - score[t] = (sum over d = 0 .. D - 1, in order, of fma(q[d], k[t][d])) * scale: keys are held
      transposed, 16 positions to a vector, so 16 scores build up in one register (no lane reduction);
      a query computed with others may get scores past its length too, which nothing reads;
