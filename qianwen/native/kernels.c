@@ -1095,7 +1095,7 @@ void attend(const float *q, int M, int Hq, int Hkv, int D, long q_stride, void *
         first[m + 1] = first[m] + chunks * Hkv;
     }
     AttTask *tasks = malloc(sizeof(AttTask) * (first[M] ? first[M] : 1));
-    int ntasks = 0, threads = get_threads();
+    int ntasks = 0, threads = get_threads(), most = 1; /* most: rows of a task at most */
     for (int m0 = 0; m0 < M;) { /* a run of rows of one cache, in tasks per row group, chunk and kv head */
         int run = 1;
         while (m0 + run < M && kb[m0] && same_cache(m0, m0 + run, kb, vb, ks, vs, head_stride, dtype)) run++;
@@ -1117,6 +1117,7 @@ void attend(const float *q, int M, int Hq, int Hkv, int D, long q_stride, void *
                 for (int x = a; x < b; x = cut, cut = b) {
                     long cost = att_cost(x, cut, c, len, kb, group);
                     for (int h = 0; h < Hkv && cost; h++) tasks[ntasks++] = (AttTask){x, cut - x, c, h, cost};
+                    most = cut - x > most ? cut - x : most;
                 }
             }
         }
@@ -1127,7 +1128,7 @@ void attend(const float *q, int M, int Hq, int Hkv, int D, long q_stride, void *
     float *part = malloc(sizeof(float) * (first[M] ? first[M] : 1) * per);
 #pragma omp parallel
     {
-        int nq = ATT_ROWS * group; /* queries of a task at most: row r, query head g at r * group + g */
+        int nq = most * group; /* queries of a task at most: row r, query head g at r * group + g */
         float *kt = aligned_alloc(64, sizeof(float) * ATT_BLOCK * D); /* keys, transposed */
         float *vf = aligned_alloc(64, sizeof(float) * ATT_BLOCK * D);
         float *s = malloc(sizeof(float) * nq * ATT_CHUNK); /* scores, then exp */
