@@ -778,11 +778,11 @@ static inline float exp_sum(float *s, int n, float mx) {
    to fp32 once, ATT_BLOCK positions at a time, for all its queries: its rows' query heads (the heads h
    with h / (Hq / Hkv) = the kv head), ATT_Q at a time in the micro-kernels (att_scores_k, att_values_k),
    so each key or value vector loaded serves ATT_Q queries (bf16 values, and int8 ones of a task with at
-   most 2 passes of ATT_Q queries, are converted by each pass as it uses them instead). Long caches have several chunks, merged by their
-   softmax maxima and sums (as flash-decoding does). Threads take the tasks largest first, each the next
-   one when it is free; with several threads, a group's chunk holding under half the work of its first
-   (the last, mostly) goes in two tasks of half its rows, and a short run of many rows in more groups,
-   so that the threads finish together.
+   most 2 passes of ATT_Q queries, are converted by each pass as it uses them instead). Long caches have
+   several chunks, merged by their softmax maxima and sums (as flash-decoding does). Threads take the
+   tasks largest first, each the next one when it is free; with several threads, a group's chunk holding
+   under half the work of its first (the last, mostly) goes in two tasks of half its rows, and a short
+   run of many rows in more groups, so that the threads finish together.
    Per row, query head and chunk the operations are fixed by the row's own length, whatever the other
    rows and queries beside it and the thread count (batch invariance; a prompt's rows then write the K/V
    that token-by-token decoding writes):
@@ -936,7 +936,8 @@ static inline __attribute__((always_inline)) void att_scores_k(const float *kt, 
         }
     }
     for (int i = 0; i < R; i++)
-        for (int b = 0; b < KB; b++) _mm512_storeu_ps(s[i] + b * 16, _mm512_mul_ps(acc[i][b], _mm512_set1_ps(scale[i])));
+        for (int b = 0; b < KB; b++)
+            _mm512_storeu_ps(s[i] + b * 16, _mm512_mul_ps(acc[i][b], _mm512_set1_ps(scale[i])));
 }
 
 /* o[i][0 .. 16 DV) += sum over t0 <= t < t1 of e[i][t] v[t][0 .. 16 DV), for R queries (v: cached vectors
@@ -1190,7 +1191,8 @@ void attend(const float *q, int M, int Hq, int Hkv, int D, long q_stride, void *
                         nk[na] = n[r] - b0 < ATT_BLOCK ? n[r] - b0 : ATT_BLOCK;
                     }
                 if (direct)
-                    att_values(vh + (size_t)b0 * D * el, dtype, vsh ? vsh + b0 : NULL, D, na, nk, (const float *const *)sa, oa);
+                    att_values(vh + (size_t)b0 * D * el, dtype, vsh ? vsh + b0 : NULL, D, na, nk,
+                               (const float *const *)sa, oa);
                 else
                     att_values((const char *)vf, KV_F32, NULL, D, na, nk, (const float *const *)sa, oa);
             }
