@@ -131,15 +131,20 @@ def test_rows_of_one_cache_at_scattered_lengths(lib, kind, monkeypatch):
             640, 129, 383, 384, 385, 5, 6, 7, 8, 9, 10, 11, 699, 200, 201]
     torch.manual_seed(3)
     q = torch.randn(len(lens), hq * d)
-    rows, prompt = [(cache, n) for n in lens], [(cache, n) for n in range(621, 640)]
-    together, prompt_out = attend(lib, q, rows, hq, hkv), attend(lib, q[:19], prompt, hq, hkv)
+    # and prompts as rows: 19 tokens after 620 cached (a short last chunk, cut in two on several threads)
+    # and 21 tokens at 10-30 (one chunk: the rows cut in two groups on several threads)
+    rows, prompts = [(cache, n) for n in lens], [list(range(621, 640)), list(range(10, 31))]
+    together = attend(lib, q, rows, hq, hkv)
+    prompt_out = [attend(lib, q[:len(p)], [(cache, n) for n in p], hq, hkv) for p in prompts]
     for threads in (1, 2, 3):
         monkeypatch.setattr(native, "kernel_threads", lambda n=threads: lib.set_threads(n))
         assert torch.equal(attend(lib, q, rows, hq, hkv), together), threads
-        assert torch.equal(attend(lib, q[:19], prompt, hq, hkv), prompt_out), threads
+        for p, want in zip(prompts, prompt_out, strict=True):
+            assert torch.equal(attend(lib, q[:len(p)], [(cache, n) for n in p], hq, hkv), want), (threads, p[0])
     monkeypatch.undo()
-    for i, n in enumerate(range(621, 640)):
-        assert torch.equal(prompt_out[i], attend(lib, q[i:i + 1].contiguous(), [(cache, n)], hq, hkv)[0]), n
+    for p, got in zip(prompts, prompt_out, strict=True):
+        for i, n in enumerate(p):
+            assert torch.equal(got[i], attend(lib, q[i:i + 1].contiguous(), [(cache, n)], hq, hkv)[0]), n
     for i, n in enumerate(lens):
         assert torch.equal(together[i], attend(lib, q[i:i + 1].contiguous(), [(cache, n)], hq, hkv)[0]), (i, n)
         want = reference(q[i], cache, n, hq, hkv)
