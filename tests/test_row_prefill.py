@@ -81,9 +81,12 @@ def reference(q: torch.Tensor, cache: Cache, n: int, hq: int, hkv: int) -> torch
     return (p[:, None] @ v)[:, 0].reshape(-1).float()
 
 
-# (hq, hkv, d): SmolLM2's 9/3 x 64, 7 query heads per kv head, 128-wide heads, and a D the vector
-# bodies do not take (the plain loops then run in every build)
-SHAPES = [(9, 3, 64), (7, 1, 64), (4, 2, 128), (2, 2, 40)]
+# (hq, hkv, d): SmolLM2's 9/3 x 64, 7 query heads per kv head, 128-wide heads, one and 8 query heads per
+# kv head (the kernels take 6 queries of a task at a time, rows x query heads, whatever their rows), a D
+# whose bf16 and int8 keys the vector body converts element by element rather than as 32-bit words (and
+# whose values it does not read from the cache directly), and a D the vector bodies do not take (the
+# plain loops then run in every build)
+SHAPES = [(9, 3, 64), (7, 1, 64), (4, 2, 128), (4, 4, 64), (16, 2, 64), (4, 2, 48), (2, 2, 40)]
 
 
 @pytest.mark.parametrize("kind", list(KV))
@@ -115,6 +118,37 @@ def test_rows_of_several_caches_and_padding_rows(lib):
     for i, (c, n) in enumerate(rows):
         if c is not None:
             assert torch.equal(together[i], attend(lib, q[i:i + 1].contiguous(), [(c, n)], hq, hkv)[0]), i
+
+
+@pytest.mark.parametrize("kind", list(KV))
+def test_rows_of_one_cache_at_scattered_lengths(lib, kind, monkeypatch):
+    """Rows of one cache in any order and at very different lengths (a row ending in a block where others
+    go on, rows with no position in a chunk's later blocks, more rows than one task takes), on 1 to 3
+    threads (which cut the rows into tasks differently): each row as alone, and softmax attention."""
+    hq, hkv, d = 9, 3, 64
+    cache = Cache(kind, hkv, 700, d, seed=5)
+    lens = [600, 3, 250, 17, 256, 257, 1, 64, 65, 128, 700, 16, 33, 511, 512, 513, 90, 2, 300, 47, 48, 49,
+            640, 129, 383, 384, 385, 5, 6, 7, 8, 9, 10, 11, 699, 200, 201]
+    torch.manual_seed(3)
+    q = torch.randn(len(lens), hq * d)
+    # and prompts as rows: 19 tokens after 620 cached (a short last chunk, cut in two on several threads)
+    # and 21 tokens at 10-30 (one chunk: the rows cut in two groups on several threads)
+    rows, prompts = [(cache, n) for n in lens], [list(range(621, 640)), list(range(10, 31))]
+    together = attend(lib, q, rows, hq, hkv)
+    prompt_out = [attend(lib, q[:len(p)], [(cache, n) for n in p], hq, hkv) for p in prompts]
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(native, "kernel_threads", lambda n=threads: lib.set_threads(n))
+        assert torch.equal(attend(lib, q, rows, hq, hkv), together), threads
+        for p, want in zip(prompts, prompt_out, strict=True):
+            assert torch.equal(attend(lib, q[:len(p)], [(cache, n) for n in p], hq, hkv), want), (threads, p[0])
+    monkeypatch.undo()
+    for p, got in zip(prompts, prompt_out, strict=True):
+        for i, n in enumerate(p):
+            assert torch.equal(got[i], attend(lib, q[i:i + 1].contiguous(), [(cache, n)], hq, hkv)[0]), n
+    for i, n in enumerate(lens):
+        assert torch.equal(together[i], attend(lib, q[i:i + 1].contiguous(), [(cache, n)], hq, hkv)[0]), (i, n)
+        want = reference(q[i], cache, n, hq, hkv)
+        assert (together[i] - want).abs().max().item() <= 1e-5 * want.abs().max().item() + 1e-6, (i, n)
 
 
 @pytest.fixture(scope="module", params=["q4", "bf16"])
