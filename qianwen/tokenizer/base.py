@@ -121,18 +121,19 @@ class PromptIds:
         self.recent: OrderedDict[str, tuple[list[int], list[int], list[int]]] = OrderedDict()  # text -> ids, cuts
         self.lock = threading.Lock()
 
-    def _cuts(self, text: str, ids: list[int]) -> tuple[list[int], list[int]] | None:
-        """The places of the split tokens in text and in ids, or None when the ids do not hold them in order."""
-        found = [(m.start(), self.split[m.group()]) for m in self.pattern.finditer(text)]
-        at = [i for i, t in enumerate(ids) if t in self.split_ids]
-        if len(at) != len(found) or any(ids[i] != t for i, (_, t) in zip(at, found, strict=True)):
+    def _cuts(self, text: str, ids: list[int], at: tuple[int, int] = (0, 0)) -> tuple[list[int], list[int]] | None:
+        """The places of the split tokens in text and in ids from at = (text place, ids place) on, or None when
+        the ids do not hold them in order."""
+        found = [(m.start(), self.split[m.group()]) for m in self.pattern.finditer(text, at[0])]
+        where = [i for i in range(at[1], len(ids)) if ids[i] in self.split_ids]
+        if len(where) != len(found) or any(ids[i] != t for i, (_, t) in zip(where, found, strict=True)):
             return None
-        return [p for p, _ in found], at
+        return [p for p, _ in found], where
 
     def encode(self, text: str) -> list[int]:
         with self.lock:
             recent = list(self.recent.items())
-        best, ids = (0, 0), None
+        best, reuse = (0, 0), None  # the cut (text place, ids place); (ids, text cuts, ids cuts, k) it comes from
         for old, (old_ids, old_text_cuts, old_id_cuts) in recent:
             n = _common_prefix(old, text)
             k = bisect.bisect_right(old_text_cuts, n) - 1
@@ -140,11 +141,15 @@ class PromptIds:
             while k >= 0 and old_text_cuts[k] > best[0] and not self.pattern.match(text, old_text_cuts[k]):
                 k -= 1
             if k >= 0 and old_text_cuts[k] > best[0]:
-                best, ids = (old_text_cuts[k], old_id_cuts[k]), old_ids
-        out = self.tokenizer.encode(text, allow_special=True) if ids is None else \
-            ids[:best[1]] + self.tokenizer.encode(text[best[0]:], allow_special=True)
-        cuts = self._cuts(text, out)
-        if cuts is None and ids is not None:  # never trust a reuse the ids disagree with: encode it whole
+                best, reuse = (old_text_cuts[k], old_id_cuts[k]), (old_ids, old_text_cuts, old_id_cuts, k)
+        cuts = None
+        if reuse is not None:  # the old ids and cuts before the cut, the rest encoded and checked now
+            old_ids, old_text_cuts, old_id_cuts, k = reuse
+            out = old_ids[:best[1]] + self.tokenizer.encode(text[best[0]:], allow_special=True)
+            rest = self._cuts(text, out, best)
+            if rest is not None:
+                cuts = old_text_cuts[:k] + rest[0], old_id_cuts[:k] + rest[1]
+        if cuts is None:  # nothing to reuse, or never trust a reuse the ids disagree with: encode it whole
             out = self.tokenizer.encode(text, allow_special=True)
             cuts = self._cuts(text, out)
         if cuts is not None and cuts[0]:
