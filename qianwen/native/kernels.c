@@ -792,7 +792,21 @@ static inline float exp_sum(float *s, int n, float mx) {
    - the chunk's maximum, e = exp(score - max) and their sum (exp_sum);
    - out[i] = sum over t in order of fma(e[t], v[t][i]) (from 0), the sum and maximum kept beside it;
      queries taken together share the positions all of them have, then each goes on alone;
-   then per row the chunks are merged in chunk order and divided by the total sum. */
+   then per row the chunks are merged in chunk order and divided by the total sum.
+   A bf16 cache with D a multiple of 64, in a build for AVX512-BF16 (att_pairs), takes bf16 dot products
+   (vdpbf16ps: 32 products of bf16 pairs an instruction, summed in fp32, where an fp32 FMA does 16):
+   - q is rounded to bf16 (to nearest even) once per task, and score[t] = (sum over d = 0, 2, .. in order
+     of vdpbf16ps(q[d], q[d + 1] | k[t][d], k[t][d + 1])) * scale, the keys' 32-bit words as transposed
+     (each is a pair), with no conversion to fp32;
+   - the chunk's maximum, e and their sum in fp32 as above, then e rounded to bf16 (to nearest even);
+   - out[i] = sum over pairs t, t + 1 (t = 0, 2, .. in order; an odd last t with a zero) of
+     vdpbf16ps(e[t], e[t + 1] | v[t][i], v[t + 1][i]): the positions queries take together end at an even
+     one, so a query's pairs are its own whatever the others;
+   so only q and e are rounded to 8 significant bits (K and V are bf16 already; products and sums are
+   fp32): the scores move by at most 2^-8 sum_d |q[d] k[t][d]| scale, the weights by 2^-8 more
+   (tests/test_row_prefill.py holds it to that bound and to this arithmetic; on the default model the
+   logits' mean KL against the fp32 kernel is 1e-5 to 2e-4 nats, under the int8 cache's, see
+   docs/fast-cpu.md). fp32 and int8 caches, and builds without AVX512-BF16, compute as above. */
 #define ATT_CHUNK 256
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #define ATT_PAIRS 1 /* bf16 dot products (vdpbf16ps) built */
