@@ -817,7 +817,8 @@ static inline int att_pairs(int dtype, int D) {
 #ifdef ATT_PAIRS
     return dtype == KV_BF16 && D % 64 == 0;
 #else
-    return 0 * dtype * D;
+    (void)dtype, (void)D;
+    return 0;
 #endif
 }
 #define ATT_BLOCK 64 /* positions converted at once (a multiple of 16, at most 64: att_scores takes 4 x 16) */
