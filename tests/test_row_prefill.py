@@ -2,12 +2,13 @@
 token of the same sequence: the same K/V buffer, positions p .. p + M - 1) computes what decoding its
 tokens one at a time computes, bit for bit: the K/V it writes and every row's output. `attend` shares
 the conversion of a cache's keys and values among the rows reading it; these tests hold every body of
-the C file (this CPU's -march=native, and the plain C one) to a row's result alone, and to a float64
-softmax attention."""
+the C file (this CPU's -march=native, the same without AVX512-BF16, and the plain C one) to a row's result
+alone, and to a float64 softmax attention."""
 
 from __future__ import annotations
 
 import ctypes
+import subprocess
 
 import pytest
 import torch
@@ -20,8 +21,17 @@ from qianwen.fast.cache import quantize_kv
 
 from .conftest import save_tiny
 
-BODIES = {"native": ["-march=native"], "portable": ["-mno-avx512f"]}
+BODIES = {"native": ["-march=native"], "native-no-bf16-dot": ["-march=native", "-mno-avx512bf16"],
+          "portable": ["-mno-avx512f"]}
 KV = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}
+U = 2.0 ** -8  # bf16's unit roundoff: 8 significant bits, rounded to nearest
+
+
+def bf16_dot_built(flags: list[str]) -> bool:
+    """Whether kernels.c built with `flags` has attend's bf16 dot products (it takes them where the
+    compiler defines __AVX512BF16__)."""
+    cmd = [native._compiler(), *flags, "-dM", "-E", "-x", "c", "/dev/null"]
+    return "__AVX512BF16__" in subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
 
 
 @pytest.fixture(scope="module", params=list(BODIES))
@@ -29,7 +39,15 @@ def lib(request, tmp_path_factory):
     assert native.lib() is not None, native.failure
     flags = [*BODIES[request.param], "-O3", "-fno-math-errno", "-fopenmp"]
     path = tmp_path_factory.mktemp("k") / f"{request.param}.so"
-    return native.open_library(native.build(native._compiler(), path, (flags,)))
+    so = native.open_library(native.build(native._compiler(), path, (flags,)))
+    so.bf16_dot = bf16_dot_built(flags)
+    return so
+
+
+def pairs(lib, kind: str, d: int) -> bool:
+    """Whether attend takes bf16 dot products here: a bf16 cache, heads a multiple of 64 wide, a build
+    with them."""
+    return lib.bf16_dot and kind == "bf16" and d % 64 == 0
 
 
 class Cache:
@@ -72,13 +90,29 @@ def attend(lib, q: torch.Tensor, rows: list[tuple[Cache | None, int]], hq: int, 
     return out
 
 
-def reference(q: torch.Tensor, cache: Cache, n: int, hq: int, hkv: int) -> torch.Tensor:
-    """Softmax attention of one query [hq * D] over the first n positions, in float64."""
-    d = cache.d
+def reference(q: torch.Tensor, cache: Cache, n: int, hq: int, hkv: int,
+              bf16_dot: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of one query [hq * D] over the first n positions, in float64, and how far the
+    kernel may be from it, per output: fp32 rounding (1e-5 of the largest output), and with bf16 dot
+    products (`bf16_dot`) the rounding of q and of the softmax numerators to bf16, bounded so:
+    a score's error is |sum_d (q~_d - q_d) k_td| * scale <= a_t = U * scale * sum_d |q_d k_td| (each
+    |q~_d - q_d| <= U |q_d|); the kernel's numerator of position t is then w_t Z e^(d_t) (1 + r_t) with
+    w_t the true softmax, |d_t| <= a_t, |r_t| <= U (e rounded), while its denominator (the fp32 sum of
+    the unrounded numerators) is Z sum_u w_u e^(d_u), which lies in [Z e^(-sum_u w_u a_u), Z sum_u w_u
+    e^(a_u)]. So its output is sum_t w_t f_t v_t with |f_t - 1| <= the larger of e^(a_t + sum w a)
+    (1 + U) - 1 and 1 - e^(-a_t) (1 - U) / sum w e^a, and it is off by at most sum_t w_t |f_t - 1| |v_t|."""
+    d, scale = cache.d, cache.d ** -0.5 * logn(n)
     qh = q.view(hq, d).double()
     k, v = (t[:, :n].double().repeat_interleave(hq // hkv, 0) for t in (cache.kf, cache.vf))
-    p = torch.softmax((qh[:, None] @ k.transpose(1, 2))[:, 0] * (d ** -0.5 * logn(n)), -1)
-    return (p[:, None] @ v)[:, 0].reshape(-1).float()
+    w = torch.softmax((qh[:, None] @ k.transpose(1, 2))[:, 0] * scale, -1)  # [hq, n]
+    want = (w[:, None] @ v)[:, 0]
+    tol = torch.full_like(want, 1e-5 * want.abs().max().item() + 1e-6)
+    if bf16_dot:
+        a = U * scale * (qh.abs()[:, None] @ k.abs().transpose(1, 2))[:, 0]
+        wa, z = (w * a).sum(-1, keepdim=True), (w * a.exp()).sum(-1, keepdim=True)
+        f = torch.maximum((a + wa).exp() * (1 + U) - 1, 1 - (-a).exp() * (1 - U) / z)
+        tol += ((w * f)[:, None] @ v.abs())[:, 0]
+    return want.reshape(-1).float(), tol.reshape(-1).float()
 
 
 # (hq, hkv, d): SmolLM2's 9/3 x 64, 7 query heads per kv head, 128-wide heads, one and 8 query heads per
@@ -104,8 +138,8 @@ def test_rows_of_one_sequence_equal_each_row_alone(lib, kind, shape):
         for i, n in enumerate(lens):
             alone = attend(lib, q[i:i + 1].contiguous(), [(cache, n)], hq, hkv)
             assert torch.equal(together[i], alone[0]), (p, i)
-            want = reference(q[i], cache, n, hq, hkv)
-            assert (together[i] - want).abs().max().item() <= 1e-5 * want.abs().max().item() + 1e-6
+            want, tol = reference(q[i], cache, n, hq, hkv, pairs(lib, kind, d))
+            assert ((together[i] - want).abs() <= tol).all(), (p, i)
 
 
 def test_rows_of_several_caches_and_padding_rows(lib):
@@ -147,8 +181,53 @@ def test_rows_of_one_cache_at_scattered_lengths(lib, kind, monkeypatch):
             assert torch.equal(got[i], attend(lib, q[i:i + 1].contiguous(), [(cache, n)], hq, hkv)[0]), n
     for i, n in enumerate(lens):
         assert torch.equal(together[i], attend(lib, q[i:i + 1].contiguous(), [(cache, n)], hq, hkv)[0]), (i, n)
-        want = reference(q[i], cache, n, hq, hkv)
-        assert (together[i] - want).abs().max().item() <= 1e-5 * want.abs().max().item() + 1e-6, (i, n)
+        want, tol = reference(q[i], cache, n, hq, hkv, pairs(lib, kind, d))
+        assert ((together[i] - want).abs() <= tol).all(), (i, n)
+
+
+def chunked_reference(q: torch.Tensor, cache: Cache, n: int, hq: int, hkv: int,
+                      bf16_dot: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """attend's arithmetic in float64: per chunk of 256 positions (kernels.c ATT_CHUNK) the numerators
+    e_t = exp(score_t - the chunk's max), their sum and the sum of e_t v_t, the chunks merged by their
+    maxima; with bf16 dot products q and each e_t (not their sum) rounded to bf16. And how far the kernel
+    may be from it, per output: fp32 rounding (1e-5 of the largest output), and where the kernel's fp32
+    e_t (its score off by fp32 rounding: ~1e-4 of e_t here) may round to the bf16 on the other side of
+    a rounding boundary, one bf16 step of e_t (at most 2 U e_t) either way."""
+    d, scale = cache.d, cache.d ** -0.5 * logn(n)
+    rnd = (lambda x: x.float().bfloat16().double()) if bf16_dot else (lambda x: x)  # noqa: E731
+    qh = rnd(q.view(hq, d).double())
+    k, v = (t[:, :n].double().repeat_interleave(hq // hkv, 0) for t in (cache.kf, cache.vf))
+    s = (qh[:, None] @ k.transpose(1, 2))[:, 0] * scale  # [hq, n]
+    top = s.max(-1, keepdim=True).values
+    num, slack, den = torch.zeros(hq, d, dtype=torch.float64), torch.zeros(hq, d, dtype=torch.float64), 0
+    for c0 in range(0, n, 256):
+        sc, vc = s[:, c0:c0 + 256], v[:, c0:c0 + 256]
+        mx = sc.max(-1, keepdim=True).values
+        e, w = torch.exp(sc - mx), torch.exp(mx - top)
+        near = rnd(e * (1 - 1e-4)) != rnd(e * (1 + 1e-4)) if bf16_dot else torch.zeros_like(e, dtype=torch.bool)
+        num += w * (rnd(e)[:, None] @ vc)[:, 0]
+        slack += w * ((near * 2 * U * e)[:, None] @ vc.abs())[:, 0]
+        den = den + w * e.sum(-1, keepdim=True)
+    want = num / den
+    return want.reshape(-1).float(), (1e-5 * want.abs().max() + 1e-6 + slack / den).reshape(-1).float()
+
+
+@pytest.mark.parametrize("shape", [(9, 3, 64), (7, 1, 64), (4, 2, 128), (4, 2, 48)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_bf16_cache_arithmetic(lib, shape):
+    """A bf16 cache's rows (one and many per call, odd and even lengths, one to three chunks): what
+    chunked_reference computes, q and the numerators rounded to bf16 where attend takes bf16 dot products
+    (this CPU's AVX512-BF16 build, heads a multiple of 64 wide), in fp32 elsewhere."""
+    hq, hkv, d = shape
+    cache = Cache("bf16", hkv, 700, d, seed=11)
+    lens = [1, 2, 3, 64, 65, 255, 256, 257, 300, 511, 621, 622, 623, 624, 700]
+    torch.manual_seed(7)
+    q = torch.randn(len(lens), hq * d)
+    for out in (attend(lib, q, [(cache, n) for n in lens], hq, hkv),
+                torch.cat([attend(lib, q[i:i + 1].contiguous(), [(cache, n)], hq, hkv) for i, n in enumerate(lens)])):
+        for i, n in enumerate(lens):
+            want, tol = chunked_reference(q[i], cache, n, hq, hkv, pairs(lib, "bf16", d))
+            assert ((out[i] - want).abs() <= tol).all(), (n, (out[i] - want).abs().max().item())
 
 
 @pytest.fixture(scope="module", params=["q4", "bf16"])

@@ -792,8 +792,35 @@ static inline float exp_sum(float *s, int n, float mx) {
    - the chunk's maximum, e = exp(score - max) and their sum (exp_sum);
    - out[i] = sum over t in order of fma(e[t], v[t][i]) (from 0), the sum and maximum kept beside it;
      queries taken together share the positions all of them have, then each goes on alone;
-   then per row the chunks are merged in chunk order and divided by the total sum. */
+   then per row the chunks are merged in chunk order and divided by the total sum.
+   A bf16 cache with D a multiple of 64, in a build for AVX512-BF16 (att_pairs), takes bf16 dot products
+   (vdpbf16ps: 32 products of bf16 pairs an instruction, summed in fp32, where an fp32 FMA does 16):
+   - q is rounded to bf16 (to nearest even) once per task, and score[t] = (sum over d = 0, 2, .. in order
+     of vdpbf16ps(q[d], q[d + 1] | k[t][d], k[t][d + 1])) * scale, the keys' 32-bit words as transposed
+     (each is a pair), with no conversion to fp32;
+   - the chunk's maximum, e and their sum in fp32 as above, then e rounded to bf16 (to nearest even);
+   - out[i] = sum over pairs t, t + 1 (t = 0, 2, .. in order; an odd last t with a zero) of
+     vdpbf16ps(e[t], e[t + 1] | v[t][i], v[t + 1][i]): the positions queries take together end at an even
+     one, so a query's pairs are its own whatever the others;
+   so only q and e are rounded to 8 significant bits (K and V are bf16 already; products and sums are
+   fp32): the scores move by at most 2^-8 sum_d |q[d] k[t][d]| scale, the weights by 2^-8 more
+   (tests/test_row_prefill.py holds it to that bound and to this arithmetic; on the default model the
+   logits' mean KL against the fp32 kernel is 1e-5 to 2e-4 nats, under the int8 cache's, see
+   docs/fast-cpu.md). fp32 and int8 caches, and builds without AVX512-BF16, compute as above. */
 #define ATT_CHUNK 256
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#define ATT_PAIRS 1 /* bf16 dot products (vdpbf16ps) built */
+#endif
+
+/* Whether attend takes bf16 pairs (vdpbf16ps) for a cache of `dtype` and heads of D. */
+static inline int att_pairs(int dtype, int D) {
+#ifdef ATT_PAIRS
+    return dtype == KV_BF16 && D % 64 == 0;
+#else
+    (void)dtype, (void)D;
+    return 0;
+#endif
+}
 #define ATT_BLOCK 64 /* positions converted at once (a multiple of 16, at most 64: att_scores takes 4 x 16) */
 #define ATT_ROWS 32  /* rows of one cache per task at most */
 
@@ -846,7 +873,8 @@ static inline __attribute__((always_inline)) void transpose16(__m512 r[16]) {
    fp32 elements each (int8 ones times the positions' scales, scv): half or a quarter of the shuffles of
    transposing them as fp32, the same values. */
 static inline __attribute__((always_inline)) void att_key_words(float *kt, const char *src, int nl, int D,
-                                                                const int dtype, __m512 scv, const int full) {
+                                                                const int dtype, __m512 scv, const int full,
+                                                                const int pairs) {
     const int el = dtype == KV_F32 ? 4 : dtype == KV_BF16 ? 2 : 1, per = 4 / el; /* elements a word */
     for (int j = 0; j < D; j += 16 * per) {
         __m512 r[16];
@@ -856,7 +884,9 @@ static inline __attribute__((always_inline)) void att_key_words(float *kt, const
         for (int w = 0; w < 16; w++) {
             __m512i x = _mm512_castps_si512(r[w]);
             float *o = kt + ((size_t)j + per * w) * 16;
-            if (dtype == KV_F32) {
+            if (pairs) { /* bf16 words as they are, word w of block b at kt[(b D / 2 + w) 16 ..] */
+                _mm512_store_ps(kt + ((size_t)j / 2 + w) * 16, r[w]);
+            } else if (dtype == KV_F32) {
                 _mm512_store_ps(o, r[w]);
             } else if (dtype == KV_BF16) {
                 _mm512_store_ps(o, _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)));
@@ -874,22 +904,27 @@ static inline __attribute__((always_inline)) void att_key_words(float *kt, const
 #endif
 
 /* Keys 0 .. n - 1 from `src` (one head's, D elements apart; sc: their int8 scales) as fp32 in kt,
-   transposed per 16 positions: kt[(b D + d) 16 + l] = key 16 b + l, element d (0 past n). */
-static void att_keys(float *kt, const char *src, int n, int D, int dtype, const float *sc) {
+   transposed per 16 positions: kt[(b D + d) 16 + l] = key 16 b + l, element d (0 past n). With `pairs`
+   (bf16 keys, att_pairs) as bf16 pairs instead, 32-bit word w = elements 2 w, 2 w + 1 (the low half
+   first): kt[(b D / 2 + w) 16 + l]. */
+static void att_keys(float *kt, const char *src, int n, int D, int dtype, const float *sc, int pairs) {
     for (int b = 0; b * 16 < n; b++) {
 #ifdef __AVX512F__
         if (D * kv_size(dtype) % 64 == 0) {
             int nl = n - b * 16 < 16 ? n - b * 16 : 16;
             float *o = kt + (size_t)b * D * 16;
             const char *s = src + (size_t)b * 16 * D * kv_size(dtype);
-            if (dtype == KV_F32 && nl == 16) att_key_words(o, s, nl, D, KV_F32, _mm512_setzero_ps(), 1);
-            else if (dtype == KV_F32) att_key_words(o, s, nl, D, KV_F32, _mm512_setzero_ps(), 0);
-            else if (dtype == KV_BF16 && nl == 16) att_key_words(o, s, nl, D, KV_BF16, _mm512_setzero_ps(), 1);
-            else if (dtype == KV_BF16) att_key_words(o, s, nl, D, KV_BF16, _mm512_setzero_ps(), 0);
+            __m512 z = _mm512_setzero_ps();
+            if (pairs && nl == 16) att_key_words(kt + (size_t)b * D * 8, s, nl, D, KV_BF16, z, 1, 1);
+            else if (pairs) att_key_words(kt + (size_t)b * D * 8, s, nl, D, KV_BF16, z, 0, 1);
+            else if (dtype == KV_F32 && nl == 16) att_key_words(o, s, nl, D, KV_F32, z, 1, 0);
+            else if (dtype == KV_F32) att_key_words(o, s, nl, D, KV_F32, z, 0, 0);
+            else if (dtype == KV_BF16 && nl == 16) att_key_words(o, s, nl, D, KV_BF16, z, 1, 0);
+            else if (dtype == KV_BF16) att_key_words(o, s, nl, D, KV_BF16, z, 0, 0);
             else {
                 __m512 scv = _mm512_maskz_loadu_ps(first_lanes(nl), sc + b * 16);
-                if (nl == 16) att_key_words(o, s, nl, D, KV_INT8, scv, 1);
-                else att_key_words(o, s, nl, D, KV_INT8, scv, 0);
+                if (nl == 16) att_key_words(o, s, nl, D, KV_INT8, scv, 1, 0);
+                else att_key_words(o, s, nl, D, KV_INT8, scv, 0, 0);
             }
             continue;
         }
@@ -961,6 +996,76 @@ static inline __attribute__((always_inline)) void att_values_k(const char *v, in
         for (int j = 0; j < DV; j++) _mm512_storeu_ps(o[i] + 16 * j, acc[i][j]);
 }
 
+#ifdef ATT_PAIRS
+/* att_scores_k on bf16 pairs: s[i][16 b + l] = sum over words w in order of vdpbf16ps(q[i] word w, key
+   word w) (q[i]: the query's D / 2 words of bf16 pairs, kt: att_keys' pairs), times scale[i]. */
+static inline __attribute__((always_inline)) void att_scores_pk(const float *kt, int D, const uint32_t *const *q,
+                                                                float *const *s, const float *scale, const int R,
+                                                                const int KB) {
+    __m512 acc[ATT_Q][4];
+    for (int i = 0; i < R; i++)
+        for (int b = 0; b < KB; b++) acc[i][b] = _mm512_setzero_ps();
+    for (int w = 0; w < D / 2; w++) {
+        __m512bh kv[4];
+        for (int b = 0; b < KB; b++) kv[b] = (__m512bh)_mm512_load_si512(kt + ((size_t)b * D / 2 + w) * 16);
+        for (int i = 0; i < R; i++) {
+            __m512bh qw = (__m512bh)_mm512_set1_epi32((int)q[i][w]);
+            for (int b = 0; b < KB; b++) acc[i][b] = _mm512_dpbf16_ps(acc[i][b], qw, kv[b]);
+        }
+    }
+    for (int i = 0; i < R; i++)
+        for (int b = 0; b < KB; b++)
+            _mm512_storeu_ps(s[i] + b * 16, _mm512_mul_ps(acc[i][b], _mm512_set1_ps(scale[i])));
+}
+
+/* att_values_k on bf16 pairs, 64 elements of bf16 vectors: o[i][0 .. 64) += per pair of positions t, t + 1
+   (t = t0, t0 + 2, .. below t1; past t1 a zero vector) vdpbf16ps(e[i] word t / 2 (bf16 e[t], e[t + 1]),
+   v[t] and v[t + 1] interleaved). o is in pair order: per 32 elements, vpunpck{l,h}wd of the two rows puts
+   elements 8 k + i (k = 0 .. 3, i < 4) in lane 4 k + i of the low vector and elements 8 k + 4 + i in lane
+   4 k + i of the high one, and o holds the low one's 16 sums, then the high one's (att_unpair undoes it). */
+static inline __attribute__((always_inline)) void att_values_pk(const char *v, int D, int t0, int t1,
+                                                                const uint32_t *const *e, float *const *o,
+                                                                const int R) {
+    __m512 acc[ATT_Q][4];
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < 4; j++) acc[i][j] = _mm512_loadu_ps(o[i] + 16 * j);
+    for (int t = t0; t < t1; t += 2) {
+        __m512bh vv[4];
+        for (int c = 0; c < 2; c++) {
+            const uint16_t *a = (const uint16_t *)v + (size_t)t * D + 32 * c;
+            __m512i x = _mm512_loadu_si512(a), y = t + 1 < t1 ? _mm512_loadu_si512(a + D) : _mm512_setzero_si512();
+            vv[2 * c] = (__m512bh)_mm512_unpacklo_epi16(x, y);
+            vv[2 * c + 1] = (__m512bh)_mm512_unpackhi_epi16(x, y);
+        }
+        for (int i = 0; i < R; i++) {
+            __m512bh p = (__m512bh)_mm512_set1_epi32((int)e[i][t / 2]);
+            for (int j = 0; j < 4; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], p, vv[j]);
+        }
+    }
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < 4; j++) _mm512_storeu_ps(o[i] + 16 * j, acc[i][j]);
+}
+
+/* o[0 .. D) from att_values_pk's pair order back to element order (vpermt2ps per 32 elements). */
+static void att_unpair(float *o, int D) {
+    const __m512i o0 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i o1 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    for (int j = 0; j < D; j += 32) {
+        __m512 lo = _mm512_loadu_ps(o + j), hi = _mm512_loadu_ps(o + j + 16);
+        _mm512_storeu_ps(o + j, _mm512_permutex2var_ps(lo, o0, hi));
+        _mm512_storeu_ps(o + j + 16, _mm512_permutex2var_ps(lo, o1, hi));
+    }
+}
+
+/* x[0 .. n) rounded to bf16 (to nearest even, vcvtneps2bf16) in h, then zeros up to a multiple of 16. */
+static void att_to_bf16(uint16_t *h, const float *x, int n) {
+    for (int i = 0; i < n; i += 16) {
+        __m512 v = _mm512_maskz_loadu_ps(first_lanes(n - i), x + i);
+        _mm256_storeu_si256((__m256i *)(h + i), (__m256i)_mm512_cvtneps_pbh(v));
+    }
+}
+#endif
+
 #define ATT_BY_R(R, CALL) /* CALL(r) with r = R as a constant, 1 <= R <= ATT_Q */                        \
     switch (R) {                                                                                          \
     case 1: CALL(1); break;                                                                               \
@@ -1005,6 +1110,46 @@ static void att_scores(const float *kt, int D, int nq, const float *const *q, fl
             for (int l = 0; l < 16; l++) s[i][b * 16 + l] = acc[l] * scale[i];
         }
 }
+
+#ifdef ATT_PAIRS
+/* att_scores on bf16 pairs (att_scores_pk): q[i] the queries' bf16 words, kt att_keys' pairs. */
+static void att_scores_pairs(const float *kt, int D, int nq, const uint32_t *const *q, float *const *s,
+                             const float *scale, const int *nkb) {
+    for (int i = 0; i < nq; i += ATT_Q) {
+        int r = nq - i < ATT_Q ? nq - i : ATT_Q, kb = 0;
+        for (int j = i; j < i + r; j++) kb = nkb[j] > kb ? nkb[j] : kb;
+#define ATT_S(R, KB) att_scores_pk(kt, D, q + i, s + i, scale + i, R, KB)
+#define ATT_S_R(R) ATT_BY_4(kb, ATT_S, R)
+        ATT_BY_R(r, ATT_S_R)
+#undef ATT_S_R
+#undef ATT_S
+    }
+}
+
+/* att_values on bf16 pairs (att_values_pk): o[i] += the pairs t, t + 1 below n[i] (t even) of e[i]'s words
+   and the bf16 vectors v. The positions queries take together end at an even one, so that each query's
+   pairs are the same whatever the others. */
+static void att_values_pairs(const char *v, int D, int nq, const int *n, const uint32_t *const *e,
+                             float *const *o) {
+    for (int j0 = 0; j0 < D; j0 += 64) {
+        const char *vj = v + (size_t)j0 * 2;
+        for (int i = 0; i < nq; i += ATT_Q) {
+            int r = nq - i < ATT_Q ? nq - i : ATT_Q, lo = n[i];
+            float *oh[ATT_Q];
+            for (int j = 0; j < r; j++) {
+                oh[j] = o[i + j] + j0;
+                lo = n[i + j] < lo ? n[i + j] : lo;
+            }
+            lo &= ~1;
+#define ATT_VP(R) att_values_pk(vj, D, 0, lo, e + i, oh, R)
+            ATT_BY_R(r, ATT_VP)
+#undef ATT_VP
+            for (int j = 0; j < r; j++)
+                if (n[i + j] > lo) att_values_pk(vj, D, lo, n[i + j], e + i + j, oh + j, 1);
+        }
+    }
+}
+#endif
 
 /* o[i] += sum over t < n[i] of e[i][t] v[t] for nq queries; v: fp32 rows of D, or with AVX-512 and D a
    multiple of 64 cached bf16 or int8 vectors (vsc: int8 scales), converted as they are used. */
@@ -1127,9 +1272,14 @@ void attend(const float *q, int M, int Hq, int Hkv, int D, long q_stride, void *
     qsort(tasks, ntasks, sizeof(AttTask), att_larger); /* the largest first, each to the first free thread */
     size_t per = (size_t)group * (D + 2); /* per row, chunk and kv head: each query head's max, sum, D outputs */
     float *part = malloc(sizeof(float) * (first[M] ? first[M] : 1) * per);
+    int pairs = att_pairs(dtype, D);
 #pragma omp parallel
     {
         int nq = most * group; /* queries of a task at most: row r, query head g at r * group + g */
+        /* pairs: the queries and the exp as bf16 (their 32-bit words: bf16 pairs), per query as s is */
+        uint16_t *qb = pairs ? malloc(sizeof(uint16_t) * nq * D) : NULL;
+        uint16_t *eb = pairs ? malloc(sizeof(uint16_t) * nq * ATT_CHUNK) : NULL;
+        const uint32_t **wa = malloc(sizeof(uint32_t *) * nq);
         float *kt = aligned_alloc(64, sizeof(float) * ATT_BLOCK * D); /* keys, transposed */
         float *vf = aligned_alloc(64, sizeof(float) * ATT_BLOCK * D);
         float *s = malloc(sizeof(float) * nq * ATT_CHUNK); /* scores, then exp */
@@ -1152,17 +1302,28 @@ void attend(const float *q, int M, int Hq, int Hkv, int D, long q_stride, void *
             /* int8: the scales of this head's positions (index = element offset / D) */
             const float *ksh = dtype == KV_INT8 ? ks[m0] + kvh * head_stride[m0] / D + t0 : NULL;
             const float *vsh = dtype == KV_INT8 ? vs[m0] + kvh * head_stride[m0] / D + t0 : NULL;
+#ifdef ATT_PAIRS
+            for (int r = 0; r < tk.rows && pairs; r++)
+                for (int g = 0; g < group && n[r]; g++)
+                    att_to_bf16(qb + (size_t)(r * group + g) * D,
+                                q + (m0 + r) * q_stride + (long)(kvh * group + g) * D, D);
+#endif
             for (int b0 = 0; b0 < nmax; b0 += ATT_BLOCK) {
                 int nb = nmax - b0 < ATT_BLOCK ? nmax - b0 : ATT_BLOCK, na = 0;
-                att_keys(kt, kh + (size_t)b0 * D * el, nb, D, dtype, ksh ? ksh + b0 : NULL);
+                att_keys(kt, kh + (size_t)b0 * D * el, nb, D, dtype, ksh ? ksh + b0 : NULL, pairs);
                 for (int r = 0; r < tk.rows; r++)
                     for (int g = 0; g < group && n[r] > b0; g++, na++) {
                         qa[na] = q + (m0 + r) * q_stride + (long)(kvh * group + g) * D;
+                        wa[na] = (const uint32_t *)(qb + (size_t)(r * group + g) * D);
                         sa[na] = s + (size_t)(r * group + g) * ATT_CHUNK + b0;
                         sc[na] = scale[m0 + r];
                         nk[na] = ((n[r] - b0 < ATT_BLOCK ? n[r] - b0 : ATT_BLOCK) + 15) / 16;
                     }
-                att_scores(kt, D, na, qa, sa, sc, nk);
+#ifdef ATT_PAIRS
+                if (pairs) att_scores_pairs(kt, D, na, wa, sa, sc, nk);
+                else
+#endif
+                    att_scores(kt, D, na, qa, sa, sc, nk);
             }
             for (int r = 0; r < tk.rows; r++)
                 for (int g = 0; g < group && n[r]; g++) {
@@ -1171,6 +1332,9 @@ void attend(const float *q, int M, int Hq, int Hkv, int D, long q_stride, void *
                     pt[0] = mx;
                     pt[1] = exp_sum(sg, n[r], mx);
                     memset(pt + 2, 0, sizeof(float) * D);
+#ifdef ATT_PAIRS
+                    if (pairs) att_to_bf16(eb + (size_t)(r * group + g) * ATT_CHUNK, sg, n[r]);
+#endif
                 }
             /* the values as they are (an fp32 cache), or converted in each pass of ATT_Q queries that uses
                them (bf16: a shift; int8, a conversion and a multiply: up to 2 passes), rather than once into
@@ -1188,17 +1352,30 @@ void attend(const float *q, int M, int Hq, int Hkv, int D, long q_stride, void *
                     for (int g = 0; g < group && n[r] > b0; g++, na++) {
                         sa[na] = s + (size_t)(r * group + g) * ATT_CHUNK + b0;
                         oa[na] = part + (size_t)(first[m0 + r] + tk.c * Hkv + kvh) * per + g * (D + 2) + 2;
+                        wa[na] = (const uint32_t *)(eb + (size_t)(r * group + g) * ATT_CHUNK + b0);
                         nk[na] = n[r] - b0 < ATT_BLOCK ? n[r] - b0 : ATT_BLOCK;
                     }
+#ifdef ATT_PAIRS
+                if (pairs) att_values_pairs(vh + (size_t)b0 * D * el, D, na, nk, wa, oa);
+                else
+#endif
                 if (direct)
                     att_values(vh + (size_t)b0 * D * el, dtype, vsh ? vsh + b0 : NULL, D, na, nk,
                                (const float *const *)sa, oa);
                 else
                     att_values((const char *)vf, KV_F32, NULL, D, na, nk, (const float *const *)sa, oa);
             }
+#ifdef ATT_PAIRS
+            for (int r = 0; r < tk.rows && pairs; r++)
+                for (int g = 0; g < group && n[r]; g++)
+                    att_unpair(part + (size_t)(first[m0 + r] + tk.c * Hkv + kvh) * per + g * (D + 2) + 2, D);
+#endif
         }
         free(kt);
         free(vf);
+        free(qb);
+        free(eb);
+        free(wa);
         free(s);
         free(sc);
         free(nk);
