@@ -1082,6 +1082,28 @@ static void att_to_bf16(uint16_t *h, const float *x, int n) {
     case 3: CALL(R, 3); break;                                                                            \
     default: CALL(R, 4);                                                                                  \
     }
+
+/* The queries i .. i + r - 1 one micro-kernel pass takes (r, at most ATT_Q, is returned) and the most key
+   blocks any of them has (kb). */
+static inline int att_score_group(int nq, int i, const int *nkb, int *kb) {
+    int r = nq - i < ATT_Q ? nq - i : ATT_Q;
+    *kb = 0;
+    for (int j = i; j < i + r; j++) *kb = nkb[j] > *kb ? nkb[j] : *kb;
+    return r;
+}
+
+/* The queries i .. i + r - 1 one value pass takes (r is returned), their outputs from element j0 (oh) and
+   the fewest positions any of them has (lo). */
+static inline int att_value_group(int nq, int i, int j0, const int *n, float *const *o, float **oh, int *lo) {
+    int r = nq - i < ATT_Q ? nq - i : ATT_Q; /* at least 1: i < nq */
+    *lo = n[i];
+    oh[0] = o[i] + j0;
+    for (int j = 1; j < r; j++) {
+        oh[j] = o[i + j] + j0;
+        *lo = n[i + j] < *lo ? n[i + j] : *lo;
+    }
+    return r;
+}
 #endif
 
 /* Scores of keys 0 .. 16 nkb[i] - 1 of kt for nq queries, times scale[i] (16 nkb[i] values written for
@@ -1091,8 +1113,7 @@ static void att_scores(const float *kt, int D, int nq, const float *const *q, fl
 #ifdef __AVX512F__
     if (D % 16 == 0) {
         for (int i = 0; i < nq; i += ATT_Q) {
-            int r = nq - i < ATT_Q ? nq - i : ATT_Q, kb = 0;
-            for (int j = i; j < i + r; j++) kb = nkb[j] > kb ? nkb[j] : kb;
+            int kb, r = att_score_group(nq, i, nkb, &kb);
 #define ATT_S(R, KB) att_scores_k(kt, D, q + i, s + i, scale + i, R, KB)
 #define ATT_S_R(R) ATT_BY_4(kb, ATT_S, R)
             ATT_BY_R(r, ATT_S_R)
@@ -1116,8 +1137,7 @@ static void att_scores(const float *kt, int D, int nq, const float *const *q, fl
 static void att_scores_pairs(const float *kt, int D, int nq, const uint32_t *const *q, float *const *s,
                              const float *scale, const int *nkb) {
     for (int i = 0; i < nq; i += ATT_Q) {
-        int r = nq - i < ATT_Q ? nq - i : ATT_Q, kb = 0;
-        for (int j = i; j < i + r; j++) kb = nkb[j] > kb ? nkb[j] : kb;
+        int kb, r = att_score_group(nq, i, nkb, &kb);
 #define ATT_S(R, KB) att_scores_pk(kt, D, q + i, s + i, scale + i, R, KB)
 #define ATT_S_R(R) ATT_BY_4(kb, ATT_S, R)
         ATT_BY_R(r, ATT_S_R)
@@ -1134,12 +1154,8 @@ static void att_values_pairs(const char *v, int D, int nq, const int *n, const u
     for (int j0 = 0; j0 < D; j0 += 64) {
         const char *vj = v + (size_t)j0 * 2;
         for (int i = 0; i < nq; i += ATT_Q) {
-            int r = nq - i < ATT_Q ? nq - i : ATT_Q, lo = n[i];
             float *oh[ATT_Q];
-            for (int j = 0; j < r; j++) {
-                oh[j] = o[i + j] + j0;
-                lo = n[i + j] < lo ? n[i + j] : lo;
-            }
+            int lo, r = att_value_group(nq, i, j0, n, o, oh, &lo);
             lo &= ~1;
 #define ATT_VP(R) att_values_pk(vj, D, 0, lo, e + i, oh, R)
             ATT_BY_R(r, ATT_VP)
@@ -1161,12 +1177,8 @@ static void att_values(const char *v, int dtype, const float *vsc, int D, int nq
             int dv = D - j0 >= 64 ? 4 : (D - j0) / 16;
             const char *vj = v + (size_t)j0 * kv_size(dtype);
             for (int i = 0; i < nq; i += ATT_Q) {
-                int r = nq - i < ATT_Q ? nq - i : ATT_Q, lo = n[i];
                 float *oh[ATT_Q];
-                for (int j = 0; j < r; j++) {
-                    oh[j] = o[i + j] + j0;
-                    lo = n[i + j] < lo ? n[i + j] : lo;
-                }
+                int lo, r = att_value_group(nq, i, j0, n, o, oh, &lo);
                 /* positions all r queries take together, then each query's own rest (same order) */
 #define ATT_V(R, DV) att_values_k(vj, D, 0, lo, e + i, oh, R, DV, KV_F32, vsc)
 #define ATT_V_R(R) ATT_BY_4(dv, ATT_V, R)
