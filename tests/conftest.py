@@ -116,3 +116,15 @@ def qwen_tiktoken() -> Path:
     from qianwen.artifacts import QWEN_TIKTOKEN, fetch
 
     return fetch(QWEN_TIKTOKEN)
+
+
+def kernel_body(tmp_path_factory, name: str, arch_flags: list[str]):
+    """kernels.c built with `arch_flags` (one of a test module's instruction-set bodies) and opened, with the
+    flags it was built with as `.flags`."""
+    from qianwen import native
+
+    assert native.lib() is not None, native.failure
+    flags = [*arch_flags, "-O3", "-fno-math-errno", "-fopenmp"]
+    so = native.open_library(native.build(native._compiler(), tmp_path_factory.mktemp("k") / f"{name}.so", (flags,)))
+    so.flags = flags
+    return so

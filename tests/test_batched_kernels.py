@@ -12,6 +12,8 @@ import torch
 from qianwen import native
 from qianwen.quant.linear import Int4Linear, Int8Linear
 
+from .conftest import kernel_body
+
 ROWS = [1, 2, 3, 4, 5, 8, 15, 16, 17, 33, 64]
 BODIES = {"native": ["-march=native"], "avx512-no-vnni": ["-march=native", "-mno-avx512vnni"],
           "portable": ["-mno-avx512f"]}
@@ -22,10 +24,7 @@ VNNI = "avx512_vnni" in native._cpu_signature().split() and "avx512bw" in native
 
 @pytest.fixture(scope="module", params=list(BODIES))
 def lib(request, tmp_path_factory):
-    assert native.lib() is not None, native.failure
-    flags = [*BODIES[request.param], "-O3", "-fno-math-errno", "-fopenmp"]
-    path = tmp_path_factory.mktemp("k") / f"{request.param}.so"
-    so = native.open_library(native.build(native._compiler(), path, (flags,)))
+    so = kernel_body(tmp_path_factory, request.param, BODIES[request.param])
     so.int16 = VNNI and request.param == "native"  # q4_gemm holds x as int16 per group
     return so
 

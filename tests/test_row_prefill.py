@@ -19,7 +19,7 @@ from qianwen.convert import quantize_folder
 from qianwen.engine.cache_manager import BatchCache, CacheManager
 from qianwen.fast.cache import quantize_kv
 
-from .conftest import save_tiny
+from .conftest import kernel_body, save_tiny
 
 BODIES = {"native": ["-march=native"], "native-no-bf16-dot": ["-march=native", "-mno-avx512bf16"],
           "portable": ["-mno-avx512f"]}
@@ -36,11 +36,8 @@ def bf16_dot_built(flags: list[str]) -> bool:
 
 @pytest.fixture(scope="module", params=list(BODIES))
 def lib(request, tmp_path_factory):
-    assert native.lib() is not None, native.failure
-    flags = [*BODIES[request.param], "-O3", "-fno-math-errno", "-fopenmp"]
-    path = tmp_path_factory.mktemp("k") / f"{request.param}.so"
-    so = native.open_library(native.build(native._compiler(), path, (flags,)))
-    so.bf16_dot = bf16_dot_built(flags)
+    so = kernel_body(tmp_path_factory, request.param, BODIES[request.param])
+    so.bf16_dot = bf16_dot_built(so.flags)
     return so
 
 
