@@ -124,15 +124,18 @@ def test_tokens_that_eat_whitespace_turn_reuse_off(tmp_path):
     assert tok.encode_prompt("a<|im_end|>  a") == tok.encode("a<|im_end|>  a", allow_special=True)
 
 
-def test_common_prefix_lengths():
+def test_common_start_of_texts_and_token_lists():
     import os
 
-    from qianwen.tokenizer.base import _common_prefix
+    from qianwen.tokenizer.base import common_start
 
     rng = random.Random(0)
     for _ in range(2000):
         a = "".join(rng.choice("ab") for _ in range(rng.randint(0, 40)))
         b = a[:rng.randint(0, len(a))] + "".join(rng.choice("ab") for _ in range(rng.randint(0, 40)))
         for x, y in ((a, b), (b, a)):
+            want = len(os.path.commonprefix([x, y]))
             for step in (1, 3, 4096):
-                assert _common_prefix(x, y, step) == len(os.path.commonprefix([x, y]))
+                assert common_start(x, y, step=step) == want  # texts
+                assert common_start(list(x), list(y), step=step) == want  # token lists
+                assert common_start(x, y, 5, step) == min(want, 5)

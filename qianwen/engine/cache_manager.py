@@ -23,6 +23,7 @@ import torch
 
 from ..fast.cache import KVRow, dequantize_kv, quantize_kv
 from ..models.cache import causal_attention
+from ..tokenizer.base import common_start
 from .prefix_cache import PrefixCache
 
 
@@ -160,7 +161,7 @@ class CacheManager:
             need = max(at_least, len(tokens) - self.prefix.block_size, 1)
             if need > min(limit, len(tokens)) or tokens[need - 1] != ids[need - 1]:
                 continue  # (the last token it must share tells most donors apart at once)
-            n = _common_start(tokens, ids, min(limit, len(tokens)))
+            n = common_start(tokens, ids, min(limit, len(tokens)))
             if n >= need and n > hold:
                 best, hold = i, n
         if best is None:
@@ -200,16 +201,6 @@ class CacheManager:
             _copy(block, 0, kv, i * b, len(tokens))
             self.prefix.add(key, parent, tokens, block)
         self.prefix.touch(keys)
-
-
-def _common_start(a: list[int], b: list[int], limit: int, step: int = 256) -> int:
-    """How many of the first `limit` tokens of a and b are the same (compared a step at a time, in C)."""
-    n = 0
-    while n < limit and a[n:min(n + step, limit)] == b[n:min(n + step, limit)]:
-        n = min(n + step, limit)
-    while n < limit and a[n] == b[n]:
-        n += 1
-    return n
 
 
 class BatchCache:

@@ -135,7 +135,7 @@ class PromptIds:
             recent = list(self.recent.items())
         best, reuse = (0, 0), None  # the cut (text place, ids place); (ids, text cuts, ids cuts, k) it comes from
         for old, (old_ids, old_text_cuts, old_id_cuts) in recent:
-            n = _common_prefix(old, text)
+            n = common_start(old, text)
             k = bisect.bisect_right(old_text_cuts, n) - 1
             # the cut must stand before a split token of the new text too (the text before it is the same)
             while k >= 0 and old_text_cuts[k] > best[0] and not self.pattern.match(text, old_text_cuts[k]):
@@ -161,23 +161,21 @@ class PromptIds:
         return out
 
 
-def _common_prefix(a: str, b: str, step: int = 4096) -> int:
-    """The length of the longest common start of a and b (compared in C, step characters at a time, then
-    by halves within the step where they differ)."""
-    end = min(len(a), len(b))
-    if a.startswith(b[:end]) if len(b) <= len(a) else b.startswith(a):
-        return end
-    lo = 0
-    while a[lo:lo + step] == b[lo:lo + step]:
-        lo += step
-    hi = min(lo + step, end)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[lo:mid] == b[lo:mid]:
-            lo = mid
+def common_start(a: Sequence, b: Sequence, limit: int | None = None, step: int = 4096) -> int:
+    """How many first items (characters of two texts, ids of two token lists) a and b share, at most `limit`:
+    compared a step at a time by slices (in C), then by halves within the step where they differ."""
+    end = min(len(a), len(b), len(a) if limit is None else limit)
+    n = 0
+    while n < end and a[n:min(n + step, end)] == b[n:min(n + step, end)]:
+        n = min(n + step, end)
+    hi = min(n + step, end)
+    while n < hi:
+        mid = (n + hi + 1) // 2
+        if a[n:mid] == b[n:mid]:
+            n = mid
         else:
             hi = mid - 1
-    return lo
+    return n
 
 
 @lru_cache(maxsize=1)
