@@ -133,22 +133,22 @@ class PromptIds:
     def encode(self, text: str) -> list[int]:
         with self.lock:
             recent = list(self.recent.items())
-        best, reuse = (0, 0), None  # the cut (text place, ids place); (ids, text cuts, ids cuts, k) it comes from
-        for old, (old_ids, old_text_cuts, old_id_cuts) in recent:
-            n = common_start(old, text)
-            k = bisect.bisect_right(old_text_cuts, n) - 1
+        reuse = None  # (ids, text cuts, ids cuts, k) of the recent prompt to cut before its k-th split token
+        for old, (old_ids, text_cuts, id_cuts) in recent:
+            at = reuse[1][reuse[3]] if reuse is not None else 0  # the longest cut found so far
+            k = bisect.bisect_right(text_cuts, common_start(old, text)) - 1
             # the cut must stand before a split token of the new text too (the text before it is the same)
-            while k >= 0 and old_text_cuts[k] > best[0] and not self.pattern.match(text, old_text_cuts[k]):
+            while k >= 0 and text_cuts[k] > at and not self.pattern.match(text, text_cuts[k]):
                 k -= 1
-            if k >= 0 and old_text_cuts[k] > best[0]:
-                best, reuse = (old_text_cuts[k], old_id_cuts[k]), (old_ids, old_text_cuts, old_id_cuts, k)
+            if k >= 0 and text_cuts[k] > at:
+                reuse = (old_ids, text_cuts, id_cuts, k)
         cuts = None
         if reuse is not None:  # the old ids and cuts before the cut, the rest encoded and checked now
-            old_ids, old_text_cuts, old_id_cuts, k = reuse
-            out = old_ids[:best[1]] + self.tokenizer.encode(text[best[0]:], allow_special=True)
-            rest = self._cuts(text, out, best)
+            old_ids, text_cuts, id_cuts, k = reuse
+            out = old_ids[:id_cuts[k]] + self.tokenizer.encode(text[text_cuts[k]:], allow_special=True)
+            rest = self._cuts(text, out, (text_cuts[k], id_cuts[k]))
             if rest is not None:
-                cuts = old_text_cuts[:k] + rest[0], old_id_cuts[:k] + rest[1]
+                cuts = text_cuts[:k] + rest[0], id_cuts[:k] + rest[1]
         if cuts is None:  # nothing to reuse, or never trust a reuse the ids disagree with: encode it whole
             out = self.tokenizer.encode(text, allow_special=True)
             cuts = self._cuts(text, out)
