@@ -139,3 +139,48 @@ def test_common_start_of_texts_and_token_lists():
                 assert common_start(x, y, step=step) == want  # texts
                 assert common_start(list(x), list(y), step=step) == want  # token lists
                 assert common_start(x, y, 5, step) == min(want, 5)
+
+
+def test_messages_with_special_token_text_are_encoded_once_per_chat(tok, monkeypatch):
+    """A message that holds a special token's text (a user pasting `<|im_end|>`, an answer that ran past its
+    end token) sends the prompt down the piece by piece path (chat/template.py `encode_rendered`), where
+    each message is plain text. Its next turn encodes only the pieces it has not seen: the same ids as
+    encoding every piece afresh, with the earlier messages remembered (`Tokenizer.encode_piece`)."""
+    from qianwen.chat.template import encode_rendered
+
+    messages = [("system", "You are a helpful assistant."), ("user", TEXTS["chinese"]),
+                ("assistant", TEXTS["english"] + "<|im_end|>"), ("user", TEXTS["mixed"])]
+
+    def fresh(text: str, parts: list[str]) -> list[int]:  # the path's own pieces, each encoded now
+        ids, pos = [], 0
+        for c in parts:
+            i = text.index(c, pos)
+            ids += (tok.encode(text[pos:i], allow_special=True) if i > pos else []) + tok.encode(c)
+            pos = i + len(c)
+        return ids + tok.encode(text[pos:], allow_special=True)
+
+    encode_rendered(tok, chatml(messages), [c for _, c in messages])
+    for answer, question in (("Hello", "Hellooo"), (TEXTS["mixed"], "a\n\n")):
+        messages += [("assistant", answer), ("user", question)]
+        text, parts = chatml(messages), [c for _, c in messages]
+        lengths = encoded_lengths(tok, monkeypatch)
+        got = encode_rendered(tok, text, parts)
+        monkeypatch.undo()
+        assert got == fresh(text, parts)
+        # only the new messages and the template text around them: never an earlier message again
+        assert max(lengths) <= max(len(answer), len(question)) + len("<|im_end|>\n<|im_start|>assistant\n"), lengths
+        assert sum(lengths) < len(text) // 2
+
+
+def test_remembered_pieces_stay_within_their_characters(tok):
+    from qianwen.tokenizer.base import RecentPieces
+
+    pieces = RecentPieces(tok, chars=40)
+    texts = ["Hello there, " * k for k in (1, 2, 3)] + ["x" * 41]
+    for t in texts:
+        assert pieces.encode(t, False) == tok.encode(t)
+    assert pieces.held == sum(map(len, (k for k, _ in pieces.recent))) <= 40
+    assert [k for k, _ in pieces.recent] == [texts[2]]  # the oldest went first; one over the limit is never kept
+    got = pieces.encode(texts[2], False)
+    got.append(-1)  # a caller's list is its own
+    assert pieces.encode(texts[2], False) == tok.encode(texts[2])

@@ -187,6 +187,23 @@ def test_repetition_penalty_kept_up_to_date_equals_fresh():
                        make_logits_processors(SamplingParams(repetition_penalty=1.3))[0](prompt, shorter, logits.clone()))
 
 
+@pytest.mark.parametrize("penalty", [1.3, 1.05, 0.7, 1e-30])
+def test_repetition_penalty_equals_transformers(penalty):
+    """The penalty (run on the row's numpy view) gives transformers' RepetitionPenaltyLogitsProcessor bit for
+    bit, huge, zero and infinite logits and an extreme penalty included."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    torch.manual_seed(2)
+    logits = torch.randn(300) * 20
+    logits[:8] = torch.tensor([0.0, -0.0, 3e38, -3e38, 1e-45, float("inf"), float("-inf"), 7.0])
+    prompt, output = list(range(0, 12)), [40, 41, 40, 299]
+    want = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([prompt + output]), logits[None].clone())[0]
+    got = make_logits_processors(SamplingParams(repetition_penalty=penalty))[0](prompt, output, logits.clone())
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.nan_to_num(0.0), want.nan_to_num(0.0))
+    assert torch.equal(got.signbit(), want.signbit())
+
+
 def test_batched_greedy_choice_is_each_rows_own():
     """The engine's one max over a batch picks, for every row, the token the row alone gives (the first of
     tied maxima), and a NaN or fully masked row raises for that row only."""

@@ -80,7 +80,7 @@ def encode_rendered(tokenizer, text: str, contents: list[Any]) -> list[int]:
     """Encode a rendered prompt: template text with special tokens allowed, message contents as plain
     text. When no content holds a special-token string the whole text is encoded at once (exactly as
     transformers would; `Tokenizer.encode_prompt` reuses the ids of a recent prompt for the start they share);
-    otherwise contents are found in order and encoded apart as plain text."""
+    otherwise contents are found in order and encoded apart as plain text (`Tokenizer.encode_piece`)."""
     specials = list(getattr(tokenizer, "special_tokens", {}) or {})
     if not any(isinstance(c, str) and any(s in c for s in specials) for c in contents):
         return tokenizer.encode_prompt(text)
@@ -95,10 +95,10 @@ def encode_rendered(tokenizer, text: str, contents: list[Any]) -> list[int]:
             pos = i + len(c)
     ids: list[int] = []
     pos = 0
-    for a, b in spans:
-        ids += tokenizer.encode(text[pos:a], allow_special=True) if a > pos else []
-        ids += tokenizer.encode(text[a:b], allow_special=False)
+    for a, b in spans:  # the same messages come again in each turn of a chat: their ids are remembered
+        ids += tokenizer.encode_piece(text[pos:a], allow_special=True) if a > pos else []
+        ids += tokenizer.encode_piece(text[a:b], allow_special=False)
         pos = b
     if pos < len(text):
-        ids += tokenizer.encode(text[pos:], allow_special=True)
+        ids += tokenizer.encode_piece(text[pos:], allow_special=True)
     return ids

@@ -17,7 +17,7 @@ from ..errors import QianwenError
 from ..fast.cache import kv_cache_dtype
 from ..generation.constrain import CONSTRAINT_OPTIONS
 from ..generation.params import SamplingParams
-from ..generation.sampling import LogitsProcessor
+from ..generation.sampling import LogitsProcessor, row_maxima
 from ..generation.step import TokenStepper, check_prompt
 from .cache_manager import CacheManager
 from .model_runner import ModelRunner
@@ -131,6 +131,7 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ the loop
 
+    @torch.inference_mode()  # the logits rows are inference tensors, and the token steps change them in place
     def step(self) -> list[StepOutput]:
         """One engine iteration; returns one output per sequence that produced a token or ended."""
         outputs: list[StepOutput] = []
@@ -185,8 +186,7 @@ class LLMEngine:
         outputs = []
         best: list[tuple[float, int] | None] = [None] * len(seqs)
         if isinstance(rows, torch.Tensor) and sum(s.stepper.plain_greedy for s in seqs) > 1:
-            values, indices = rows.max(dim=-1)
-            best = list(zip(values.tolist(), indices.tolist(), strict=True))
+            best = row_maxima(rows)
         for seq, logits, b in zip(seqs, rows, best, strict=True):
             try:
                 out = seq.step(logits, b)

@@ -1,7 +1,9 @@
 """Logits processors and token choice for one row of logits.
 
 A logits processor is `fn(prompt_ids, output_ids, logits[V] float32) -> logits[V]`; it may change its
-input in place. The penalties are processors too, and `make_logits_processors` lists the ones a
+input in place. Rows are on the CPU (the engine and `stream_tokens` move them there); the steps every
+token takes (the greedy choice, the repetition penalty) run on the row's numpy view, where one call costs
+a few microseconds instead of torch's tens (a single-client server pays them on every token). The penalties are processors too, and `make_logits_processors` lists the ones a
 SamplingParams asks for followed by the caller's (as mlx-lm's `make_logits_processors` does), so
 constrained decoding or a test's forcing plugs in with the same contract.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 
+import numpy as np
 import torch
 
 from ..errors import QianwenError
@@ -23,7 +26,7 @@ class SamplingError(QianwenError):
 
 
 class _Seen:
-    """The distinct ids of prompt + output as a tensor, kept up to date as the output grows (one sequence's
+    """The distinct ids of prompt + output as an index array, kept up to date as the output grows (one sequence's
     lists only grow: the token step appends), so a step costs O(new tokens), not O(all tokens). Other lists
     (another sequence, a shorter output) rebuild it."""
 
@@ -32,13 +35,13 @@ class _Seen:
         self.output: list[int] | None = None
         self.n_out = 0
         self.seen: set[int] = set()
-        self.ids = torch.empty(0, dtype=torch.long)
+        self.ids = np.empty(0, dtype=np.int64)
 
-    def __call__(self, prompt_ids: list[int], output_ids: list[int]) -> torch.Tensor:
+    def __call__(self, prompt_ids: list[int], output_ids: list[int]) -> np.ndarray:
         if prompt_ids is not self.prompt or output_ids is not self.output or len(output_ids) < self.n_out:
             self.prompt, self.output, self.n_out = prompt_ids, output_ids, 0
             self.seen = set(prompt_ids)
-            self.ids = torch.tensor(sorted(self.seen), dtype=torch.long)
+            self.ids = np.array(sorted(self.seen), dtype=np.int64)
         new = []
         for t in output_ids[self.n_out:]:
             if t not in self.seen:
@@ -46,7 +49,7 @@ class _Seen:
                 new.append(t)
         self.n_out = len(output_ids)
         if new:
-            self.ids = torch.cat([self.ids, torch.tensor(new, dtype=torch.long)])
+            self.ids = np.concatenate([self.ids, np.array(new, dtype=np.int64)])
         return self.ids
 
 
@@ -57,8 +60,10 @@ def repetition_penalty(penalty: float) -> LogitsProcessor:
 
     def fn(prompt_ids: list[int], output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
         ids = seen(prompt_ids, output_ids)
-        vals = logits[ids]
-        logits[ids] = torch.where(vals > 0, vals / penalty, vals * penalty)
+        row = logits.numpy()  # the same memory: float32 arithmetic, bit for bit torch.where's
+        vals = row[ids]
+        with np.errstate(all="ignore"):  # overflow and a zero penalty give ±inf or NaN, as in torch
+            row[ids] = np.where(vals > 0, vals / penalty, vals * penalty)
         return logits
     return fn
 
@@ -84,9 +89,10 @@ def make_logits_processors(p: SamplingParams, extra: Iterable[LogitsProcessor] =
 
 
 def apply_processors(processors: Sequence[LogitsProcessor], prompt_ids: list[int], output_ids: list[int],
-                     logits: torch.Tensor) -> torch.Tensor:
-    """Run the processors in order on a copy of `logits` [V] float32."""
-    scores = logits.clone() if processors else logits
+                     logits: torch.Tensor, copy: bool = True) -> torch.Tensor:
+    """Run the processors in order on `logits` [V] float32: on a copy, or with `copy=False` on the row itself
+    (a caller that has no further use for it saves a fresh allocation: 4-17 µs a 49k-entry row)."""
+    scores = logits.clone() if processors and copy else logits
     for fn in processors:
         scores = fn(prompt_ids, output_ids, scores)
         if not isinstance(scores, torch.Tensor) or scores.shape != logits.shape:
@@ -99,8 +105,8 @@ def sample(scores: torch.Tensor, p: SamplingParams, generator: torch.Generator |
     """Choose a token from a processed logits row [V] float32. Safe for every value: NaN or a row with every
     token masked raises SamplingError; +inf logits (a penalty divided by a tiny number) leave only those tokens;
     a tiny temperature never overflows (the best logit is subtracted before dividing)."""
-    best, index = scores.max(dim=-1)  # one pass: the largest logit and its first position
-    token = best_token(float(best), int(index))
+    best, index = row_maxima(scores)[0]  # one pass: the largest logit and its first position
+    token = best_token(best, index)
     if p.greedy:
         return token
     if best == float("inf"):
@@ -120,6 +126,15 @@ def sample(scores: torch.Tensor, p: SamplingParams, generator: torch.Generator |
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, idx, sorted_p)
     return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+
+
+def row_maxima(rows: torch.Tensor) -> list[tuple[float, int]]:
+    """(largest value, its first index) of each row of CPU logits [B, V] or [V] (as torch's max(dim=-1),
+    a NaN counts as the largest: best_token then refuses the row), by numpy's argmax: 3 µs for a 49k-entry
+    row, where torch's max takes 26."""
+    a = rows.numpy().reshape(-1, rows.shape[-1])
+    index = a.argmax(axis=1)
+    return list(zip(a[np.arange(len(a)), index].tolist(), index.tolist(), strict=True))
 
 
 def best_token(best: float, index: int) -> int:

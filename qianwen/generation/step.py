@@ -68,12 +68,14 @@ class TokenStepper:
         return self.params.greedy and not self.processors
 
     def step(self, logits: torch.Tensor, best: tuple[float, int] | None = None) -> TokenStep:
-        """logits [V] float32 for the next token -> the chosen token and the text it completes.
-        `best`: (largest logit, its first index) of `logits`, already found; used when `plain_greedy`."""
+        """logits [V] float32 for the next token -> the chosen token and the text it completes. The
+        processors change `logits` in place unless log-probabilities are asked for (they take the model's
+        own). `best`: (largest logit, its first index) of `logits`, already found; used when `plain_greedy`."""
         if best is not None and self.plain_greedy:
             token = best_token(*best)
         else:
-            scores = apply_processors(self.processors, self.prompt_ids, self.output_ids, logits)
+            scores = apply_processors(self.processors, self.prompt_ids, self.output_ids, logits,
+                                      copy=self.params.logprobs is not None)
             token = sample(scores, self.params, self.generator)
         lp, top = logprobs_of(logits, token, self.params.logprobs) if self.params.logprobs is not None \
             else (None, None)

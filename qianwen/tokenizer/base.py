@@ -70,6 +70,16 @@ class Tokenizer(ABC):
         starts the same way (`PromptIds`): a chat's next turn resends the whole history."""
         return self._prompt_ids.encode(text) if self._prompt_ids is not None else self.encode(text, True)
 
+    def encode_piece(self, text: str, allow_special: bool = False) -> list[int]:
+        """`encode(text, allow_special)`, remembered (`RecentPieces`): a prompt encoded piece by piece (chat/
+        template.py `encode_rendered`, once a message holds a special token's text) meets the same messages in
+        every turn of its chat."""
+        return self._pieces.encode(text, allow_special)
+
+    @cached_property
+    def _pieces(self) -> RecentPieces:
+        return RecentPieces(self)
+
     @cached_property
     def _prompt_ids(self) -> PromptIds | None:
         split = self.split_tokens
@@ -101,6 +111,33 @@ class Tokenizer(ABC):
 
 
 RECENT_PROMPTS = 16  # prompts whose ids `PromptIds` keeps
+RECENT_PIECE_CHARS = 1 << 20  # characters of the texts whose ids `RecentPieces` keeps
+
+
+class RecentPieces:
+    """The ids of recently encoded texts, the least recently used dropped past `chars` characters in all."""
+
+    def __init__(self, tokenizer: Tokenizer, chars: int = RECENT_PIECE_CHARS) -> None:
+        self.tokenizer, self.chars = tokenizer, chars
+        self.recent: OrderedDict[tuple[str, bool], list[int]] = OrderedDict()
+        self.held = 0  # characters of the texts in `recent`
+        self.lock = threading.Lock()
+
+    def encode(self, text: str, allow_special: bool) -> list[int]:
+        key = (text, allow_special)
+        with self.lock:
+            ids = self.recent.get(key)
+            if ids is not None:
+                self.recent.move_to_end(key)
+        if ids is None:
+            ids = self.tokenizer.encode(text, allow_special)
+            with self.lock:
+                if len(text) <= self.chars and key not in self.recent:
+                    self.recent[key] = ids
+                    self.held += len(text)
+                    while self.held > self.chars:
+                        self.held -= len(self.recent.popitem(last=False)[0][0])
+        return list(ids)
 
 
 class PromptIds:
