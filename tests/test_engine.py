@@ -174,11 +174,13 @@ def test_padding_rows_attend_to_themselves_only():
     assert torch.allclose(out[0], v[0].repeat_interleave(2, dim=0))
 
 
-def test_plain_greedy_batch_equals_alone_and_isolates_a_nan_row(model):
-    """Greedy requests without penalties take their tokens from one max over the decode batch: the same
-    tokens as each alone; a row whose logits turn NaN ends that request only."""
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_fused_greedy_batch_equals_alone_and_isolates_a_nan_row(model, penalty):
+    """Greedy requests with no processor but the repetition penalty take their tokens from one call over the
+    decode batch (sampling.py `greedy_rows`): the same tokens as each alone; a row whose logits turn NaN ends
+    that request only."""
     llm = LLM(model)
-    reqs = [greedy(p, 12, repetition_penalty=1.0, logprobs=None) for p in PROMPTS[:8]]
+    reqs = [greedy(p, 12, repetition_penalty=penalty, logprobs=None) for p in PROMPTS[:8]]
     alone = [llm.generate([r])[0].token_ids for r in reqs]
     engine = llm.engine
     runner = engine.runner
@@ -199,7 +201,7 @@ def test_plain_greedy_batch_equals_alone_and_isolates_a_nan_row(model):
     setattr(runner, name, poison)
     seqs = [engine.add_request(llm.encode(r)[0], model.params(**{k: v for k, v in r.items() if k != "prompt"}))
             for r in reqs]
-    assert all(s.stepper.plain_greedy for s in seqs)
+    assert all(s.stepper.fused_greedy for s in seqs)
     poisoned.append(seqs[3].seq_id)
     engine.run_until_done()
     setattr(runner, name, forward)

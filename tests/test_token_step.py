@@ -226,7 +226,7 @@ def test_batched_greedy_choice_is_each_rows_own():
     rows[4] = float("-inf")
     params = SamplingParams(temperature=0, ignore_eos=True)
     seqs = [Sequence(TokenStepper(Tok(), [1], params, 5)) for _ in range(6)]
-    assert all(s.stepper.plain_greedy for s in seqs)
+    assert all(s.stepper.fused_greedy for s in seqs)
     engine = LLMEngine.__new__(LLMEngine)  # only _sample's bookkeeping is used
     engine.seqs, engine.scheduler = {}, type("S", (), {"finish": lambda self, s: None})()
     outs = engine._sample(seqs, rows)
@@ -235,3 +235,53 @@ def test_batched_greedy_choice_is_each_rows_own():
     assert outs[1].token_id == 3 and outs[2].token_id == 0
     assert outs[3].finish_reason == "error" and "NaN" in outs[3].error
     assert outs[4].finish_reason == "error" and "masked" in outs[4].error
+
+
+@pytest.mark.parametrize("native_kernels", [True, False])
+def test_greedy_rows_equal_the_penalty_then_the_rows_own_choice(native_kernels, monkeypatch):
+    """`greedy_rows` (one call for a batch: in C on the kernels' threads, else numpy) applies each row's
+    repetition penalty in place and finds its first largest logit, a NaN first: bit for bit what
+    `RepetitionPenalty` then `row_maxima` give the row alone, for any rows chosen, batch size and thread count
+    (parts of a row scanned by different threads)."""
+    from qianwen import native
+    from qianwen.generation.sampling import RepetitionPenalty, greedy_rows, row_maxima
+
+    if not native_kernels:
+        monkeypatch.setattr(native, "lib", lambda: None)
+    elif native.lib() is None:
+        pytest.skip(f"no C kernels here: {native.failure}")
+    gen = torch.Generator().manual_seed(3)
+    before = torch.get_num_threads()
+    try:
+        for trial in range(60):
+            B, V = 1 + trial % 5, [7, 16, 49, 1000, 4099][trial % 5]
+            rows = torch.randn(B, V, generator=gen) * 5
+            if trial % 3 == 0:
+                rows[:, ::7] = rows[:, 3:4]  # ties, in different parts of the row
+            if trial % 4 == 1:
+                rows[0, V // 2:] = float("nan")
+            if trial % 6 == 2:
+                rows[-1] = float("-inf")
+            if trial % 5 == 3:
+                rows[0, V - 1] = float("inf")
+            which = sorted(set(torch.randint(0, B, (B,), generator=gen).tolist()))
+            inputs = []
+            for i in which:
+                n = int(torch.randint(0, min(V, 30), (), generator=gen))
+                ids = torch.randperm(V, generator=gen)[:n].numpy()
+                inputs.append((ids, [1.0, 1.3, 0.7, 1e-30][(i + trial) % 4]))
+            want = []
+            for i, (ids, p) in zip(which, inputs, strict=True):
+                row = rows[i].clone()
+                RepetitionPenalty(p)(list(map(int, ids)), [], row) if len(ids) and p != 1.0 else None
+                want.append((row, row_maxima(row)[0]))
+            torch.set_num_threads(1 + trial % 3)
+            got_rows = rows.clone()
+            got = greedy_rows(got_rows, which, inputs)
+            for i, (row, (value, index)), (g_value, g_index) in zip(which, want, got, strict=True):
+                assert g_index == index and (g_value == value or value != value and g_value != g_value), trial
+                assert torch.equal(got_rows[i].nan_to_num(7.0), row.nan_to_num(7.0)), trial
+            untouched = [i for i in range(B) if i not in which]
+            assert torch.equal(got_rows[untouched].nan_to_num(7.0), rows[untouched].nan_to_num(7.0))
+    finally:
+        torch.set_num_threads(before)

@@ -17,7 +17,7 @@ from ..errors import QianwenError
 from ..fast.cache import kv_cache_dtype
 from ..generation.constrain import CONSTRAINT_OPTIONS
 from ..generation.params import SamplingParams
-from ..generation.sampling import LogitsProcessor, row_maxima
+from ..generation.sampling import LogitsProcessor, greedy_rows
 from ..generation.step import TokenStepper, check_prompt
 from .cache_manager import CacheManager
 from .model_runner import ModelRunner
@@ -179,14 +179,18 @@ class LLMEngine:
         return self._sample(seqs, logits) if seqs else []
 
     def _sample(self, seqs: list[Sequence], rows: torch.Tensor | list[torch.Tensor]) -> list[StepOutput]:
-        """Each sequence's token step on its logits row (rows: [B, V] or B rows of [V]). Plain greedy rows
-        (no processor) take their token from one max over the whole batch, which finds each row's first
-        largest logit exactly as the row alone would. (A logits processor that needs the whole batch at
+        """Each sequence's token step on its logits row (rows: [B, V] or B rows of [V]). Greedy rows with no
+        processor but the repetition penalty (`TokenStepper.fused_greedy`) take their token from one call for
+        the whole batch (sampling.py `greedy_rows`), which finds each row's first largest logit after its
+        penalty exactly as the row alone would. (A logits processor that needs the whole batch at
         once, e.g. one grammar mask kernel for all rows, would run here, before the per-row steps.)"""
         outputs = []
         best: list[tuple[float, int] | None] = [None] * len(seqs)
-        if isinstance(rows, torch.Tensor) and sum(s.stepper.plain_greedy for s in seqs) > 1:
-            best = row_maxima(rows)
+        which = [i for i, s in enumerate(seqs) if s.stepper.fused_greedy] if isinstance(rows, torch.Tensor) else []
+        if which:
+            chosen = greedy_rows(rows, which, [seqs[i].stepper.greedy_inputs() for i in which])
+            for i, b in zip(which, chosen, strict=True):
+                best[i] = b
         for seq, logits, b in zip(seqs, rows, best, strict=True):
             try:
                 out = seq.step(logits, b)

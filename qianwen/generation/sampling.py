@@ -10,11 +10,13 @@ constrained decoding or a test's forcing plugs in with the same contract.
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 
+from .. import native
 from ..errors import QianwenError
 from .params import SamplingParams
 
@@ -53,19 +55,29 @@ class _Seen:
         return self.ids
 
 
-def repetition_penalty(penalty: float) -> LogitsProcessor:
-    """Divide positive logits (multiply negative ones) of every token in prompt + output, as transformers
-    and vLLM do."""
-    seen = _Seen()
+class RepetitionPenalty:
+    """The logits processor that divides positive logits (multiplies negative ones) of every token in prompt +
+    output, as transformers and vLLM do. A greedy step whose only processor it is can hand its ids and
+    penalty to `greedy_rows` instead (step.py `TokenStepper.greedy_inputs`)."""
 
-    def fn(prompt_ids: list[int], output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
-        ids = seen(prompt_ids, output_ids)
-        row = logits.numpy()  # the same memory: float32 arithmetic, bit for bit torch.where's
-        vals = row[ids]
-        with np.errstate(all="ignore"):  # overflow and a zero penalty give ±inf or NaN, as in torch
-            row[ids] = np.where(vals > 0, vals / penalty, vals * penalty)
+    def __init__(self, penalty: float) -> None:
+        self.penalty = penalty
+        self.seen = _Seen()
+
+    def __call__(self, prompt_ids: list[int], output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        _penalize(logits.numpy(), self.seen(prompt_ids, output_ids), self.penalty)
         return logits
-    return fn
+
+
+def _penalize(row: np.ndarray, ids: np.ndarray, penalty: float) -> None:
+    """The repetition penalty on a float32 row, in place: float32 arithmetic, bit for bit torch.where's."""
+    vals = row[ids]
+    with np.errstate(all="ignore"):  # overflow and a zero penalty give ±inf or NaN, as in torch
+        row[ids] = np.where(vals > 0, vals / penalty, vals * penalty)
+
+
+def repetition_penalty(penalty: float) -> LogitsProcessor:
+    return RepetitionPenalty(penalty)
 
 
 def presence_frequency_penalty(presence: float, frequency: float) -> LogitsProcessor:
@@ -135,6 +147,30 @@ def row_maxima(rows: torch.Tensor) -> list[tuple[float, int]]:
     a = rows.numpy().reshape(-1, rows.shape[-1])
     index = a.argmax(axis=1)
     return list(zip(a[np.arange(len(a)), index].tolist(), index.tolist(), strict=True))
+
+
+def greedy_rows(rows: torch.Tensor, which: list[int], inputs: list[tuple[np.ndarray, float]]) -> list[tuple[float, int]]:
+    """The greedy choice of rows `which` of CPU float32 logits [B, V], each after its repetition penalty
+    (`inputs`: the ids it applies to and the penalty; 1.0: none), which changes the rows in place: (largest
+    value, its first index) per row, as `row_maxima` after `RepetitionPenalty` gives it. On the C kernels one
+    call for all the rows, on the threads that wrote them (the token step touches little Python after a forward
+    that left nothing in cache); else numpy, row by row."""
+    so = native.lib() if rows.is_contiguous() and rows.dtype == torch.float32 else None
+    if so is None:
+        out = []
+        for i, (ids, penalty) in zip(which, inputs, strict=True):
+            if penalty != 1.0 and len(ids):
+                _penalize(rows[i].numpy(), ids, penalty)
+            out += row_maxima(rows[i])
+        return out
+    n, V = len(which), rows.shape[-1]
+    base, stride = rows.data_ptr(), rows.stride(0) * 4
+    ids = [np.ascontiguousarray(a, dtype=np.int64) for a, _ in inputs]  # held until the call returns
+    best, index = (ctypes.c_float * n)(), (ctypes.c_long * n)()
+    so.greedy_rows((ctypes.c_void_p * n)(*(base + i * stride for i in which)), V, n,
+                   (ctypes.c_void_p * n)(*(a.ctypes.data for a in ids)), (ctypes.c_long * n)(*map(len, ids)),
+                   (ctypes.c_float * n)(*(p for _, p in inputs)), best, index)
+    return list(zip(best, index, strict=True))
 
 
 def best_token(best: float, index: int) -> int:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
+import numpy as np
 import torch
 
 from ..errors import QianwenError
@@ -19,6 +21,7 @@ from ..tokenizer.stream import StreamDecoder
 from .params import SamplingParams
 from .sampling import (
     LogitsProcessor,
+    RepetitionPenalty,
     apply_processors,
     best_token,
     logprobs_of,
@@ -27,6 +30,8 @@ from .sampling import (
     sample,
 )
 from .stops import StopMatcher
+
+NO_IDS = np.empty(0, dtype=np.int64)
 
 
 @dataclass
@@ -61,17 +66,28 @@ class TokenStepper:
         self.stops = StopMatcher(params.stop)
         self.finish_reason: str | None = None
 
-    @property
-    def plain_greedy(self) -> bool:
-        """Greedy with no logits processor: the token is the row's first largest logit, which a caller
-        holding many rows (the engine) finds for all of them in one reduction and passes to `step`."""
-        return self.params.greedy and not self.processors
+    @cached_property
+    def fused_greedy(self) -> bool:
+        """Greedy, no log-probabilities, and no processor but the repetition penalty: the token is the first
+        largest logit after the penalty, which a caller holding many rows (the engine) finds for all of them at
+        once (sampling.py `greedy_rows`, from `greedy_inputs`) and passes to `step`."""
+        p, procs = self.params, self.processors
+        return p.greedy and p.logprobs is None and all(isinstance(f, RepetitionPenalty) for f in procs) \
+            and len(procs) <= 1
+
+    def greedy_inputs(self) -> tuple[np.ndarray, float]:
+        """For a `fused_greedy` step: the ids the repetition penalty applies to now, and the penalty (1.0: none)."""
+        if not self.processors:
+            return NO_IDS, 1.0
+        pen = self.processors[0]
+        return pen.seen(self.prompt_ids, self.output_ids), pen.penalty
 
     def step(self, logits: torch.Tensor, best: tuple[float, int] | None = None) -> TokenStep:
         """logits [V] float32 for the next token -> the chosen token and the text it completes. The
         processors change `logits` in place unless log-probabilities are asked for (they take the model's
-        own). `best`: (largest logit, its first index) of `logits`, already found; used when `plain_greedy`."""
-        if best is not None and self.plain_greedy:
+        own). `best`: for a `fused_greedy` step, (largest logit, its first index) of `logits` after the penalty,
+        already found."""
+        if best is not None and self.fused_greedy:
             token = best_token(*best)
         else:
             scores = apply_processors(self.processors, self.prompt_ids, self.output_ids, logits,

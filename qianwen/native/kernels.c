@@ -1438,6 +1438,64 @@ void silu_mul(const float *gu, int M, int I, float *out) {
     }
 }
 
+/* ---- the greedy choice of B logits rows (generation/sampling.py `greedy_rows`): row b's repetition penalty
+   first, in place (each of its n_ids[b] distinct ids: v / p if v > 0, else v * p, in float32 as numpy and torch
+   compute it; p == 1 or no ids: none), then its first largest value and index, a NaN counting as the largest
+   (numpy's argmax). A row is cut into parts, as many as the threads leave to it, each part scanned by the
+   thread that wrote it in the output layer's kernel when the cuts match; the parts' results are merged in
+   order, so the choice does not depend on the thread count. ------------------------------------------------- */
+static void greedy_part(float *r, long lo, long hi, const long *ids, long n_ids, float p, float *best, long *at,
+                        int *nan) {
+    if (p != 1.f)
+        for (long j = 0; j < n_ids; j++)
+            if (ids[j] >= lo && ids[j] < hi) {
+                float v = r[ids[j]];
+                r[ids[j]] = v > 0 ? v / p : v * p;
+            }
+    float m = -INFINITY;
+    int any_nan = 0;
+#pragma omp simd reduction(max : m) reduction(| : any_nan)
+    for (long i = lo; i < hi; i++) {
+        float v = r[i];
+        m = v > m ? v : m;
+        any_nan |= v != v;
+    }
+    long i = lo;
+    if (any_nan)
+        while (r[i] == r[i]) i++;
+    else
+        while (r[i] != m) i++;
+    *best = r[i], *at = i, *nan = any_nan;
+}
+
+void greedy_rows(float *const *rows, long V, int B, const long *const *ids, const long *n_ids, const float *penalty,
+                 float *best, long *index) {
+    int T = 1;
+#ifdef _OPENMP
+    T = omp_get_max_threads();
+#endif
+    long P = B >= T ? 1 : (T + B - 1) / B;               /* parts per row */
+    long step = ((V + P - 1) / P + 15) / 16 * 16;       /* a part's length, whole cache lines */
+    P = (V + step - 1) / step;
+    float *pb = malloc(sizeof(float) * B * P);
+    long *pa = malloc(sizeof(long) * B * P);
+    int *pn = malloc(sizeof(int) * B * P);
+#pragma omp parallel for schedule(static) if (B * P > 1)
+    for (long t = 0; t < B * P; t++) {
+        long b = t / P, lo = t % P * step, hi = lo + step < V ? lo + step : V;
+        greedy_part(rows[b], lo, hi, ids[b], n_ids[b], penalty[b], pb + t, pa + t, pn + t);
+    }
+    for (int b = 0; b < B; b++) { /* the first NaN, else the first part's of the largest */
+        long k = (long)b * P, end = k + P;
+        for (long t = k + 1; t < end; t++)
+            if (!pn[k] && (pn[t] || pb[t] > pb[k])) k = t;
+        best[b] = pb[k], index[b] = pa[k];
+    }
+    free(pb);
+    free(pa);
+    free(pn);
+}
+
 /* ---- a whole decode step's layer stack in one call (fast/decode.py builds the descriptors), for
    models whose projections all have kernels: the same kernels in the same order as the step written
    out in Python, without a Python round trip per kernel (a fifth of a small model's step). ---------- */
