@@ -285,3 +285,71 @@ def test_greedy_rows_equal_the_penalty_then_the_rows_own_choice(native_kernels, 
             assert torch.equal(got_rows[untouched].nan_to_num(7.0), rows[untouched].nan_to_num(7.0))
     finally:
         torch.set_num_threads(before)
+
+
+def reference_cuts(scores: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The documented cuts, written out on the whole row in float64 (a full sort for top_p): each token's
+    probability of being sampled."""
+    s = scores.double()
+    best = s.max()
+    logits = (s == best).double().log() if best == float("inf") else (s - best) / p.temperature
+    if 0 < p.top_k < len(s):
+        kth = torch.sort(s, descending=True).values[p.top_k - 1]
+        logits[s < kth] = float("-inf")  # ties with the k-th stay
+    w = torch.exp(logits)
+    total = w.sum()
+    if p.min_p > 0:
+        w[w < p.min_p] = 0.0
+    if p.top_p < 1.0:
+        order = torch.sort(w, descending=True, stable=True).indices
+        cum = torch.cumsum(w[order], 0)
+        w[order[cum - w[order] > p.top_p * total]] = 0.0
+    return w / w.sum()
+
+
+SAMPLED = [dict(temperature=0.7, top_k=20, top_p=0.8), dict(temperature=1.0), dict(temperature=0.3, top_p=0.9),
+           dict(temperature=2.0, top_p=0.95), dict(temperature=1.0, min_p=0.1), dict(temperature=1.5, top_p=0.5,
+           min_p=0.02), dict(temperature=0.7, top_k=5), dict(temperature=1.0, top_k=1000, top_p=0.99)]
+
+
+@pytest.mark.parametrize("V", [12, 300, 5000])
+@pytest.mark.parametrize("options", SAMPLED, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_sampled_candidates_are_the_documented_cuts(V, options):
+    """A sampled step works on candidates only (top_k's, min_p's, top_p's shortlist grown by topk or the
+    sorted row, sampling.py `candidates`): the tokens it may choose and their probabilities are those of the
+    cuts applied to the whole row, including ties with the k-th logit, masked tokens and +inf logits."""
+    from qianwen.generation.sampling import candidates
+
+    gen = torch.Generator().manual_seed(V)
+    p = SamplingParams(**options)
+    for trial in range(4):
+        scores = torch.randn(V, generator=gen) * [1.0, 3.0, 0.2, 8.0][trial]  # peaked to flat
+        if trial == 1:
+            scores[::3] = float("-inf")
+        if trial == 2 and p.top_p == 1.0:
+            scores[: V // 2] = scores.max()  # many ties with the best (and the k-th)
+        if trial == 3:
+            scores[[1, V - 2]] = float("inf")
+        want = reference_cuts(scores, p)
+        cand, weights = candidates(scores, float(scores.max()), p)
+        got = torch.zeros(V, dtype=torch.float64)
+        got[cand if cand is not None else slice(None)] = weights.double()
+        got /= got.sum()
+        assert torch.equal(got > 0, want > 0), (trial, (got > 0).sum(), (want > 0).sum())
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-7), trial
+
+
+def test_draws_follow_the_weights_and_the_seed():
+    from qianwen.generation.sampling import _draw
+
+    weights = torch.tensor([0.0, 3.0, 1.0, 0.0, 6.0, 0.0])
+
+    def draws(seed: int) -> list[int]:
+        gen = torch.Generator().manual_seed(seed)
+        return [_draw(weights, gen) for _ in range(20000)]
+
+    got = draws(5)
+    assert got == draws(5) and got[:50] != draws(6)[:50]
+    freq = torch.bincount(torch.tensor(got), minlength=6).double() / len(got)
+    assert freq[[0, 3, 5]].sum() == 0
+    assert torch.allclose(freq, weights.double() / weights.sum(), atol=0.015), freq
