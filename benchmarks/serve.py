@@ -8,6 +8,7 @@ for `qianwen serve` and (same GGUF, same threads) llama.cpp's server, in one run
         # both engines behind the same `qianwen serve` gateway (docs/deploy.md); vLLM needs a folder
     python benchmarks/serve.py --model default --model HF_FOLDER --engine qianwen --engine vllm --vllm-python PY
         # qianwen on the GGUF and on the folder, vLLM on the folder (it skips .gguf models)
+    python benchmarks/serve.py ... --sampled --chat-tokens 0   # requests sampled with Qwen's default options
 
 llama.cpp's AMX repack path crashes on some CPUs (docs/cpu-performance.md), so its server is started with
 `use_extra_bufts = False`, the stock path. Each client sends chat requests one after another; a run
@@ -83,6 +84,8 @@ with torch.inference_mode():
             tok = int(net(torch.tensor([[tok]]), cache=cache)[0, -1].argmax())
         print(n / (time.perf_counter() - t0), flush=True)
 """
+
+SAMPLED = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}  # --sampled: Qwen's defaults
 
 PROMPTS = ["Write a short story about a robot learning to paint.", "Explain how a refrigerator works.",
            "List ten facts about the ocean.", "Describe a walk through a forest in autumn.",
@@ -196,11 +199,14 @@ async def close(http: Client | httpx.AsyncClient) -> None:
     await (http.aclose() if isinstance(http, httpx.AsyncClient) else http.close())
 
 
-async def one_request(http: Client | httpx.AsyncClient, model: str, prompt: str, max_tokens: int
-                      ) -> tuple[float, int, float]:
-    """(time to first token, output tokens, seconds from the first token to the end)."""
+async def one_request(http: Client | httpx.AsyncClient, model: str, prompt: str, max_tokens: int,
+                      sampled: bool = False) -> tuple[float, int, float]:
+    """(time to first token, output tokens, seconds from the first token to the end). Greedy, or `sampled`:
+    SAMPLED's options (Qwen's generation config, sent to every engine alike), each answer exactly `max_tokens`
+    long."""
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+            "stream": True, "stream_options": {"include_usage": True}}
+    body.update({**SAMPLED, "ignore_eos": True} if sampled else {"temperature": 0})
     t0 = time.perf_counter()
     ttft, chunks, usage = None, 0, None
     async for line in stream_lines(http, body):
@@ -219,8 +225,8 @@ async def one_request(http: Client | httpx.AsyncClient, model: str, prompt: str,
     return ttft, (usage if usage is not None else chunks), end - ttft
 
 
-async def load(base: str, model: str, clients: int, rounds: int, max_tokens: int, use_httpx: bool = False
-               ) -> dict[str, float]:
+async def load(base: str, model: str, clients: int, rounds: int, max_tokens: int, use_httpx: bool = False,
+               sampled: bool = False) -> dict[str, float]:
     # one connection per simulated client (httpx: one pool for all, as before)
     shared = client(base, True) if use_httpx else None
     conns = [shared or client(base, False) for _ in range(clients)]
@@ -228,7 +234,7 @@ async def load(base: str, model: str, clients: int, rounds: int, max_tokens: int
         await one_request(conns[0], model, "Hi", 4)  # warm-up
 
         async def run(k: int) -> list[tuple[float, int, float]]:
-            return [await one_request(conns[k], model, PROMPTS[(k + r) % len(PROMPTS)], max_tokens)
+            return [await one_request(conns[k], model, PROMPTS[(k + r) % len(PROMPTS)], max_tokens, sampled)
                     for r in range(rounds)]
 
         t0 = time.perf_counter()
@@ -303,7 +309,8 @@ class RawStep:
         self.proc.wait()
 
 
-async def single_client(base: str, model: str, raw: RawStep, rounds: int, max_tokens: int) -> tuple[list[float], list[float]]:
+async def single_client(base: str, model: str, raw: RawStep, rounds: int, max_tokens: int, sampled: bool = False
+                        ) -> tuple[list[float], list[float]]:
     """`rounds` requests of one client (each one's rate after its first token), each after a run of the raw
     step: (request rates, raw rates)."""
     http = Client(base)
@@ -311,7 +318,7 @@ async def single_client(base: str, model: str, raw: RawStep, rounds: int, max_to
     try:
         for r in range(rounds):
             steps.append(raw.run())
-            _, n, d = await one_request(http, model, PROMPTS[r % len(PROMPTS)], max_tokens)
+            _, n, d = await one_request(http, model, PROMPTS[r % len(PROMPTS)], max_tokens, sampled)
             served.append((n - 1) / d)
     finally:
         await http.close()
@@ -331,6 +338,9 @@ def main() -> int:
     ap.add_argument("--chat-runs", type=int, default=1,
                     help="chats per server, each on a fresh server after the load phases (medians reported)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--sampled", action="store_true",
+                    help="load phases and single client sampled with Qwen's default options (SAMPLED), answers of "
+                         "exactly --max-tokens")
     ap.add_argument("--dtype", default=None, help="qianwen's dtype (default: by hardware)")
     ap.add_argument("--engine", action="append", choices=["qianwen", "vllm"], default=None,
                     help="qianwen serve's engine (repeatable; default qianwen); vllm runs on the folders only")
@@ -381,7 +391,7 @@ def main() -> int:
             proc = start(cmd, base, env, log)  # a fresh server for each further chat: nothing cached from the last
             try:
                 for c in args.concurrency:
-                    r = asyncio.run(load(base, "bench", c, args.rounds, args.max_tokens, args.httpx))
+                    r = asyncio.run(load(base, "bench", c, args.rounds, args.max_tokens, args.httpx, args.sampled))
                     if run == 0:
                         print(f"  {label} c={c}: {r['tok_s']:.1f} tok/s, TTFT p50 {r['ttft_p50']:.2f}s "
                               f"p95 {r['ttft_p95']:.2f}s", file=sys.stderr)
@@ -390,7 +400,8 @@ def main() -> int:
                     print(f"  {label}: one client against the raw step, alternately ...", file=sys.stderr)
                     raw = RawStep(path, args.dtype, args.max_tokens, env)
                     try:
-                        singles[path] = asyncio.run(single_client(base, "bench", raw, args.single_rounds, args.max_tokens))
+                        singles[path] = asyncio.run(single_client(base, "bench", raw, args.single_rounds, args.max_tokens,
+                                                                  args.sampled))
                     finally:
                         raw.close()
                 if args.chat_tokens:
@@ -401,8 +412,10 @@ def main() -> int:
         if runs:
             chats.append((label, path, [statistics.median(r[i] for r in runs) for i in range(len(QUESTIONS))],
                           [r[-1] / r[0] for r in runs]))
+    how = f"sampled ({', '.join(f'{k} {v}' for k, v in SAMPLED.items())}), every answer that long" if args.sampled \
+        else "greedy"
     print(f"\n{args.threads} threads, {args.max_tokens} max tokens per answer, {args.rounds} requests per client, "
-          "greedy.\n")
+          f"{how}.\n")
     print("| server | model | clients | requests | output tokens | aggregate tok/s | TTFT p50 (s) | TTFT p95 (s) |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for label, path, _, c, r in rows:
