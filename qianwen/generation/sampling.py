@@ -1,11 +1,14 @@
 """Logits processors and token choice for one row of logits.
 
 A logits processor is `fn(prompt_ids, output_ids, logits[V] float32) -> logits[V]`; it may change its
-input in place. Rows are on the CPU (the engine and `stream_tokens` move them there); the steps every
-token takes (the greedy choice, the repetition penalty) run on the row's numpy view, where one call costs
-a few microseconds instead of torch's tens (a single-client server pays them on every token). The penalties are processors too, and `make_logits_processors` lists the ones a
+input in place. The penalties are processors too, and `make_logits_processors` lists the ones a
 SamplingParams asks for followed by the caller's (as mlx-lm's `make_logits_processors` does), so
 constrained decoding or a test's forcing plugs in with the same contract.
+
+Rows are on the CPU (the engine and `stream_tokens` move them there). What every token pays runs where it
+costs least right after a forward, which leaves nothing in cache (docs/server.md): a batch's greedy rows
+with the repetition penalty in one C call (`greedy_rows`), a single row's greedy choice and penalty on its
+numpy view, and a sampled row's cuts on its candidates only (`candidates`).
 """
 
 from __future__ import annotations
@@ -76,10 +79,6 @@ def _penalize(row: np.ndarray, ids: np.ndarray, penalty: float) -> None:
         row[ids] = np.where(vals > 0, vals / penalty, vals * penalty)
 
 
-def repetition_penalty(penalty: float) -> LogitsProcessor:
-    return RepetitionPenalty(penalty)
-
-
 def presence_frequency_penalty(presence: float, frequency: float) -> LogitsProcessor:
     """Subtract `presence` once and `frequency` per occurrence for tokens in the output (OpenAI's definition)."""
     def fn(prompt_ids: list[int], output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
@@ -94,7 +93,7 @@ def make_logits_processors(p: SamplingParams, extra: Iterable[LogitsProcessor] =
     """The processors `p` asks for (penalties), then `extra` in order."""
     out: list[LogitsProcessor] = []
     if p.repetition_penalty != 1.0:
-        out.append(repetition_penalty(p.repetition_penalty))
+        out.append(RepetitionPenalty(p.repetition_penalty))
     if p.presence_penalty or p.frequency_penalty:
         out.append(presence_frequency_penalty(p.presence_penalty, p.frequency_penalty))
     return out + list(extra)
