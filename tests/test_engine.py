@@ -177,7 +177,7 @@ def test_padding_rows_attend_to_themselves_only():
 @pytest.mark.parametrize("penalty", [1.0, 1.3])
 def test_fused_greedy_batch_equals_alone_and_isolates_a_nan_row(model, penalty):
     """Greedy requests with no processor but the repetition penalty take their tokens from one call over the
-    decode batch (sampling.py `greedy_rows`): the same tokens as each alone; a row whose logits turn NaN ends
+    decode batch (sampling.py `penalized_rows`): the same tokens as each alone; a row whose logits turn NaN ends
     that request only."""
     llm = LLM(model)
     reqs = [greedy(p, 12, repetition_penalty=penalty, logprobs=None) for p in PROMPTS[:8]]
@@ -201,7 +201,7 @@ def test_fused_greedy_batch_equals_alone_and_isolates_a_nan_row(model, penalty):
     setattr(runner, name, poison)
     seqs = [engine.add_request(llm.encode(r)[0], model.params(**{k: v for k, v in r.items() if k != "prompt"}))
             for r in reqs]
-    assert all(s.stepper.fused_greedy for s in seqs)
+    assert all(s.stepper.fused for s in seqs)
     poisoned.append(seqs[3].seq_id)
     engine.run_until_done()
     setattr(runner, name, forward)
@@ -242,3 +242,19 @@ def test_a_prompt_prefilled_as_rows_writes_what_decoding_writes(tiny_qwen2_model
     for got in (run([1] * len(ids)), run([7, 13, 20]), run([5] * 8, beside=neighbour)):
         assert torch.equal(whole[0], got[0]) and torch.equal(whole[2], got[2])
         assert (whole[1] is None and got[1] is None) or torch.equal(whole[1], got[1])
+
+
+def test_sampled_rows_in_a_batch_equal_the_token_iterator(model):
+    """A seeded sampled request (Qwen's default cuts: top_k 20, top_p 0.8, repetition penalty 1.05) draws the
+    same tokens in an engine batch, where the penalty and top_k's threshold come from one call for all rows
+    (`penalized_rows`), as alone in the token iterator, which runs them itself."""
+    llm = LLM(model)
+    opts = dict(max_tokens=16, temperature=0.9, top_p=0.8, top_k=20, repetition_penalty=1.05, ignore_eos=True)
+    engine = llm.engine
+    seqs = [engine.add_request(llm.encode(p)[0], model.params(**opts, seed=s))
+            for s, p in enumerate(PROMPTS[:5])]
+    assert all(s.stepper.fused for s in seqs)
+    engine.run_until_done()
+    for s, (seq, p) in enumerate(zip(seqs, PROMPTS[:5], strict=True)):
+        alone = [t.token_id for t in model.stream_tokens(llm.encode(p)[0], model.params(**opts, seed=s))]
+        assert seq.output_ids == alone, s

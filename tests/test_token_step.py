@@ -14,6 +14,8 @@ from qianwen.errors import QianwenError
 from qianwen.generation.params import OPTIONS, SamplingParams, check_option, plain_options
 from qianwen.generation.sampling import SamplingError, make_logits_processors, sample
 
+from .conftest import kernel_body
+
 
 @pytest.fixture(scope="module")
 def model(tiny_qwen2_dir):
@@ -226,7 +228,7 @@ def test_batched_greedy_choice_is_each_rows_own():
     rows[4] = float("-inf")
     params = SamplingParams(temperature=0, ignore_eos=True)
     seqs = [Sequence(TokenStepper(Tok(), [1], params, 5)) for _ in range(6)]
-    assert all(s.stepper.fused_greedy for s in seqs)
+    assert all(s.stepper.fused for s in seqs)
     engine = LLMEngine.__new__(LLMEngine)  # only _sample's bookkeeping is used
     engine.seqs, engine.scheduler = {}, type("S", (), {"finish": lambda self, s: None})()
     outs = engine._sample(seqs, rows)
@@ -237,23 +239,24 @@ def test_batched_greedy_choice_is_each_rows_own():
     assert outs[4].finish_reason == "error" and "masked" in outs[4].error
 
 
-@pytest.mark.parametrize("native_kernels", [True, False])
-def test_greedy_rows_equal_the_penalty_then_the_rows_own_choice(native_kernels, monkeypatch):
-    """`greedy_rows` (one call for a batch: in C on the kernels' threads, else numpy) applies each row's
-    repetition penalty in place and finds its first largest logit, a NaN first: bit for bit what
-    `RepetitionPenalty` then `row_maxima` give the row alone, for any rows chosen, batch size and thread count
-    (parts of a row scanned by different threads)."""
+@pytest.mark.parametrize("body", ["native", "portable", "numpy"])
+def test_penalized_rows_equal_the_penalty_then_the_rows_own_values(body, monkeypatch, tmp_path_factory):
+    """`penalized_rows` (one call for a batch: in C on the kernels' threads, else numpy) applies each row's
+    repetition penalty in place and finds its first largest logit, a NaN first, and its top_k-th largest: bit
+    for bit what `RepetitionPenalty` then `row_maxima` and `torch.topk` give the row alone, for any rows chosen,
+    batch size and thread count (parts of a row scanned by different threads)."""
     from qianwen import native
-    from qianwen.generation.sampling import RepetitionPenalty, greedy_rows, row_maxima
+    from qianwen.generation.sampling import RepetitionPenalty, penalized_rows, row_maxima
 
-    if not native_kernels:
+    if body == "numpy":
         monkeypatch.setattr(native, "lib", lambda: None)
-    elif native.lib() is None:
-        pytest.skip(f"no C kernels here: {native.failure}")
+    elif body == "portable":  # kernels.c's plain C body, as CPUs without AVX-512 run it
+        so = kernel_body(tmp_path_factory, "portable", ["-mno-avx512f"])
+        monkeypatch.setattr(native, "lib", lambda: so)
     gen = torch.Generator().manual_seed(3)
     before = torch.get_num_threads()
     try:
-        for trial in range(60):
+        for trial in range(80):
             B, V = 1 + trial % 5, [7, 16, 49, 1000, 4099][trial % 5]
             rows = torch.randn(B, V, generator=gen) * 5
             if trial % 3 == 0:
@@ -269,17 +272,21 @@ def test_greedy_rows_equal_the_penalty_then_the_rows_own_choice(native_kernels, 
             for i in which:
                 n = int(torch.randint(0, min(V, 30), (), generator=gen))
                 ids = torch.randperm(V, generator=gen)[:n].numpy()
-                inputs.append((ids, [1.0, 1.3, 0.7, 1e-30][(i + trial) % 4]))
+                k = [0, 1, 3, 20, V - 1, V, 2 * V][(i + trial) % 7]
+                inputs.append((ids, [1.0, 1.3, 0.7, 1e-30][(i + trial) % 4], k))
             want = []
-            for i, (ids, p) in zip(which, inputs, strict=True):
+            for i, (ids, p, k) in zip(which, inputs, strict=True):
                 row = rows[i].clone()
                 RepetitionPenalty(p)(list(map(int, ids)), [], row) if len(ids) and p != 1.0 else None
-                want.append((row, row_maxima(row)[0]))
+                value, index = row_maxima(row)[0]
+                kth = float(torch.topk(row, k).values[-1]) if 0 < k < V and value == value else None
+                want.append((row, value, index, kth))
             torch.set_num_threads(1 + trial % 3)
             got_rows = rows.clone()
-            got = greedy_rows(got_rows, which, inputs)
-            for i, (row, (value, index)), (g_value, g_index) in zip(which, want, got, strict=True):
+            got = penalized_rows(got_rows, which, inputs)
+            for i, (row, value, index, kth), (g_value, g_index, g_kth) in zip(which, want, got, strict=True):
                 assert g_index == index and (g_value == value or value != value and g_value != g_value), trial
+                assert g_kth == kth, (trial, g_kth, kth)
                 assert torch.equal(got_rows[i].nan_to_num(7.0), row.nan_to_num(7.0)), trial
             untouched = [i for i in range(B) if i not in which]
             assert torch.equal(got_rows[untouched].nan_to_num(7.0), rows[untouched].nan_to_num(7.0))

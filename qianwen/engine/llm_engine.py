@@ -17,7 +17,7 @@ from ..errors import QianwenError
 from ..fast.cache import kv_cache_dtype
 from ..generation.constrain import CONSTRAINT_OPTIONS
 from ..generation.params import SamplingParams
-from ..generation.sampling import LogitsProcessor, greedy_rows
+from ..generation.sampling import LogitsProcessor, penalized_rows
 from ..generation.step import TokenStepper, check_prompt
 from .cache_manager import CacheManager
 from .model_runner import ModelRunner
@@ -179,21 +179,21 @@ class LLMEngine:
         return self._sample(seqs, logits) if seqs else []
 
     def _sample(self, seqs: list[Sequence], rows: torch.Tensor | list[torch.Tensor]) -> list[StepOutput]:
-        """Each sequence's token step on its logits row (rows: [B, V] or B rows of [V]). Greedy rows with no
-        processor but the repetition penalty (`TokenStepper.fused_greedy`) take their token from one call for
-        the whole batch (sampling.py `greedy_rows`), which finds each row's first largest logit after its
-        penalty exactly as the row alone would. (A logits processor that needs the whole batch at
-        once, e.g. one grammar mask kernel for all rows, would run here, before the per-row steps.)"""
+        """Each sequence's token step on its logits row (rows: [B, V] or B rows of [V]). Rows with no processor
+        but the repetition penalty (`TokenStepper.fused`) get it, their first largest logit and top_k's
+        threshold from one call for the whole batch (sampling.py `penalized_rows`), exactly as each row alone
+        would. (A logits processor that needs the whole batch at once, e.g. one grammar mask kernel for all
+        rows, would run here, before the per-row steps.)"""
         outputs = []
-        best: list[tuple[float, int] | None] = [None] * len(seqs)
-        which = [i for i, s in enumerate(seqs) if s.stepper.fused_greedy] if isinstance(rows, torch.Tensor) else []
+        found: list[tuple[float, int, float | None] | None] = [None] * len(seqs)
+        which = [i for i, s in enumerate(seqs) if s.stepper.fused] if isinstance(rows, torch.Tensor) else []
         if which:
-            chosen = greedy_rows(rows, which, [seqs[i].stepper.greedy_inputs() for i in which])
-            for i, b in zip(which, chosen, strict=True):
-                best[i] = b
-        for seq, logits, b in zip(seqs, rows, best, strict=True):
+            inputs = [seqs[i].stepper.fused_inputs() for i in which]
+            for i, f in zip(which, penalized_rows(rows, which, inputs), strict=True):
+                found[i] = f
+        for seq, logits, f in zip(seqs, rows, found, strict=True):
             try:
-                out = seq.step(logits, b)
+                out = seq.step(logits, f)
             except Exception as e:
                 outputs.append(self._fail(seq, e))
                 continue

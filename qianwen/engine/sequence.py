@@ -74,10 +74,10 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is Status.FINISHED
 
-    def step(self, logits: torch.Tensor, best: tuple[float, int] | None = None) -> StepOutput:
-        """Choose the next token from logits [V] float32 (raises what the token step raises); `best` as in
+    def step(self, logits: torch.Tensor, found: tuple[float, int, float | None] | None = None) -> StepOutput:
+        """Choose the next token from logits [V] float32 (raises what the token step raises); `found` as in
         `TokenStepper.step`."""
-        s = self.stepper.step(logits, best)
+        s = self.stepper.step(logits, found)
         if s.finish_reason:
             self.status, self.finish_reason = Status.FINISHED, s.finish_reason
         return StepOutput(self.seq_id, s.token_id, s.text, s.logprob, s.top_logprobs, s.finish_reason)

@@ -6,9 +6,10 @@ SamplingParams asks for followed by the caller's (as mlx-lm's `make_logits_proce
 constrained decoding or a test's forcing plugs in with the same contract.
 
 Rows are on the CPU (the engine and `stream_tokens` move them there). What every token pays runs where it
-costs least right after a forward, which leaves nothing in cache (docs/server.md): a batch's greedy rows
-with the repetition penalty in one C call (`greedy_rows`), a single row's greedy choice and penalty on its
-numpy view, and a sampled row's cuts on its candidates only (`candidates`).
+costs least right after a forward, which leaves nothing in cache (docs/server.md): for a batch's rows with no
+processor but the repetition penalty, the penalty, the largest logit and top_k's threshold in one C call
+(`penalized_rows`); for a single row, the greedy choice and the penalty on its numpy view; for a sampled row,
+the cuts on its candidates only (`candidates`).
 """
 
 from __future__ import annotations
@@ -60,8 +61,8 @@ class _Seen:
 
 class RepetitionPenalty:
     """The logits processor that divides positive logits (multiplies negative ones) of every token in prompt +
-    output, as transformers and vLLM do. A greedy step whose only processor it is can hand its ids and
-    penalty to `greedy_rows` instead (step.py `TokenStepper.greedy_inputs`)."""
+    output, as transformers and vLLM do. A step whose only processor it is can hand its ids and penalty to
+    `penalized_rows` instead (step.py `TokenStepper.fused_inputs`)."""
 
     def __init__(self, penalty: float) -> None:
         self.penalty = penalty
@@ -112,7 +113,8 @@ def apply_processors(processors: Sequence[LogitsProcessor], prompt_ids: list[int
     return scores.float()
 
 
-def sample(scores: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
+def sample(scores: torch.Tensor, p: SamplingParams, generator: torch.Generator | None,
+           found: tuple[float, int, float | None] | None = None) -> int:
     """Choose a token from a processed logits row [V] float32. Safe for every value: NaN or a row with every
     token masked raises SamplingError; +inf logits (a penalty divided by a tiny number) leave only those tokens;
     a tiny temperature never overflows (the best logit is subtracted before dividing).
@@ -122,25 +124,29 @@ def sample(scores: torch.Tensor, p: SamplingParams, generator: torch.Generator |
     probability reaches top_p. Only the candidates are worked on: top_k's (found with one topk over the
     row), else, for top_p, the most likely tokens until their mass passes top_p (`_top_mass`), so a step
     costs a few passes over the row instead of a sort of it: with top_k 20 and top_p 0.8 (Qwen's defaults)
-    0.12 ms a 49k-entry row instead of 2.1, 0.27 ms a 152k-entry one instead of 6.3 (the 2-core dev VM)."""
-    best, index = row_maxima(scores)[0]  # one pass: the largest logit and its first position
+    0.12 ms a 49k-entry row instead of 2.1, 0.27 ms a 152k-entry one instead of 6.3 (the 2-core dev VM).
+    `found`: the row's largest logit, its first index and its top_k-th largest, already found (`penalized_rows`)."""
+    best, index, kth = found if found is not None else (*row_maxima(scores)[0], None)
     token = best_token(best, index)
     if p.greedy:
         return token
-    cand, weights = candidates(scores, best, p)
+    cand, weights = candidates(scores, best, p, kth)
     choice = _draw(weights, generator)
     return choice if cand is None else int(cand[choice])
 
 
-def candidates(scores: torch.Tensor, best: float, p: SamplingParams) -> tuple[torch.Tensor | None, torch.Tensor]:
+def candidates(scores: torch.Tensor, best: float, p: SamplingParams, kth: float | None = None
+               ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """The tokens a sampled step may choose, after the cuts, and their unnormalized probabilities: (positions in
-    the row, or None for the whole row; weights). `best`: the row's largest logit (finite or +inf)."""
+    the row, or None for the whole row; weights). `best`: the row's largest logit (finite or +inf); `kth`: its
+    top_k-th largest, when already found."""
     cand = None
     if best == float("inf"):
         cand = torch.nonzero(scores == best)[:, 0]
         logits = torch.zeros(len(cand))
     elif 0 < p.top_k < scores.numel():
-        kth = torch.topk(scores, p.top_k, sorted=False).values.min()
+        if kth is None:
+            kth = float(torch.topk(scores, p.top_k, sorted=False).values.min())
         cand = torch.nonzero(scores >= kth)[:, 0]
         logits = (scores[cand] - best) / p.temperature  # <= 0, the best exactly 0
     else:
@@ -195,28 +201,33 @@ def row_maxima(rows: torch.Tensor) -> list[tuple[float, int]]:
     return list(zip(a[np.arange(len(a)), index].tolist(), index.tolist(), strict=True))
 
 
-def greedy_rows(rows: torch.Tensor, which: list[int], inputs: list[tuple[np.ndarray, float]]) -> list[tuple[float, int]]:
-    """The greedy choice of rows `which` of CPU float32 logits [B, V], each after its repetition penalty
-    (`inputs`: the ids it applies to and the penalty; 1.0: none), which changes the rows in place: (largest
-    value, its first index) per row, as `row_maxima` after `RepetitionPenalty` gives it. On the C kernels one
-    call for all the rows, on the threads that wrote them (the token step touches little Python after a forward
-    that left nothing in cache); else numpy, row by row."""
+def penalized_rows(rows: torch.Tensor, which: list[int], inputs: list[tuple[np.ndarray, float, int]]
+                   ) -> list[tuple[float, int, float | None]]:
+    """Rows `which` of CPU float32 logits [B, V], each after its repetition penalty (`inputs`: the ids it applies
+    to, the penalty (1.0: none) and top_k (0: none)), which changes the rows in place: per row (largest value,
+    its first index, and for 0 < top_k < V the top_k-th largest value), as `row_maxima` and `torch.topk` give them
+    after `RepetitionPenalty`. On the C kernels one call for all the rows, on the threads that wrote them (the
+    token step touches little Python after a forward that left nothing in cache); else numpy, row by row."""
+    V = rows.shape[-1]
     so = native.lib() if rows.is_contiguous() and rows.dtype == torch.float32 else None
     if so is None:
         out = []
-        for i, (ids, penalty) in zip(which, inputs, strict=True):
+        for i, (ids, penalty, k) in zip(which, inputs, strict=True):
             if penalty != 1.0 and len(ids):
                 _penalize(rows[i].numpy(), ids, penalty)
-            out += row_maxima(rows[i])
+            best, index = row_maxima(rows[i])[0]
+            kth = float(torch.topk(rows[i], k, sorted=False).values.min()) if 0 < k < V and best == best else None
+            out.append((best, index, kth))
         return out
-    n, V = len(which), rows.shape[-1]
+    n = len(which)
     base, stride = rows.data_ptr(), rows.stride(0) * 4
-    ids = [np.ascontiguousarray(a, dtype=np.int64) for a, _ in inputs]  # held until the call returns
-    best, index = (ctypes.c_float * n)(), (ctypes.c_long * n)()
-    so.greedy_rows((ctypes.c_void_p * n)(*(base + i * stride for i in which)), V, n,
-                   (ctypes.c_void_p * n)(*(a.ctypes.data for a in ids)), (ctypes.c_long * n)(*map(len, ids)),
-                   (ctypes.c_float * n)(*(p for _, p in inputs)), best, index)
-    return list(zip(best, index, strict=True))
+    ids = [np.ascontiguousarray(a, dtype=np.int64) for a, _, _ in inputs]  # held until the call returns
+    best, index, kth = (ctypes.c_float * n)(), (ctypes.c_long * n)(), (ctypes.c_float * n)()
+    so.penalized_rows((ctypes.c_void_p * n)(*(base + i * stride for i in which)), V, n,
+                      (ctypes.c_void_p * n)(*(a.ctypes.data for a in ids)), (ctypes.c_long * n)(*map(len, ids)),
+                      (ctypes.c_float * n)(*(p for _, p, _ in inputs)), (ctypes.c_int * n)(*(k for _, _, k in inputs)),
+                      best, index, kth)
+    return [(b, i, k_th if k_th == k_th else None) for b, i, k_th in zip(best, index, kth, strict=True)]  # NaN: none
 
 
 def best_token(best: float, index: int) -> int:

@@ -23,7 +23,6 @@ from .sampling import (
     LogitsProcessor,
     RepetitionPenalty,
     apply_processors,
-    best_token,
     logprobs_of,
     make_generator,
     make_logits_processors,
@@ -67,28 +66,29 @@ class TokenStepper:
         self.finish_reason: str | None = None
 
     @cached_property
-    def fused_greedy(self) -> bool:
-        """Greedy, no log-probabilities, and no processor but the repetition penalty: the token is the first
-        largest logit after the penalty, which a caller holding many rows (the engine) finds for all of them at
-        once (sampling.py `greedy_rows`, from `greedy_inputs`) and passes to `step`."""
-        p, procs = self.params, self.processors
-        return p.greedy and p.logprobs is None and all(isinstance(f, RepetitionPenalty) for f in procs) \
-            and len(procs) <= 1
+    def fused(self) -> bool:
+        """No log-probabilities and no processor but the repetition penalty: a caller holding many rows (the
+        engine) applies the penalty and finds the largest logit (and top_k's threshold) for all of them at once
+        (sampling.py `penalized_rows`, from `fused_inputs`) and passes them to `step`."""
+        procs = self.processors
+        return self.params.logprobs is None and len(procs) <= 1 and all(isinstance(f, RepetitionPenalty) for f in procs)
 
-    def greedy_inputs(self) -> tuple[np.ndarray, float]:
-        """For a `fused_greedy` step: the ids the repetition penalty applies to now, and the penalty (1.0: none)."""
+    def fused_inputs(self) -> tuple[np.ndarray, float, int]:
+        """For a `fused` step: the ids the repetition penalty applies to now, the penalty (1.0: none) and the
+        top_k a sampled step cuts at (0: none)."""
+        top_k = 0 if self.params.greedy else self.params.top_k
         if not self.processors:
-            return NO_IDS, 1.0
+            return NO_IDS, 1.0, top_k
         pen = self.processors[0]
-        return pen.seen(self.prompt_ids, self.output_ids), pen.penalty
+        return pen.seen(self.prompt_ids, self.output_ids), pen.penalty, top_k
 
-    def step(self, logits: torch.Tensor, best: tuple[float, int] | None = None) -> TokenStep:
+    def step(self, logits: torch.Tensor, found: tuple[float, int, float | None] | None = None) -> TokenStep:
         """logits [V] float32 for the next token -> the chosen token and the text it completes. The
         processors change `logits` in place unless log-probabilities are asked for (they take the model's
-        own). `best`: for a `fused_greedy` step, (largest logit, its first index) of `logits` after the penalty,
-        already found."""
-        if best is not None and self.fused_greedy:
-            token = best_token(*best)
+        own). `found`: for a `fused` step, the penalty already applied to `logits` and (largest logit, its first
+        index, top_k's threshold or None) found (`penalized_rows`)."""
+        if found is not None and self.fused:
+            token = sample(logits, self.params, self.generator, found)
         else:
             scores = apply_processors(self.processors, self.prompt_ids, self.output_ids, logits,
                                       copy=self.params.logprobs is not None)

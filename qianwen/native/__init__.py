@@ -63,7 +63,7 @@ SIGNATURES = {
     "kv_store": [Ptr, Int, Long, Long, Long, Int, Int, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Int],
     "attend": [Ptr, Int, Int, Int, Int, Long, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Int, Ptr, Ptr],
     "silu_mul": [Ptr, Int, Int, Ptr],
-    "greedy_rows": [Ptr, Long, Int, Ptr, Ptr, Ptr, Ptr, Ptr],
+    "penalized_rows": [Ptr, Long, Int, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr],
     "set_threads": [Int],
     "team_size": [],
     "decode_layers": [Ptr, Int, Int, Int, Int, Int, Int, Int, Flt, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr, Ptr,

@@ -1438,14 +1438,67 @@ void silu_mul(const float *gu, int M, int I, float *out) {
     }
 }
 
-/* ---- the greedy choice of B logits rows (generation/sampling.py `greedy_rows`): row b's repetition penalty
-   first, in place (each of its n_ids[b] distinct ids: v / p if v > 0, else v * p, in float32 as numpy and torch
-   compute it; p == 1 or no ids: none), then its first largest value and index, a NaN counting as the largest
-   (numpy's argmax). A row is cut into parts, as many as the threads leave to it, each part scanned by the
-   thread that wrote it in the output layer's kernel when the cuts match; the parts' results are merged in
-   order, so the choice does not depend on the thread count. ------------------------------------------------- */
-static void greedy_part(float *r, long lo, long hi, const long *ids, long n_ids, float p, float *best, long *at,
-                        int *nan) {
+/* ---- B logits rows before their token is chosen (generation/sampling.py `penalized_rows`): row b's repetition
+   penalty first, in place (each of its n_ids[b] distinct ids: v / p if v > 0, else v * p, in float32 as numpy and
+   torch compute it; p == 1 or no ids: none), then its first largest value and index, a NaN counting as the
+   largest (numpy's argmax), and with top_k[b] > 0 its top_k[b]-th largest value (for a sampled row's cut). A row
+   is cut into parts, as many as the threads leave to it, each part scanned by the thread that wrote it in the
+   output layer's kernel when the cuts match; the parts' results are merged in order, so nothing depends on the
+   thread count. ---------------------------------------------------------------------------------------------- */
+
+#define TOP_SCAN 64 /* top_k up to this: one pass keeping the best (top_values); beyond: quickselect on a copy */
+
+/* The k-th largest of v[0..n) (1 <= k <= n), reordering v so that v[0..k) are the k largest (quickselect). */
+static float kth_largest(float *v, long n, long k) {
+    long lo = 0, hi = n - 1, want = k - 1;
+    while (lo < hi) {
+        float pivot = v[lo + (hi - lo) / 2];
+        long i = lo, j = hi;
+        while (i <= j) {
+            while (v[i] > pivot) i++;
+            while (v[j] < pivot) j--;
+            if (i <= j) {
+                float t = v[i];
+                v[i++] = v[j], v[j--] = t;
+            }
+        }
+        if (want <= j) hi = j;
+        else if (want >= i) lo = i;
+        else break; /* between the two sides: equal to the pivot */
+    }
+    return v[want];
+}
+
+/* The k largest of r[0..n), in descending order (-inf for missing ones), into top[0..k): one pass keeping the k
+   best so far, for small k (a value enters when it beats the k-th kept; NaNs never do). */
+static void top_values(const float *r, long n, long k, float *top) {
+    for (long j = 0; j < k; j++) top[j] = -INFINITY;
+    long i = 0;
+#ifdef __AVX512F__
+    for (; i + 16 <= n; i += 16) {
+        __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(r + i), _mm512_set1_ps(top[k - 1]), _CMP_GT_OQ);
+        while (hit) {
+            long l = i + __builtin_ctz(hit);
+            hit &= hit - 1;
+            float v = r[l];
+            if (!(v > top[k - 1])) continue;
+            long j = k - 1;
+            for (; j > 0 && top[j - 1] < v; j--) top[j] = top[j - 1];
+            top[j] = v;
+        }
+    }
+#endif
+    for (; i < n; i++) {
+        float v = r[i];
+        if (!(v > top[k - 1])) continue;
+        long j = k - 1;
+        for (; j > 0 && top[j - 1] < v; j--) top[j] = top[j - 1];
+        top[j] = v;
+    }
+}
+
+static void penalized_part(float *r, long lo, long hi, const long *ids, long n_ids, float p, long k, float *best,
+                           long *at, int *nan, float *top) {
     if (p != 1.f)
         for (long j = 0; j < n_ids; j++)
             if (ids[j] >= lo && ids[j] < hi) {
@@ -1466,10 +1519,22 @@ static void greedy_part(float *r, long lo, long hi, const long *ids, long n_ids,
     else
         while (r[i] != m) i++;
     *best = r[i], *at = i, *nan = any_nan;
+    if (k > 0 && !any_nan) { /* this part's k largest (all of them, fewer than k): top[0..k), -inf after */
+        long n = hi - lo, kk = k < n ? k : n;
+        if (k <= TOP_SCAN) {
+            top_values(r + lo, n, k, top);
+        } else {
+            float *v = malloc(sizeof(float) * n);
+            memcpy(v, r + lo, sizeof(float) * n);
+            kth_largest(v, n, kk);
+            for (long j = 0; j < k; j++) top[j] = j < kk ? v[j] : -INFINITY;
+            free(v);
+        }
+    }
 }
 
-void greedy_rows(float *const *rows, long V, int B, const long *const *ids, const long *n_ids, const float *penalty,
-                 float *best, long *index) {
+void penalized_rows(float *const *rows, long V, int B, const long *const *ids, const long *n_ids,
+                    const float *penalty, const int *top_k, float *best, long *index, float *kth) {
     int T = 1;
 #ifdef _OPENMP
     T = omp_get_max_threads();
@@ -1477,23 +1542,37 @@ void greedy_rows(float *const *rows, long V, int B, const long *const *ids, cons
     long P = B >= T ? 1 : (T + B - 1) / B;               /* parts per row */
     long step = ((V + P - 1) / P + 15) / 16 * 16;       /* a part's length, whole cache lines */
     P = (V + step - 1) / step;
+    long K = 0; /* the largest top_k asked for (below V) */
+    for (int b = 0; b < B; b++)
+        if (top_k[b] > 0 && top_k[b] < V && top_k[b] > K) K = top_k[b];
     float *pb = malloc(sizeof(float) * B * P);
     long *pa = malloc(sizeof(long) * B * P);
     int *pn = malloc(sizeof(int) * B * P);
+    float *pt = K ? malloc(sizeof(float) * B * P * K) : NULL; /* each part's largest values */
 #pragma omp parallel for schedule(static) if (B * P > 1)
     for (long t = 0; t < B * P; t++) {
         long b = t / P, lo = t % P * step, hi = lo + step < V ? lo + step : V;
-        greedy_part(rows[b], lo, hi, ids[b], n_ids[b], penalty[b], pb + t, pa + t, pn + t);
+        long k = top_k[b] > 0 && top_k[b] < V ? top_k[b] : 0;
+        penalized_part(rows[b], lo, hi, ids[b], n_ids[b], penalty[b], k, pb + t, pa + t, pn + t, pt ? pt + t * K : NULL);
     }
     for (int b = 0; b < B; b++) { /* the first NaN, else the first part's of the largest */
         long k = (long)b * P, end = k + P;
         for (long t = k + 1; t < end; t++)
             if (!pn[k] && (pn[t] || pb[t] > pb[k])) k = t;
         best[b] = pb[k], index[b] = pa[k];
+        long want = top_k[b] > 0 && top_k[b] < V ? top_k[b] : 0;
+        kth[b] = NAN;
+        if (want && !pn[k]) { /* the k-th largest of the parts' k largest */
+            float *v = malloc(sizeof(float) * P * want);
+            for (long t = 0; t < P; t++) memcpy(v + t * want, pt + ((long)b * P + t) * K, sizeof(float) * want);
+            kth[b] = P == 1 ? v[want - 1] : kth_largest(v, P * want, want);
+            free(v);
+        }
     }
     free(pb);
     free(pa);
     free(pn);
+    free(pt);
 }
 
 /* ---- a whole decode step's layer stack in one call (fast/decode.py builds the descriptors), for
