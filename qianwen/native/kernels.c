@@ -1471,30 +1471,23 @@ static float kth_largest(float *v, long n, long k) {
 
 /* The k largest of r[0..n), in descending order (-inf for missing ones), into top[0..k): one pass keeping the k
    best so far, for small k (a value enters when it beats the k-th kept; NaNs never do). */
+static inline void top_insert(float *top, long k, float v) {
+    if (!(v > top[k - 1])) return;
+    long j = k - 1;
+    for (; j > 0 && top[j - 1] < v; j--) top[j] = top[j - 1];
+    top[j] = v;
+}
+
 static void top_values(const float *r, long n, long k, float *top) {
     for (long j = 0; j < k; j++) top[j] = -INFINITY;
     long i = 0;
 #ifdef __AVX512F__
-    for (; i + 16 <= n; i += 16) {
-        __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(r + i), _mm512_set1_ps(top[k - 1]), _CMP_GT_OQ);
-        while (hit) {
-            long l = i + __builtin_ctz(hit);
-            hit &= hit - 1;
-            float v = r[l];
-            if (!(v > top[k - 1])) continue;
-            long j = k - 1;
-            for (; j > 0 && top[j - 1] < v; j--) top[j] = top[j - 1];
-            top[j] = v;
-        }
-    }
+    for (; i + 16 <= n; i += 16) /* 16 at a time, past those that all lose to the k-th kept */
+        for (__mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(r + i), _mm512_set1_ps(top[k - 1]), _CMP_GT_OQ); hit;
+             hit &= hit - 1)
+            top_insert(top, k, r[i + __builtin_ctz(hit)]);
 #endif
-    for (; i < n; i++) {
-        float v = r[i];
-        if (!(v > top[k - 1])) continue;
-        long j = k - 1;
-        for (; j > 0 && top[j - 1] < v; j--) top[j] = top[j - 1];
-        top[j] = v;
-    }
+    for (; i < n; i++) top_insert(top, k, r[i]);
 }
 
 static void penalized_part(float *r, long lo, long hi, const long *ids, long n_ids, float p, long k, float *best,
