@@ -146,7 +146,7 @@ def candidates(scores: torch.Tensor, best: float, p: SamplingParams, kth: float 
         logits = torch.zeros(len(cand))
     elif 0 < p.top_k < scores.numel():
         if kth is None:
-            kth = float(torch.topk(scores, p.top_k, sorted=False).values.min())
+            kth = top_k_threshold(scores, p.top_k)
         cand = torch.nonzero(scores >= kth)[:, 0]
         logits = (scores[cand] - best) / p.temperature  # <= 0, the best exactly 0
     else:
@@ -166,6 +166,11 @@ def candidates(scores: torch.Tensor, best: float, p: SamplingParams, kth: float 
         weights, order = weights[:keep], order[:keep]
         cand = order if cand is None else cand[order]
     return cand, weights
+
+
+def top_k_threshold(row: torch.Tensor, k: int) -> float:
+    """The k-th largest value of a row (0 < k < its length): top_k keeps what is not below it."""
+    return float(torch.topk(row, k, sorted=False).values.min())
 
 
 def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> int:
@@ -209,15 +214,15 @@ def penalized_rows(rows: torch.Tensor, which: list[int], inputs: list[tuple[np.n
     after `RepetitionPenalty`. On the C kernels one call for all the rows, on the threads that wrote them (the
     token step touches little Python after a forward that left nothing in cache); else numpy, row by row."""
     V = rows.shape[-1]
+    ks = [k if 0 < k < V else 0 for _, _, k in inputs]  # top_k cuts nothing from V tokens or more
     so = native.lib() if rows.is_contiguous() and rows.dtype == torch.float32 else None
     if so is None:
         out = []
-        for i, (ids, penalty, k) in zip(which, inputs, strict=True):
+        for i, (ids, penalty, _), k in zip(which, inputs, ks, strict=True):
             if penalty != 1.0 and len(ids):
                 _penalize(rows[i].numpy(), ids, penalty)
             best, index = row_maxima(rows[i])[0]
-            kth = float(torch.topk(rows[i], k, sorted=False).values.min()) if 0 < k < V and best == best else None
-            out.append((best, index, kth))
+            out.append((best, index, top_k_threshold(rows[i], k) if k and best == best else None))
         return out
     n = len(which)
     base, stride = rows.data_ptr(), rows.stride(0) * 4
@@ -225,7 +230,7 @@ def penalized_rows(rows: torch.Tensor, which: list[int], inputs: list[tuple[np.n
     best, index, kth = (ctypes.c_float * n)(), (ctypes.c_long * n)(), (ctypes.c_float * n)()
     so.penalized_rows((ctypes.c_void_p * n)(*(base + i * stride for i in which)), V, n,
                       (ctypes.c_void_p * n)(*(a.ctypes.data for a in ids)), (ctypes.c_long * n)(*map(len, ids)),
-                      (ctypes.c_float * n)(*(p for _, p, _ in inputs)), (ctypes.c_int * n)(*(k for _, _, k in inputs)),
+                      (ctypes.c_float * n)(*(p for _, p, _ in inputs)), (ctypes.c_int * n)(*ks),
                       best, index, kth)
     return [(b, i, k_th if k_th == k_th else None) for b, i, k_th in zip(best, index, kth, strict=True)]  # NaN: none
 

@@ -1441,7 +1441,8 @@ void silu_mul(const float *gu, int M, int I, float *out) {
 /* ---- B logits rows before their token is chosen (generation/sampling.py `penalized_rows`): row b's repetition
    penalty first, in place (each of its n_ids[b] distinct ids: v / p if v > 0, else v * p, in float32 as numpy and
    torch compute it; p == 1 or no ids: none), then its first largest value and index, a NaN counting as the
-   largest (numpy's argmax), and with top_k[b] > 0 its top_k[b]-th largest value (for a sampled row's cut). A row
+   largest (numpy's argmax), and with top_k[b] > 0 (always below V) its top_k[b]-th largest value (for a sampled
+   row's cut). A row
    is cut into parts, as many as the threads leave to it, each part scanned by the thread that wrote it in the
    output layer's kernel when the cuts match; the parts' results are merged in order, so nothing depends on the
    thread count. ---------------------------------------------------------------------------------------------- */
@@ -1535,9 +1536,9 @@ void penalized_rows(float *const *rows, long V, int B, const long *const *ids, c
     long P = B >= T ? 1 : (T + B - 1) / B;               /* parts per row */
     long step = ((V + P - 1) / P + 15) / 16 * 16;       /* a part's length, whole cache lines */
     P = (V + step - 1) / step;
-    long K = 0; /* the largest top_k asked for (below V) */
+    long K = 0; /* the largest top_k asked for */
     for (int b = 0; b < B; b++)
-        if (top_k[b] > 0 && top_k[b] < V && top_k[b] > K) K = top_k[b];
+        if (top_k[b] > K) K = top_k[b];
     float *pb = malloc(sizeof(float) * B * P);
     long *pa = malloc(sizeof(long) * B * P);
     int *pn = malloc(sizeof(int) * B * P);
@@ -1545,21 +1546,25 @@ void penalized_rows(float *const *rows, long V, int B, const long *const *ids, c
 #pragma omp parallel for schedule(static) if (B * P > 1)
     for (long t = 0; t < B * P; t++) {
         long b = t / P, lo = t % P * step, hi = lo + step < V ? lo + step : V;
-        long k = top_k[b] > 0 && top_k[b] < V ? top_k[b] : 0;
-        penalized_part(rows[b], lo, hi, ids[b], n_ids[b], penalty[b], k, pb + t, pa + t, pn + t, pt ? pt + t * K : NULL);
+        penalized_part(rows[b], lo, hi, ids[b], n_ids[b], penalty[b], top_k[b], pb + t, pa + t, pn + t,
+                       pt ? pt + t * K : NULL);
     }
     for (int b = 0; b < B; b++) { /* the first NaN, else the first part's of the largest */
-        long k = (long)b * P, end = k + P;
-        for (long t = k + 1; t < end; t++)
-            if (!pn[k] && (pn[t] || pb[t] > pb[k])) k = t;
-        best[b] = pb[k], index[b] = pa[k];
-        long want = top_k[b] > 0 && top_k[b] < V ? top_k[b] : 0;
+        long win = (long)b * P, end = win + P, k = top_k[b];
+        for (long t = win + 1; t < end; t++)
+            if (!pn[win] && (pn[t] || pb[t] > pb[win])) win = t;
+        best[b] = pb[win], index[b] = pa[win];
         kth[b] = NAN;
-        if (want && !pn[k]) { /* the k-th largest of the parts' k largest */
-            float *v = malloc(sizeof(float) * P * want);
-            for (long t = 0; t < P; t++) memcpy(v + t * want, pt + ((long)b * P + t) * K, sizeof(float) * want);
-            kth[b] = P == 1 ? v[want - 1] : kth_largest(v, P * want, want);
-            free(v);
+        if (k && !pn[win]) { /* the k-th largest of the parts' k largest (one part: its k-th, in place) */
+            const float *top = pt + (long)b * P * K;
+            if (P == 1) {
+                kth[b] = top[k - 1];
+            } else {
+                float *v = malloc(sizeof(float) * P * k);
+                for (long t = 0; t < P; t++) memcpy(v + t * k, top + t * K, sizeof(float) * k);
+                kth[b] = kth_largest(v, P * k, k);
+                free(v);
+            }
         }
     }
     free(pb);
